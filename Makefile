@@ -1,0 +1,33 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATABASE ?= sqlite:///./taskorch.db
+HOST ?= 127.0.0.1
+PORT ?= 8080
+
+.PHONY: install run test lint clean
+
+$(BIN)/taskorch: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/taskorch
+
+install: $(BIN)/taskorch
+
+run: install
+	$(BIN)/taskorch serve --host $(HOST) --port $(PORT) --database $(DATABASE)
+
+test: install
+	$(BIN)/ruff check api analytics tests
+	$(BIN)/ruff format --check api analytics tests
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check api analytics tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

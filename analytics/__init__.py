@@ -1,0 +1,1 @@
+"""Read-only analysis of the tasks and task_history tables with pandas."""

@@ -1,0 +1,8 @@
+"""taskorch: a durable task queue with a GraphQL API."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("taskorch")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0"

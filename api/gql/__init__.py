@@ -1,0 +1,1 @@
+"""The GraphQL interface (Strawberry): schema, types, error codes and the ASGI view."""

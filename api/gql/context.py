@@ -1,0 +1,23 @@
+"""What every resolver gets: the service, and the request or socket it serves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import strawberry
+from starlette.requests import Request
+from starlette.websockets import WebSocket
+
+from api.service import TaskService
+
+
+@dataclass
+class Context:
+    service: TaskService
+    request: Request | WebSocket
+    response: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+Info = strawberry.Info[Context, None]

@@ -1,0 +1,116 @@
+"""The storage interface every backend implements; it speaks domain objects, never rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from api.domain import (
+    Backoff,
+    EventFilter,
+    Task,
+    TaskChanges,
+    TaskEvent,
+    TaskFilter,
+    TaskSpec,
+    TaskStatus,
+)
+
+# Called with the events of each committed transaction, in event-id order.
+CommitListener = Callable[[Sequence[TaskEvent]], None]
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    tasks: list[Task]
+    has_next: bool
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    task_id: str
+    result: Any
+
+
+class TaskStore(Protocol):
+    """Each state change is one atomic compare-and-set: it returns the changed task(s), or
+    None / an empty list when the task was not in the state the change requires."""
+
+    async def open(self) -> None:
+        """Connect and bring the schema up to date."""
+
+    async def close(self) -> None: ...
+
+    def listen(self, listener: CommitListener) -> None:
+        """Have `listener` called with the events of every transaction this process commits."""
+
+    async def ping(self) -> None:
+        """Raise when the database does not answer."""
+
+    async def schema_version(self) -> int: ...
+
+    # --- reads ---
+    async def get(self, task_id: str) -> Task | None: ...
+
+    async def list(self, where: TaskFilter, first: int, after_seq: int | None) -> TaskPage: ...
+
+    async def count_by_status(self, work_directory: str | None) -> dict[TaskStatus, int]: ...
+
+    async def history(self, task_id: str) -> list[TaskEvent]: ...
+
+    async def events_after(self, after: int, where: EventFilter, limit: int) -> list[TaskEvent]: ...
+
+    async def last_event_id(self) -> int: ...
+
+    async def next_run_after(self, work_directory: str, now: datetime) -> datetime | None:
+        """When the earliest waiting task of this directory that is not yet due becomes due."""
+
+    # --- changes ---
+    async def submit(self, specs: Sequence[TaskSpec], now: datetime) -> list[Task]:
+        """Insert all or none; an existing idempotency key returns the stored task instead."""
+
+    async def claim(
+        self, work_directory: str, worker_id: str, limit: int, lease_until: datetime, now: datetime
+    ) -> list[Task]: ...
+
+    async def heartbeat(
+        self, task_id: str, worker_id: str, lease_until: datetime, now: datetime
+    ) -> Task | None: ...
+
+    async def complete(
+        self, items: Sequence[Completion], worker_id: str, now: datetime
+    ) -> list[Task] | None:
+        """Complete all the items held by `worker_id`, or none (None) if any is not."""
+
+    async def fail(
+        self,
+        task_id: str,
+        worker_id: str,
+        error: str,
+        retry: bool,
+        backoff: Backoff,
+        jitter: float,
+        now: datetime,
+    ) -> Task | None: ...
+
+    async def release(self, task_id: str, worker_id: str, now: datetime) -> Task | None:
+        """Give a held task back to the queue without counting an attempt."""
+
+    async def cancel(self, task_id: str, reason: str | None, now: datetime) -> Task | None: ...
+
+    async def retry(self, task_id: str, now: datetime) -> Task | None: ...
+
+    async def update(
+        self, task_id: str, expected_version: int, changes: TaskChanges, now: datetime
+    ) -> Task | None: ...
+
+    async def expire_leases(self, now: datetime, limit: int) -> list[Task]:
+        """Requeue (or fail, when retries are spent) working tasks whose lease ran out."""
+
+    async def prune(self, finished_before: datetime, limit: int) -> int:
+        """Delete up to `limit` finished tasks (and their history) older than the cut-off."""

@@ -1,0 +1,144 @@
+"""The SQLite writer: one connection, one thread, every write in order, waiting writes committed together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from api.domain import TaskEvent
+
+log = logging.getLogger("taskorch.store")
+
+T = TypeVar("T")
+
+# A unit of work: runs on the writer thread with the connection, returns its value and the events
+# it recorded. Raising rolls back only this unit (a savepoint), never its neighbours in the batch.
+Work = Callable[[sqlite3.Connection], tuple[T, Sequence[TaskEvent]]]
+
+MAX_BATCH = 512
+
+
+@dataclass(slots=True)
+class _Job(Generic[T]):
+    work: Work[T]
+    future: asyncio.Future[T]
+
+
+class Writer:
+    """Group commit: the thread takes every job waiting in the queue, runs each in a savepoint of one
+    transaction, commits once, then resolves the callers' futures on their event loop.
+
+    One fsync then covers many writes, which is what makes durability=full affordable."""
+
+    def __init__(
+        self,
+        connect: Callable[[], sqlite3.Connection],
+        on_commit: Callable[[Sequence[TaskEvent]], None],
+    ) -> None:
+        self._connect = connect
+        self._on_commit = on_commit
+        self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="taskorch-sqlite-writer", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    async def run(self, work: Work[T]) -> T:
+        if self._thread is None or self._loop is None:
+            raise RuntimeError("the SQLite writer is not running")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._queue.put(_Job(work, future))
+        return await future
+
+    def _run(self) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as exc:  # reported to start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            stopping = False
+            while not stopping:
+                first = self._queue.get()
+                if first is None:
+                    break
+                batch: list[_Job[Any]] = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        job = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        stopping = True
+                        break
+                    batch.append(job)
+                self._commit(conn, batch)
+        finally:
+            conn.close()
+
+    def _commit(self, conn: sqlite3.Connection, batch: list[_Job[Any]]) -> None:
+        outcomes: list[tuple[_Job[Any], Any, BaseException | None]] = []
+        events: list[TaskEvent] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for job in batch:
+                conn.execute("SAVEPOINT job")
+                try:
+                    value, recorded = job.work(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    outcomes.append((job, None, exc))
+                else:
+                    conn.execute("RELEASE job")
+                    outcomes.append((job, value, None))
+                    events.extend(recorded)
+            conn.execute("COMMIT")
+        except Exception as exc:  # BEGIN or COMMIT failed: nothing of this batch is stored
+            log.error("sqlite write batch failed", exc_info=exc)
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(job, None, exc) for job in batch]
+            events = []
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._deliver, outcomes, events)
+
+    def _deliver(
+        self, outcomes: list[tuple[_Job[Any], Any, BaseException | None]], events: list[TaskEvent]
+    ) -> None:
+        # Publish before waking callers, so a subscriber sees a change no later than its author.
+        if events:
+            try:
+                self._on_commit(events)
+            except Exception:
+                log.exception("commit listener failed")
+        for job, value, error in outcomes:
+            if job.future.done():
+                continue
+            if error is not None:
+                job.future.set_exception(error)
+            else:
+                job.future.set_result(value)

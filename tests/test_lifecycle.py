@@ -1,0 +1,322 @@
+"""Every transition of the state machine, against every store, through the service."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from api.domain import TaskFilter, TaskPriority, TaskStatus, task_changes, task_spec
+from api.errors import Conflict, NotFound, ValidationError
+from api.service import TaskService
+from tests.conftest import FakeClock
+
+Submit = Callable[..., Awaitable[Any]]
+
+
+async def claim_one(service: TaskService, work_directory: str = "/repo", worker: str = "w1", **kw: Any) -> Any:
+    tasks = await service.claim(work_directory, worker, **kw)
+    return tasks[0] if tasks else None
+
+
+async def test_submit_creates_waiting_task_with_defaults_and_history(
+    service: TaskService, submit_task: Submit
+) -> None:
+    task = await submit_task(prompt="write tests", tags=["ci", "py:3.11"], metadata={"ticket": 7})
+    assert task.status is TaskStatus.WAITING
+    assert task.priority is TaskPriority.MEDIUM
+    assert task.max_retries == 3 and task.retry_count == 0 and task.version == 1
+    assert task.tags == ("ci", "py:3.11") and task.metadata == {"ticket": 7}
+    assert task.created_at.tzinfo is not None and task.updated_at == task.created_at
+    (event,) = await service.history(task.id)
+    assert event.previous_status is None and event.status is TaskStatus.WAITING
+    assert (await service.get(task.id)) == task
+
+
+async def test_claim_sets_worker_lease_and_start(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+    task = await submit_task()
+    claimed = await claim_one(service, lease_seconds=60)
+    assert claimed.id == task.id and claimed.status is TaskStatus.WORKING
+    assert claimed.worker_id == "w1" and claimed.started_at == clock.now
+    assert (claimed.lease_expires_at - clock.now).total_seconds() == 60
+    assert claimed.version == task.version + 1
+    assert await claim_one(service) is None  # nothing left
+
+
+async def test_claim_default_lease_is_300_seconds(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+    await submit_task()
+    claimed = await claim_one(service)
+    assert (claimed.lease_expires_at - clock.now).total_seconds() == 300
+
+
+async def test_claim_order_is_priority_then_first_in_first_out(service: TaskService, submit_task: Submit) -> None:
+    low = await submit_task(priority="LOW")
+    medium1 = await submit_task()
+    high = await submit_task(priority="HIGH")
+    medium2 = await submit_task()
+    order = [(await claim_one(service)).id for _ in range(4)]
+    assert order == [high.id, medium1.id, medium2.id, low.id]
+
+
+async def test_claim_only_sees_its_work_directory(service: TaskService, submit_task: Submit) -> None:
+    other = await submit_task(work_directory="/other")
+    assert await claim_one(service, "/repo") is None
+    assert (await claim_one(service, "/other")).id == other.id
+
+
+async def test_work_directory_is_normalised(service: TaskService, submit_task: Submit) -> None:
+    task = await submit_task(work_directory="/repo//sub/./dir/")
+    assert task.work_directory == "/repo/sub/dir"
+    assert (await claim_one(service, "/repo/sub/dir/")).id == task.id
+
+
+async def test_claim_respects_run_after(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+    from datetime import timedelta
+
+    await submit_task(run_after=clock.now + timedelta(seconds=30))
+    assert await claim_one(service) is None
+    clock.advance(31)
+    assert await claim_one(service) is not None
+
+
+async def test_complete_by_holder_records_result(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+    task = await submit_task()
+    await claim_one(service)
+    clock.advance(5)
+    done = await service.complete(task.id, "w1", {"answer": 42})
+    assert done.status is TaskStatus.COMPLETED and done.result == {"answer": 42}
+    assert done.completed_at == clock.now and done.lease_expires_at is None
+    statuses = [(e.previous_status, e.status) for e in await service.history(task.id)]
+    assert statuses == [
+        (None, TaskStatus.WAITING),
+        (TaskStatus.WAITING, TaskStatus.WORKING),
+        (TaskStatus.WORKING, TaskStatus.COMPLETED),
+    ]
+
+
+async def test_only_the_holder_may_heartbeat_complete_or_fail(service: TaskService, submit_task: Submit) -> None:
+    task = await submit_task()
+    await claim_one(service, worker="owner")
+    with pytest.raises(Conflict, match="held by another worker"):
+        await service.complete(task.id, "intruder", None)
+    with pytest.raises(Conflict):
+        await service.fail(task.id, "intruder", "boom")
+    with pytest.raises(Conflict):
+        await service.heartbeat(task.id, "intruder", None)
+    assert (await service.get(task.id)).worker_id == "owner"
+
+
+async def test_completed_is_final(service: TaskService, submit_task: Submit) -> None:
+    task = await submit_task()
+    await claim_one(service)
+    await service.complete(task.id, "w1")
+    for attempt in (
+        service.complete(task.id, "w1"),
+        service.cancel(task.id),
+        service.retry(task.id),
+        service.fail(task.id, "w1", "late"),
+    ):
+        with pytest.raises(Conflict):
+            await attempt
+
+
+async def test_heartbeat_extends_lease(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+    task = await submit_task()
+    claimed = await claim_one(service, lease_seconds=10)
+    clock.advance(8)
+    beat = await service.heartbeat(task.id, "w1", 10)
+    assert beat.lease_expires_at > claimed.lease_expires_at
+    assert beat.version == claimed.version + 1
+    clock.advance(8)
+    assert await service.expire_leases() == []  # still alive thanks to the heartbeat
+
+
+async def test_fail_requeues_with_backoff_until_max_retries(
+    service: TaskService, submit_task: Submit, clock: FakeClock
+) -> None:
+    task = await submit_task(max_retries=2)
+    delays = []
+    for attempt in (1, 2):
+        await claim_one(service)
+        failed = await service.fail(task.id, "w1", f"boom {attempt}")
+        assert failed.status is TaskStatus.WAITING and failed.retry_count == attempt
+        assert failed.worker_id is None and failed.error_message == f"boom {attempt}"
+        delays.append((failed.run_after - clock.now).total_seconds())
+        assert await claim_one(service) is None  # not before its backoff
+        clock.advance(delays[-1])
+    assert delays == [1.0, 2.0]  # jitter fixed at 1.0: base * 2**(n-1)
+    await claim_one(service)
+    final = await service.fail(task.id, "w1", "boom 3")
+    assert final.status is TaskStatus.FAILED and final.retry_count == 2
+    assert final.completed_at == clock.now
+
+
+async def test_backoff_is_capped(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+    task = await submit_task(max_retries=100)
+    for _ in range(12):
+        await claim_one(service)
+        failed = await service.fail(task.id, "w1", "boom")
+        clock.advance((failed.run_after - clock.now).total_seconds())
+    assert (failed.run_after - failed.updated_at).total_seconds() == 300
+
+
+async def test_fail_without_retry_is_final(service: TaskService, submit_task: Submit) -> None:
+    task = await submit_task()
+    await claim_one(service)
+    failed = await service.fail(task.id, "w1", "bad prompt", retry=False)
+    assert failed.status is TaskStatus.FAILED and failed.retry_count == 0
+
+
+async def test_lease_expiry_requeues_and_counts_an_attempt(
+    service: TaskService, submit_task: Submit, clock: FakeClock
+) -> None:
+    task = await submit_task(max_retries=1)
+    await claim_one(service, lease_seconds=30)
+    clock.advance(31)
+    (expired,) = await service.expire_leases()
+    assert expired.status is TaskStatus.WAITING and expired.retry_count == 1
+    assert expired.worker_id is None and "lease expired" in expired.error_message
+    event = (await service.history(task.id))[-1]
+    assert event.details["reason"] == "lease_expired" and event.worker_id == "w1"
+    with pytest.raises(Conflict):
+        await service.complete(task.id, "w1")  # the dead worker lost it
+    await claim_one(service, worker="w2", lease_seconds=30)
+    clock.advance(31)
+    (final,) = await service.expire_leases()
+    assert final.status is TaskStatus.FAILED
+
+
+async def test_lease_sweep_is_idempotent(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+    await submit_task()
+    await claim_one(service, lease_seconds=1)
+    clock.advance(2)
+    assert len(await service.expire_leases()) == 1
+    assert await service.expire_leases() == []
+
+
+async def test_cancel_waiting_and_working(service: TaskService, submit_task: Submit) -> None:
+    waiting = await submit_task()
+    working = await submit_task()
+    await claim_one(service)  # takes `waiting` (older)
+    cancelled = await service.cancel(working.id, "not needed")
+    assert cancelled.status is TaskStatus.CANCELLED
+    event = (await service.history(working.id))[-1]
+    assert event.previous_status is TaskStatus.WAITING and event.details == {"reason": "not needed"}
+    cancelled = await service.cancel(waiting.id)
+    assert (await service.history(waiting.id))[-1].previous_status is TaskStatus.WORKING
+    with pytest.raises(Conflict):
+        await service.complete(waiting.id, "w1")
+
+
+async def test_retry_requeues_failed_and_cancelled(service: TaskService, submit_task: Submit) -> None:
+    task = await submit_task(max_retries=0)
+    await claim_one(service)
+    await service.fail(task.id, "w1", "boom")
+    again = await service.retry(task.id)
+    assert again.status is TaskStatus.WAITING and again.retry_count == 0
+    await service.cancel(task.id)
+    assert (await service.retry(task.id)).status is TaskStatus.WAITING
+    with pytest.raises(Conflict, match="only FAILED or CANCELLED"):
+        await service.retry(task.id)
+
+
+async def test_release_gives_the_task_back_without_an_attempt(service: TaskService, submit_task: Submit) -> None:
+    task = await submit_task()
+    await claim_one(service)
+    released = await service.release(task.id, "w1")
+    assert released.status is TaskStatus.WAITING and released.retry_count == 0
+    assert (await claim_one(service, worker="w2")).id == task.id
+
+
+async def test_update_needs_waiting_and_matching_version(service: TaskService, submit_task: Submit) -> None:
+    task = await submit_task()
+    updated = await service.update(task.id, task.version, task_changes(prompt="new", priority="HIGH"))
+    assert updated.prompt == "new" and updated.priority is TaskPriority.HIGH
+    assert updated.version == task.version + 1 and updated.tags == task.tags
+    with pytest.raises(Conflict, match="version"):
+        await service.update(task.id, task.version, task_changes(prompt="stale"))
+    await claim_one(service)
+    with pytest.raises(Conflict, match="only WAITING"):
+        await service.update(task.id, updated.version + 1, task_changes(prompt="late"))
+    assert (await service.get(task.id)).prompt == "new"
+
+
+async def test_idempotency_key_returns_the_existing_task(service: TaskService, submit_task: Submit) -> None:
+    first = await submit_task(idempotency_key="job-1")
+    second = await submit_task(idempotency_key="job-1", prompt="different")
+    assert second.id == first.id and second.prompt == first.prompt
+    page = await service.list_tasks(TaskFilter())
+    assert page.total == 1
+    assert len(await service.history(first.id)) == 1
+
+
+async def test_submit_many_is_all_or_nothing(service: TaskService) -> None:
+    specs = [task_spec(work_directory="/repo", prompt=f"p{i}") for i in range(5)]
+    tasks = await service.submit_many(specs)
+    assert [t.prompt for t in tasks] == [f"p{i}" for i in range(5)]
+    with pytest.raises(ValidationError):
+        await service.submit_many([])
+
+
+async def test_unknown_task_is_not_found(service: TaskService) -> None:
+    missing = "00000000-0000-4000-8000-000000000000"
+    with pytest.raises(NotFound):
+        await service.get(missing)
+    with pytest.raises(NotFound):
+        await service.complete(missing, "w1")
+    with pytest.raises(ValidationError) as caught:
+        await service.get("not-a-uuid")
+    assert caught.value.field == "id"
+
+
+async def test_list_filters_and_paginates(service: TaskService, submit_task: Submit) -> None:
+    for i in range(7):
+        await submit_task(tags=["odd"] if i % 2 else ["even"], priority="HIGH" if i < 2 else "LOW")
+    await submit_task(work_directory="/elsewhere")
+    seen = []
+    after = None
+    while True:
+        page = await service.list_tasks(TaskFilter(work_directory="/repo"), first=3, after=after)
+        assert page.total == 7
+        seen.extend(page.tasks)
+        if not page.has_next:
+            break
+        from api.service import encode_cursor
+
+        after = encode_cursor(page.tasks[-1].seq)
+    assert len({t.id for t in seen}) == 7
+    assert (await service.list_tasks(TaskFilter(tag="odd"))).total == 3
+    assert (await service.list_tasks(TaskFilter(priority=TaskPriority.HIGH))).total == 2
+    assert (await service.list_tasks(TaskFilter(statuses=(TaskStatus.WORKING,)))).total == 0
+
+
+async def test_statistics_count_by_status(service: TaskService, submit_task: Submit) -> None:
+    for _ in range(3):
+        await submit_task()
+    await submit_task(work_directory="/b")
+    await claim_one(service)
+    stats = await service.statistics()
+    assert (stats.total, stats[TaskStatus.WAITING], stats[TaskStatus.WORKING]) == (4, 3, 1)
+    assert (await service.statistics("/b")).total == 1
+
+
+async def test_event_ids_increase_in_commit_order(service: TaskService, submit_task: Submit) -> None:
+    task = await submit_task()
+    await claim_one(service)
+    await service.complete(task.id, "w1")
+    ids = [e.id for e in await service.history(task.id)]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+
+
+async def test_prune_deletes_only_old_finished_tasks(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+    from datetime import timedelta
+
+    old = await submit_task()
+    keep = await submit_task()
+    await claim_one(service)
+    await service.complete(old.id, "w1")
+    clock.advance(40 * 86400)
+    assert await service.prune(timedelta(days=30)) == 1
+    assert await service.find(old.id) is None and await service.history(old.id) == []
+    assert (await service.get(keep.id)).status is TaskStatus.WAITING
