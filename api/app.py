@@ -19,12 +19,13 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 
 from api import __version__
 from api.domain import Backoff, TaskStatus
-from api.events import LocalBus
+from api.events import EventBus, LocalBus
 from api.gql.context import Context
 from api.gql.schema import build_schema
 from api.service import TaskService
 from api.settings import Settings
 from api.store import open_store
+from api.store.base import TaskStore
 
 log = logging.getLogger("taskorch.app")
 
@@ -71,13 +72,19 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
+def open_bus(settings: Settings, store: TaskStore) -> EventBus:
+    """The event bus for this store: in-process for SQLite (one writer per process)."""
+    bus = LocalBus()
+    store.listen(bus.dispatch)
+    return bus
+
+
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = open_store(settings)
         await store.open()
-        bus = LocalBus()
-        store.listen(bus.dispatch)
+        bus = open_bus(settings, store)
         await bus.start()
         service = TaskService(
             store,
