@@ -109,6 +109,17 @@ class TaskEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A stored API key; the raw key is never stored, only its hash."""
+
+    name: str
+    scopes: tuple[str, ...]
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class TaskSpec:
     """A validated request to submit one task."""
 

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from api.domain import (
+    ApiKey,
     Backoff,
     EventFilter,
     Task,
@@ -21,7 +22,7 @@ from api.domain import (
 # Called with the events of each committed transaction, in event-id order.
 CommitListener = Callable[[Sequence[TaskEvent]], None]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,3 +115,22 @@ class TaskStore(Protocol):
 
     async def prune(self, finished_before: datetime, limit: int) -> int:
         """Delete up to `limit` finished tasks (and their history) older than the cut-off."""
+
+    # --- API keys ---
+    async def create_key(
+        self, name: str, key_hash: str, scopes: Sequence[str], now: datetime
+    ) -> ApiKey | None:
+        """Store a key; None when an unrevoked key already has this name."""
+
+    async def find_key(self, key_hash: str) -> ApiKey | None:
+        """The key with this hash, revoked or not."""
+
+    async def list_keys(self) -> list[ApiKey]: ...
+
+    async def revoke_key(self, name: str, now: datetime) -> ApiKey | None:
+        """Revoke the unrevoked key of this name; None when there is none."""
+
+    async def touch_key(self, key_hash: str, now: datetime) -> None:
+        """Record a use of the key."""
+
+    async def count_active_keys(self) -> int: ...

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 import aiosqlite
 
 from api.domain import (
+    ApiKey,
     Backoff,
     EventFilter,
     Task,
@@ -35,6 +36,7 @@ TASK_COLUMNS = (
     "completed_at, updated_at, result, error_message, retry_count, max_retries, metadata, version, "
     "lease_expires_at, run_after, idempotency_key"
 )
+KEY_COLUMNS = "name, scopes, created_at, last_used_at, revoked_at"
 EVENT_COLUMNS = "id, task_id, work_directory, status, previous_status, worker_id, at, details"
 
 READERS = 2
@@ -560,6 +562,69 @@ class SqliteStore:
             return len(ids), []
 
         return await self._writer.run(work)
+
+
+    # --- API keys ---
+
+    async def create_key(
+        self, name: str, key_hash: str, scopes: Sequence[str], now: datetime
+    ) -> ApiKey | None:
+        sql = (
+            "INSERT INTO api_keys (name, key_hash, scopes, created_at) VALUES (?, ?, ?, ?)"
+            f" ON CONFLICT DO NOTHING RETURNING {KEY_COLUMNS}"
+        )
+        params = (name, key_hash, ",".join(scopes), to_us(now))
+
+        def work(conn: sqlite3.Connection) -> tuple[ApiKey | None, list[TaskEvent]]:
+            row = conn.execute(sql, params).fetchone()
+            return (None if row is None else _key(row)), []
+
+        return await self._writer.run(work)
+
+    async def find_key(self, key_hash: str) -> ApiKey | None:
+        rows = await self._fetchall(
+            f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?", (key_hash,)
+        )
+        return _key(rows[0]) if rows else None
+
+    async def list_keys(self) -> list[ApiKey]:
+        rows = await self._fetchall(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id")
+        return [_key(r) for r in rows]
+
+    async def revoke_key(self, name: str, now: datetime) -> ApiKey | None:
+        sql = (
+            "UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL"
+            f" RETURNING {KEY_COLUMNS}"
+        )
+
+        def work(conn: sqlite3.Connection) -> tuple[ApiKey | None, list[TaskEvent]]:
+            row = conn.execute(sql, (to_us(now), name)).fetchone()
+            return (None if row is None else _key(row)), []
+
+        return await self._writer.run(work)
+
+    async def touch_key(self, key_hash: str, now: datetime) -> None:
+        def work(conn: sqlite3.Connection) -> tuple[None, list[TaskEvent]]:
+            conn.execute(
+                "UPDATE api_keys SET last_used_at = ? WHERE key_hash = ?", (to_us(now), key_hash)
+            )
+            return None, []
+
+        await self._writer.run(work)
+
+    async def count_active_keys(self) -> int:
+        rows = await self._fetchall("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL")
+        return int(rows[0][0])
+
+
+def _key(row: Sequence[Any]) -> ApiKey:
+    return ApiKey(
+        name=row[0],
+        scopes=tuple(s for s in row[1].split(",") if s),
+        created_at=_from_us(row[2]),
+        last_used_at=from_us(row[3]),
+        revoked_at=from_us(row[4]),
+    )
 
 
 class _NotAll(Exception):
