@@ -6,7 +6,7 @@ DATABASE ?= sqlite:///./taskorch.db
 HOST ?= 127.0.0.1
 PORT ?= 8080
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint clean bench
 
 $(BIN)/taskorch: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: install
 	$(BIN)/ruff format --check api analytics tests
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+bench: install
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check api analytics tests

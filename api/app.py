@@ -10,18 +10,25 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 
-from api import __version__
-from api.domain import Backoff, TaskStatus
+from api import __version__, rest
+from api.auth import AuthMiddleware, Gate
+from api.domain import Backoff
 from api.events import EventBus, LocalBus
 from api.gql.context import Context
 from api.gql.schema import build_schema
+from api.gql.security import SecuredTransportWS, guard_extensions
+from api.health import QueueCounts, health
+from api.logs import AccessLog
+from api.mcp import build_mcp, http_sessions, transport_security
+from api.metrics import metrics, observe_commit, observe_request
+from api.retention import prune_periodically
 from api.service import TaskService
 from api.settings import Settings
 from api.store import open_store
@@ -31,6 +38,8 @@ log = logging.getLogger("taskorch.app")
 
 
 class GraphQLView(GraphQL[Context, None]):
+    graphql_transport_ws_handler_class = SecuredTransportWS  # keys, scopes and limits on sockets
+
     async def get_context(self, request: Request | WebSocket, response: Any) -> Context:
         return Context(service=request.app.state.service, request=request, response=response)
 
@@ -47,33 +56,14 @@ async def sweep_leases(service: TaskService, interval: float) -> None:
             log.exception("lease sweep failed; retrying in %.1fs", interval)
 
 
-async def health(request: Request) -> JSONResponse:
-    service: TaskService = request.app.state.service
-    started = time.perf_counter()
-    body: dict[str, Any] = {
-        "version": __version__,
-        "uptime_s": round(time.monotonic() - request.app.state.started, 3),
-    }
-    try:
-        counts = await asyncio.wait_for(service.store.count_by_status(None), timeout=2.0)
-    except Exception as exc:
-        log.warning("health check: database did not answer: %s", exc)
-        body["status"] = "unhealthy"
-        body["components"] = {"database": {"status": "unhealthy", "error": type(exc).__name__}}
-        return JSONResponse(body, status_code=503)
-    body["status"] = "healthy"
-    body["components"] = {
-        "database": {
-            "status": "healthy",
-            "response_time_ms": round((time.perf_counter() - started) * 1000, 3),
-        }
-    }
-    body["queue"] = {status.value.lower(): counts.get(status, 0) for status in TaskStatus}
-    return JSONResponse(body)
-
-
 def open_bus(settings: Settings, store: TaskStore) -> EventBus:
-    """The event bus for this store: in-process for SQLite (one writer per process)."""
+    """The event bus for this store: in-process for SQLite (one writer per process); LISTEN/NOTIFY
+    for PostgreSQL, where other replicas commit too."""
+    if settings.database_url.startswith(("postgresql://", "postgres://")):
+        from api.events_postgres import PostgresBus
+
+        # Not a commit listener as well: every event arrives through the history table, once.
+        return PostgresBus(settings.database_url, store)
     bus = LocalBus()
     store.listen(bus.dispatch)
     return bus
@@ -93,29 +83,56 @@ def create_app(settings: Settings) -> Starlette:
             subscriber_buffer=settings.subscriber_buffer,
         )
         app.state.service = service
+        app.state.gate = Gate(store, settings)
+        await app.state.gate.warn_if_protected()
         app.state.started = time.monotonic()
+        store.listen(observe_commit)
+        app.state.queue_counts = QueueCounts(store)
         sweeper = asyncio.create_task(sweep_leases(service, settings.lease_sweep_interval))
+        background = [sweeper]
+        if settings.retention_period is not None:
+            background.append(
+                asyncio.create_task(prune_periodically(service, settings.retention_period))
+            )
         log.info("taskorch %s serving %s", __version__, settings.database_url)
         try:
-            yield
+            async with http_sessions(mcp_server):
+                yield
         finally:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
+            for task in background:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await bus.stop()
             await service.drain()
             await store.close()
 
     view = GraphQLView(
-        build_schema(),
+        build_schema(guard_extensions(settings)),
         graphql_ide="graphiql" if settings.graphiql else None,
         subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
     )
-    return Starlette(
+    # Stateless: any replica can answer any MCP request, as with every other route.
+    mcp_server = build_mcp(lambda: app.state.service)
+    mcp_http = mcp_server.streamable_http_app(
+        streamable_http_path="/mcp",
+        stateless_http=True,
+        json_response=True,
+        transport_security=transport_security(settings),
+    )
+    app = Starlette(
         routes=[
             Route("/graphql", view, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", view),
             Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            *rest.routes,
+            *mcp_http.routes,
+        ],
+        middleware=[
+            Middleware(AccessLog, observe=observe_request),
+            Middleware(AuthMiddleware, max_body_bytes=settings.max_body_bytes),
         ],
         lifespan=lifespan,
     )
+    return app

@@ -273,7 +273,7 @@ def check_metadata(value: object, field: str = "metadata") -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ValidationError(field, f"{field} must be a JSON object such as {{\"ticket\": 42}}")
+        raise ValidationError(field, f'{field} must be a JSON object such as {{"ticket": 42}}')
     size = check_json_size(value)
     if size < 0:
         raise ValidationError(field, f"{field} must hold only JSON values")

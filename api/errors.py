@@ -51,6 +51,11 @@ class Forbidden(TaskorchError):
     http_status = 403
 
 
+class PayloadTooLarge(TaskorchError):
+    code = "PAYLOAD_TOO_LARGE"
+    http_status = 413
+
+
 class RateLimited(TaskorchError):
     code = "RATE_LIMITED"
     http_status = 429

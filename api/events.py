@@ -43,6 +43,7 @@ class Subscription:
         self._events: collections.deque[TaskEvent] = collections.deque()
         self._ready = asyncio.Event()
         self.overflowed = False
+        self.resume_after: int | None = None
         self.closed = False
 
     def push(self, event: TaskEvent) -> None:
@@ -50,18 +51,21 @@ class Subscription:
             return
         if len(self._events) >= self._buffer:
             self.overflowed = True
+            # Everything before the oldest undelivered event reached the subscriber.
+            self.resume_after = (self._events[0].id if self._events else event.id) - 1
             self._events.clear()  # free the memory now; the subscriber resumes from the history table
         else:
             self._events.append(event)
         self._ready.set()
 
-    async def next(self, last_delivered: int | None) -> TaskEvent:
+    async def next(self) -> TaskEvent:
         while not self._events:
             if self.overflowed:
-                resume = "" if last_delivered is None else f' with after: "{last_delivered}"'
                 raise SlowSubscriber(
                     f"this subscription fell more than {self._buffer} events behind and was closed;"
-                    f" subscribe again{resume} to resume without missing events"
+                    f' subscribe again with after: "{self.resume_after}" to resume without missing'
+                    " events",
+                    details={"resumeAfter": str(self.resume_after)},
                 )
             self._ready.clear()
             await self._ready.wait()

@@ -7,7 +7,7 @@ import base64
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,13 +24,14 @@ from api.domain import (
     TaskStatus,
 )
 from api.errors import Conflict, NotFound, ValidationError
-from api.events import EventBus
+from api.events import EventBus, Waiter
 from api.store.base import Completion, TaskPage, TaskStore
 
 log = logging.getLogger("taskorch.service")
 
 REPLAY_PAGE = 500
 SWEEP_BATCH = 500
+MAX_OFFSET = 10_000  # offset paging reads the skipped rows; cursors (`list_tasks`) do not
 
 
 def utc_now() -> datetime:
@@ -71,7 +72,7 @@ class TaskService:
         *,
         clock: Callable[[], datetime] = utc_now,
         backoff: Backoff | None = None,
-        subscriber_buffer: int = 1000,
+        subscriber_buffer: int = 10_000,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self.store = store
@@ -81,6 +82,8 @@ class TaskService:
         self._subscriber_buffer = subscriber_buffer
         self._jitter = jitter
         self._background: set[asyncio.Task[Any]] = set()
+        self._waiting: set[Waiter] = set()
+        self._stopping = False
 
     # --- producers ---
 
@@ -149,23 +152,32 @@ class TaskService:
         limit = domain.check_page_size(limit, "limit", domain.MAX_BATCH)
         lease = domain.check_lease_seconds(lease_seconds)
         wait = domain.check_wait_seconds(wait_seconds)
-        if wait == 0:
+        if wait == 0 or self._stopping:
             return await self._claim_now(work_directory, worker_id, limit, lease)
         deadline = time.monotonic() + wait
         while True:
             # Register before trying, so a submit between the try and the wait still wakes us.
             waiter = self.bus.waiter(work_directory)
+            self._waiting.add(waiter)
             try:
                 tasks = await self._claim_now(work_directory, worker_id, limit, lease)
                 remaining = deadline - time.monotonic()
-                if tasks or remaining <= 0:
+                if tasks or remaining <= 0 or self._stopping:
                     return tasks
                 due = await self.store.next_run_after(work_directory, self._clock())
                 if due is not None:
                     remaining = min(remaining, max(0.0, (due - self._clock()).total_seconds()))
                 await waiter.wait(remaining)
             finally:
+                self._waiting.discard(waiter)
                 waiter.close()
+
+    def stop_waiting(self) -> None:
+        """The server is shutting down: waiting claims answer now with what they have (usually
+        nothing), and later ones do not wait, so in-flight requests finish within the grace period."""
+        self._stopping = True
+        for waiter in list(self._waiting):
+            waiter.wake()
 
     async def _claim_now(
         self, work_directory: str, worker_id: str, limit: int, lease: int
@@ -198,8 +210,25 @@ class TaskService:
         task = await self.store.heartbeat(task_id, worker_id, now + timedelta(seconds=lease), now)
         return task or await self._not_held(task_id, worker_id, "heartbeat")
 
-    async def complete(self, task_id: str, worker_id: str, result: Any = None) -> Task:
+    async def complete(
+        self,
+        task_id: str,
+        worker_id: str,
+        result: Any = None,
+        *,
+        expected_prompt: str | None = None,
+    ) -> Task:
+        """Complete a held task; with `expected_prompt`, only if the task still has that prompt."""
         task_id = domain.check_task_id(task_id)
+        if expected_prompt is not None:
+            # A prompt can only change while the task is WAITING, so the prompt read here is the
+            # one of the claim being completed (the store's compare-and-set still checks the holder).
+            current = await self.get(task_id)
+            if current.prompt != expected_prompt:
+                raise Conflict(
+                    f"task {task_id} has a different prompt from the one sent with the"
+                    " completion: it was edited or this is another task; nothing was completed"
+                )
         (task,) = await self.complete_many(worker_id, [Completion(task_id, result)])
         return task
 
@@ -296,10 +325,27 @@ class TaskService:
             raise NotFound(f"no task with id {task_id}; check the id, or list tasks to find it")
         return task
 
-    async def list_tasks(self, where: TaskFilter, first: int = 50, after: str | None = None) -> TaskPage:
+    async def list_tasks(
+        self, where: TaskFilter, first: int = 50, after: str | None = None
+    ) -> TaskPage:
         first = domain.check_page_size(first)
         after_seq = None if after is None else decode_cursor(after)
-        return await self.store.list(where, first, after_seq)
+        return await self.store.list_tasks(where, first, after_seq)
+
+    async def list_page(self, where: TaskFilter, limit: int = 50, offset: int = 0) -> TaskPage:
+        """Tasks by position (`offset`) instead of cursor, for clients that page that way."""
+        limit = domain.check_page_size(limit, "limit")
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+            raise ValidationError("offset", f"offset must be from 0 to {MAX_OFFSET:,}")
+        after_seq: int | None = None
+        skipped = 0
+        while skipped < offset:  # cursors are seq numbers, so skip whole pages to the offset
+            page = await self.store.list_tasks(where, min(offset - skipped, domain.MAX_PAGE), after_seq)
+            if not page.tasks:
+                return TaskPage([], False, page.total)
+            skipped += len(page.tasks)
+            after_seq = page.tasks[-1].seq
+        return await self.store.list_tasks(where, limit, after_seq)
 
     async def statistics(self, work_directory: str | None = None) -> Statistics:
         if work_directory is not None:
@@ -309,7 +355,9 @@ class TaskService:
     async def history(self, task_id: str) -> list[TaskEvent]:
         return await self.store.history(task_id)
 
-    async def events(self, where: EventFilter, after: int | None = None) -> AsyncIterator[TaskEvent]:
+    async def events(
+        self, where: EventFilter, after: int | None = None
+    ) -> AsyncGenerator[TaskEvent, None]:
         """Replay stored events after `after`, then continue live: no gap, no duplicate."""
         subscription = self.bus.subscribe(where, self._subscriber_buffer)
         last = after
@@ -323,7 +371,7 @@ class TaskService:
                     if len(replay) < REPLAY_PAGE:
                         break
             while True:
-                event = await subscription.next(last)
+                event = await subscription.next()
                 if last is not None and event.id <= last:
                     continue  # already replayed from the table
                 last = event.id

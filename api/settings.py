@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from typing import Any
 
 DEFAULT_DATABASE_URL = "sqlite:///./taskorch.db"
@@ -24,10 +26,18 @@ class Settings:
     lease_sweep_interval: float = 1.0
     backoff_base: float = 1.0
     backoff_cap: float = 300.0
-    subscriber_buffer: int = 1000
+    subscriber_buffer: int = 10_000
     log_level: str = "INFO"
     log_format: str = "json"
     graphiql: bool = True
+    rate_limit: int = 1000  # requests a minute per API key (or client address); 0 turns it off
+    max_body_bytes: int = 1024 * 1024
+    max_query_depth: int = 10
+    max_aliases: int = 30
+    max_tokens: int = 10_000
+    introspection: bool = True
+    retention: str = "off"  # finished tasks older than this are pruned automatically, e.g. 30d
+    shutdown_timeout: int = 10  # seconds in-flight requests get to finish on SIGTERM
 
     def __post_init__(self) -> None:
         _check(
@@ -47,11 +57,23 @@ class Settings:
             "use DEBUG, INFO, WARNING, ERROR or CRITICAL",
         )
         _check(self.log_format in ("json", "text"), "log_format", "use json or text")
+        _check(self.rate_limit >= 0, "rate_limit", "use requests a minute, or 0 for no limit")
+        for key in ("max_body_bytes", "max_query_depth", "max_aliases", "max_tokens"):
+            _check(getattr(self, key) >= 1, key, "use a positive whole number")
+        _check(
+            self.retention == "off" or _duration_or_none(self.retention) is not None,
+            "retention",
+            "use off or a duration such as 30d, 12h, 90m or 45s",
+        )
+        _check(self.shutdown_timeout > 0, "shutdown_timeout", "use a positive number of seconds")
+
+    @property
+    def retention_period(self) -> timedelta | None:
+        """How long finished tasks are kept; None keeps them forever."""
+        return None if self.retention == "off" else parse_duration(self.retention)
 
     @classmethod
-    def load(
-        cls, environ: Mapping[str, str] | None = None, **overrides: Any
-    ) -> Settings:
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, then TASKORCH_<KEY> variables, then explicit overrides (CLI flags) that are not None."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -67,6 +89,27 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
+
+
+def parse_duration(text: str) -> timedelta:
+    """`30d`, `12h`, `90m`, `45s`, `2w` -> a positive timedelta; ValueError otherwise."""
+    duration = _duration_or_none(text)
+    if duration is None:
+        raise ValueError(
+            f"{text!r} is not a duration: use a number and a unit, like 30d, 12h or 90m"
+        )
+    return duration
+
+
+def _duration_or_none(text: str) -> timedelta | None:
+    match = _DURATION.match(text.lower())
+    if match is None or float(match.group(1)) <= 0:
+        return None
+    return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
 
 
 def _check(ok: bool, key: str, advice: str) -> None:

@@ -27,7 +27,9 @@ from api.settings import Settings
 from api.store import open_store
 from api.store.base import TaskStore
 
-POSTGRES_URL = os.environ.get("TASKORCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "TASKORCH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 REQUIRE_POSTGRES = os.environ.get("TASKORCH_REQUIRE_POSTGRES", "") not in ("", "0", "false")
 
 
@@ -56,7 +58,24 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
         return
     if not postgres_available():
         if REQUIRE_POSTGRES:
-            pytest.fail("PostgreSQL is required (TASKORCH_REQUIRE_POSTGRES) but 127.0.0.1:5432 is closed")
+            pytest.fail(
+                "PostgreSQL is required (TASKORCH_REQUIRE_POSTGRES) but 127.0.0.1:5432 is closed"
+            )
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    from tests.pg import fresh_schema_url
+
+    with fresh_schema_url(POSTGRES_URL) as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh schema on the test PostgreSQL, for what only PostgreSQL does (replicas, NOTIFY)."""
+    if not postgres_available():
+        if REQUIRE_POSTGRES:
+            pytest.fail(
+                "PostgreSQL is required (TASKORCH_REQUIRE_POSTGRES) but 127.0.0.1:5432 is closed"
+            )
         pytest.skip("no PostgreSQL on 127.0.0.1:5432")
     from tests.pg import fresh_schema_url
 
@@ -176,7 +195,9 @@ class ServerProcess:
         ]  # fmt: skip
         full_env = {**os.environ, "TASKORCH_LEASE_SWEEP_INTERVAL": "0.2", **(env or {})}
         self._out = self.log.open("wb")
-        self.process = subprocess.Popen(command, stdout=self._out, stderr=subprocess.STDOUT, env=full_env)
+        self.process = subprocess.Popen(
+            command, stdout=self._out, stderr=subprocess.STDOUT, env=full_env
+        )
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -31,7 +31,13 @@ def test_bad_work_directories_are_refused(value: str) -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("/", "/"), ("/a/b/", "/a/b"), ("//a//b", "/a/b"), ("/a/./b", "/a/b"), ("/" + "a" * 511, "/" + "a" * 511)],
+    [
+        ("/", "/"),
+        ("/a/b/", "/a/b"),
+        ("//a//b", "/a/b"),
+        ("/a/./b", "/a/b"),
+        ("/" + "a" * 511, "/" + "a" * 511),
+    ],
 )
 def test_work_directories_are_normalised(value: str, expected: str) -> None:
     assert task_spec(work_directory=value, prompt="p").work_directory == expected

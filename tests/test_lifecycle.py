@@ -15,7 +15,9 @@ from tests.conftest import FakeClock
 Submit = Callable[..., Awaitable[Any]]
 
 
-async def claim_one(service: TaskService, work_directory: str = "/repo", worker: str = "w1", **kw: Any) -> Any:
+async def claim_one(
+    service: TaskService, work_directory: str = "/repo", worker: str = "w1", **kw: Any
+) -> Any:
     tasks = await service.claim(work_directory, worker, **kw)
     return tasks[0] if tasks else None
 
@@ -34,7 +36,9 @@ async def test_submit_creates_waiting_task_with_defaults_and_history(
     assert (await service.get(task.id)) == task
 
 
-async def test_claim_sets_worker_lease_and_start(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+async def test_claim_sets_worker_lease_and_start(
+    service: TaskService, submit_task: Submit, clock: FakeClock
+) -> None:
     task = await submit_task()
     claimed = await claim_one(service, lease_seconds=60)
     assert claimed.id == task.id and claimed.status is TaskStatus.WORKING
@@ -44,13 +48,17 @@ async def test_claim_sets_worker_lease_and_start(service: TaskService, submit_ta
     assert await claim_one(service) is None  # nothing left
 
 
-async def test_claim_default_lease_is_300_seconds(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+async def test_claim_default_lease_is_300_seconds(
+    service: TaskService, submit_task: Submit, clock: FakeClock
+) -> None:
     await submit_task()
     claimed = await claim_one(service)
     assert (claimed.lease_expires_at - clock.now).total_seconds() == 300
 
 
-async def test_claim_order_is_priority_then_first_in_first_out(service: TaskService, submit_task: Submit) -> None:
+async def test_claim_order_is_priority_then_first_in_first_out(
+    service: TaskService, submit_task: Submit
+) -> None:
     low = await submit_task(priority="LOW")
     medium1 = await submit_task()
     high = await submit_task(priority="HIGH")
@@ -59,7 +67,9 @@ async def test_claim_order_is_priority_then_first_in_first_out(service: TaskServ
     assert order == [high.id, medium1.id, medium2.id, low.id]
 
 
-async def test_claim_only_sees_its_work_directory(service: TaskService, submit_task: Submit) -> None:
+async def test_claim_only_sees_its_work_directory(
+    service: TaskService, submit_task: Submit
+) -> None:
     other = await submit_task(work_directory="/other")
     assert await claim_one(service, "/repo") is None
     assert (await claim_one(service, "/other")).id == other.id
@@ -71,7 +81,9 @@ async def test_work_directory_is_normalised(service: TaskService, submit_task: S
     assert (await claim_one(service, "/repo/sub/dir/")).id == task.id
 
 
-async def test_claim_respects_run_after(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+async def test_claim_respects_run_after(
+    service: TaskService, submit_task: Submit, clock: FakeClock
+) -> None:
     from datetime import timedelta
 
     await submit_task(run_after=clock.now + timedelta(seconds=30))
@@ -80,7 +92,9 @@ async def test_claim_respects_run_after(service: TaskService, submit_task: Submi
     assert await claim_one(service) is not None
 
 
-async def test_complete_by_holder_records_result(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+async def test_complete_by_holder_records_result(
+    service: TaskService, submit_task: Submit, clock: FakeClock
+) -> None:
     task = await submit_task()
     await claim_one(service)
     clock.advance(5)
@@ -95,7 +109,9 @@ async def test_complete_by_holder_records_result(service: TaskService, submit_ta
     ]
 
 
-async def test_only_the_holder_may_heartbeat_complete_or_fail(service: TaskService, submit_task: Submit) -> None:
+async def test_only_the_holder_may_heartbeat_complete_or_fail(
+    service: TaskService, submit_task: Submit
+) -> None:
     task = await submit_task()
     await claim_one(service, worker="owner")
     with pytest.raises(Conflict, match="held by another worker"):
@@ -121,7 +137,9 @@ async def test_completed_is_final(service: TaskService, submit_task: Submit) -> 
             await attempt
 
 
-async def test_heartbeat_extends_lease(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+async def test_heartbeat_extends_lease(
+    service: TaskService, submit_task: Submit, clock: FakeClock
+) -> None:
     task = await submit_task()
     claimed = await claim_one(service, lease_seconds=10)
     clock.advance(8)
@@ -152,7 +170,9 @@ async def test_fail_requeues_with_backoff_until_max_retries(
     assert final.completed_at == clock.now
 
 
-async def test_backoff_is_capped(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+async def test_backoff_is_capped(
+    service: TaskService, submit_task: Submit, clock: FakeClock
+) -> None:
     task = await submit_task(max_retries=100)
     for _ in range(12):
         await claim_one(service)
@@ -187,7 +207,9 @@ async def test_lease_expiry_requeues_and_counts_an_attempt(
     assert final.status is TaskStatus.FAILED
 
 
-async def test_lease_sweep_is_idempotent(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+async def test_lease_sweep_is_idempotent(
+    service: TaskService, submit_task: Submit, clock: FakeClock
+) -> None:
     await submit_task()
     await claim_one(service, lease_seconds=1)
     clock.advance(2)
@@ -209,7 +231,9 @@ async def test_cancel_waiting_and_working(service: TaskService, submit_task: Sub
         await service.complete(waiting.id, "w1")
 
 
-async def test_retry_requeues_failed_and_cancelled(service: TaskService, submit_task: Submit) -> None:
+async def test_retry_requeues_failed_and_cancelled(
+    service: TaskService, submit_task: Submit
+) -> None:
     task = await submit_task(max_retries=0)
     await claim_one(service)
     await service.fail(task.id, "w1", "boom")
@@ -221,7 +245,9 @@ async def test_retry_requeues_failed_and_cancelled(service: TaskService, submit_
         await service.retry(task.id)
 
 
-async def test_release_gives_the_task_back_without_an_attempt(service: TaskService, submit_task: Submit) -> None:
+async def test_release_gives_the_task_back_without_an_attempt(
+    service: TaskService, submit_task: Submit
+) -> None:
     task = await submit_task()
     await claim_one(service)
     released = await service.release(task.id, "w1")
@@ -229,9 +255,13 @@ async def test_release_gives_the_task_back_without_an_attempt(service: TaskServi
     assert (await claim_one(service, worker="w2")).id == task.id
 
 
-async def test_update_needs_waiting_and_matching_version(service: TaskService, submit_task: Submit) -> None:
+async def test_update_needs_waiting_and_matching_version(
+    service: TaskService, submit_task: Submit
+) -> None:
     task = await submit_task()
-    updated = await service.update(task.id, task.version, task_changes(prompt="new", priority="HIGH"))
+    updated = await service.update(
+        task.id, task.version, task_changes(prompt="new", priority="HIGH")
+    )
     assert updated.prompt == "new" and updated.priority is TaskPriority.HIGH
     assert updated.version == task.version + 1 and updated.tags == task.tags
     with pytest.raises(Conflict, match="version"):
@@ -242,7 +272,9 @@ async def test_update_needs_waiting_and_matching_version(service: TaskService, s
     assert (await service.get(task.id)).prompt == "new"
 
 
-async def test_idempotency_key_returns_the_existing_task(service: TaskService, submit_task: Submit) -> None:
+async def test_idempotency_key_returns_the_existing_task(
+    service: TaskService, submit_task: Submit
+) -> None:
     first = await submit_task(idempotency_key="job-1")
     second = await submit_task(idempotency_key="job-1", prompt="different")
     assert second.id == first.id and second.prompt == first.prompt
@@ -301,7 +333,9 @@ async def test_statistics_count_by_status(service: TaskService, submit_task: Sub
     assert (await service.statistics("/b")).total == 1
 
 
-async def test_event_ids_increase_in_commit_order(service: TaskService, submit_task: Submit) -> None:
+async def test_event_ids_increase_in_commit_order(
+    service: TaskService, submit_task: Submit
+) -> None:
     task = await submit_task()
     await claim_one(service)
     await service.complete(task.id, "w1")
@@ -309,7 +343,9 @@ async def test_event_ids_increase_in_commit_order(service: TaskService, submit_t
     assert ids == sorted(ids) and len(set(ids)) == 3
 
 
-async def test_prune_deletes_only_old_finished_tasks(service: TaskService, submit_task: Submit, clock: FakeClock) -> None:
+async def test_prune_deletes_only_old_finished_tasks(
+    service: TaskService, submit_task: Submit, clock: FakeClock
+) -> None:
     from datetime import timedelta
 
     old = await submit_task()

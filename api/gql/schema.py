@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Iterable
 from typing import Any, TypeVar
 
 import strawberry
@@ -14,10 +14,11 @@ from strawberry.extensions import ParserCache, ValidationCache
 from strawberry.scalars import JSON
 
 from api import domain
-from api.domain import EventFilter, TaskFilter, TaskStatus
+from api.domain import EventFilter, TaskFilter, TaskPriority, TaskStatus
 from api.errors import ValidationError
 from api.gql.context import Info
-from api.gql.errors import ErrorCodes
+from api.gql.errors import classify
+from api.gql.security import ScopeCheck
 from api.gql.types import (
     CompleteItem,
     PageInfo,
@@ -26,13 +27,12 @@ from api.gql.types import (
     TaskConnection,
     TaskEdge,
     TaskEventType,
-    TaskPriorityType,
-    TaskStatusType,
     TaskType,
     UpdateTaskInput,
     as_event,
     as_task,
 )
+from api.metrics import OperationName
 from api.service import encode_cursor
 from api.store.base import Completion
 
@@ -50,9 +50,9 @@ class Query:
     async def tasks(
         self,
         info: Info,
-        status: list[TaskStatusType] | None = None,
+        status: list[TaskStatus] | None = None,
         work_directory: str | None = None,
-        priority: TaskPriorityType | None = None,
+        priority: TaskPriority | None = None,
         tag: str | None = None,
         first: int = 50,
         after: str | None = None,
@@ -161,7 +161,9 @@ class Mutation:
         self, info: Info, worker_id: str, items: list[CompleteItem]
     ) -> list[TaskType]:
         completions = [Completion(str(item.id), item.result) for item in items]
-        return [as_task(t) for t in await info.context.service.complete_many(worker_id, completions)]
+        return [
+            as_task(t) for t in await info.context.service.complete_many(worker_id, completions)
+        ]
 
     @strawberry.mutation(
         description="Report that a task you hold failed. It is retried with backoff while retries "
@@ -206,7 +208,7 @@ class Subscription:
         info: Info,
         task_id: strawberry.ID | None = None,
         work_directory: str | None = None,
-        statuses: list[TaskStatusType] | None = None,
+        statuses: list[TaskStatus] | None = None,
         after: strawberry.ID | None = None,
     ) -> AsyncGenerator[TaskEventType, None]:
         where = EventFilter(
@@ -263,14 +265,16 @@ async def _disconnected(request: Request) -> None:
 
 class Schema(strawberry.Schema):
     def process_errors(self, errors: list[GraphQLError], execution_context: Any = None) -> None:
-        # Client errors are answers, not incidents; ErrorCodes logs the unexpected ones.
-        return None
+        # Every error path (parse, validation, execution, subscriptions) passes through here.
+        for error in errors:
+            classify(error)
 
 
-def build_schema() -> strawberry.Schema:
+def build_schema(guards: Iterable[Any] = ()) -> strawberry.Schema:
+    """The schema; every operation's root fields are checked against the caller's scopes."""
     return Schema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
-        extensions=[ParserCache, ValidationCache, ErrorCodes],
+        extensions=[ParserCache, ValidationCache, OperationName, ScopeCheck, *guards],
     )

@@ -13,8 +13,9 @@ from api import domain
 from api.domain import TaskPriority, TaskStatus
 from api.gql.context import Info
 
-TaskStatusType = strawberry.enum(TaskStatus, name="TaskStatus")
-TaskPriorityType = strawberry.enum(TaskPriority, name="TaskPriority")
+# The domain enums serve as the GraphQL enums (registering returns the same class).
+strawberry.enum(TaskStatus, name="TaskStatus")
+strawberry.enum(TaskPriority, name="TaskPriority")
 
 
 @strawberry.type(name="Task")
@@ -22,9 +23,9 @@ class TaskType:
     id: strawberry.ID
     work_directory: str
     prompt: str
-    priority: TaskPriorityType
+    priority: TaskPriority
     tags: list[str]
-    status: TaskStatusType
+    status: TaskStatus
     worker_id: str | None
     created_at: datetime
     started_at: datetime | None
@@ -50,8 +51,8 @@ class TaskType:
 class TaskEventType:
     id: strawberry.ID
     task_id: strawberry.ID
-    status: TaskStatusType
-    previous_status: TaskStatusType | None
+    status: TaskStatus
+    previous_status: TaskStatus | None
     worker_id: str | None
     at: datetime
     details: JSON
@@ -74,7 +75,7 @@ def as_event(event: domain.TaskEvent) -> TaskEventType:
 class SubmitTaskInput:
     work_directory: str
     prompt: str
-    priority: TaskPriorityType | None = TaskPriority.MEDIUM
+    priority: TaskPriority | None = TaskPriority.MEDIUM
     tags: list[str] | None = None
     max_retries: int | None = domain.DEFAULT_MAX_RETRIES
     metadata: JSON | None = None
@@ -98,7 +99,7 @@ class SubmitTaskInput:
 @strawberry.input
 class UpdateTaskInput:
     prompt: str | None = None
-    priority: TaskPriorityType | None = None
+    priority: TaskPriority | None = None
     tags: list[str] | None = None
     metadata: JSON | None = None
     max_retries: int | None = None

@@ -13,4 +13,8 @@ def open_store(settings: Settings) -> TaskStore:
         from api.store.sqlite import SqliteStore
 
         return SqliteStore(url, durability=settings.durability)
+    if url.startswith(("postgresql://", "postgres://")):
+        from api.store.postgres import PostgresStore
+
+        return PostgresStore(url)
     raise ValueError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql://...")

@@ -48,8 +48,8 @@ def sqlite_path(url: str) -> str:
     if parsed.scheme != "sqlite":
         raise ValueError(f"not a sqlite URL: {url}")
     path = url[len("sqlite://") :]
-    if path.startswith("/"):
-        path = path[1:] if not path.startswith("//") else path[1:]
+    if path.startswith("/"):  # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db
+        path = path[1:]
     if not path or path == ":memory:":
         raise ValueError("an in-memory SQLite database cannot be shared; give a file path")
     return path
@@ -209,10 +209,12 @@ class SqliteStore:
         rows = await self._fetchall(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
         return _task(rows[0]) if rows else None
 
-    async def list(self, where: TaskFilter, first: int, after_seq: int | None) -> TaskPage:
+    async def list_tasks(self, where: TaskFilter, first: int, after_seq: int | None) -> TaskPage:
         clauses, params = _task_filter(where)
         total = (
-            await self._fetchall(f"SELECT count(*) FROM tasks WHERE {' AND '.join(clauses)}", params)
+            await self._fetchall(
+                f"SELECT count(*) FROM tasks WHERE {' AND '.join(clauses)}", params
+            )
         )[0][0]
         if after_seq is not None:
             clauses.append("seq > ?")
@@ -240,7 +242,8 @@ class SqliteStore:
         return [_event(r) for r in rows]
 
     async def events_after(self, after: int, where: EventFilter, limit: int) -> list[TaskEvent]:
-        clauses, params = ["id > ?"], [after]
+        clauses: list[str] = ["id > ?"]
+        params: list[Any] = [after]
         if where.task_id is not None:
             clauses.append("task_id = ?")
             params.append(where.task_id)
@@ -417,7 +420,9 @@ class SqliteStore:
             if task.status is TaskStatus.WAITING:
                 details["runAfter"] = task.run_after
                 details["attempt"] = task.retry_count
-            return task, [_record(conn, task, TaskStatus.WORKING, at, _jsonable(details), worker_id)]
+            return task, [
+                _record(conn, task, TaskStatus.WORKING, at, _jsonable(details), worker_id)
+            ]
 
         return await self._writer.run(work)
 
@@ -563,7 +568,6 @@ class SqliteStore:
 
         return await self._writer.run(work)
 
-
     # --- API keys ---
 
     async def create_key(
@@ -674,4 +678,3 @@ def _migrate(conn: sqlite3.Connection) -> tuple[int, list[TaskEvent]]:
             (version, to_us(datetime.now(UTC))),
         )
     return SCHEMA_VERSION, []
-

@@ -51,7 +51,9 @@ class Writer:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="taskorch-sqlite-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="taskorch-sqlite-writer", daemon=True
+        )
         self._thread.start()
         self._ready.wait()
         if self._error is not None:

@@ -1,0 +1,366 @@
+"""Who is calling and may they: API key authentication, protected mode, rate limits, body size.
+
+Every interface shares one pure ASGI middleware, `AuthMiddleware`. For each HTTP request (and each
+WebSocket upgrade) it resolves the caller once and stores a `Principal` in `scope["state"]`, so a
+handler reads it as `request.state.principal` (or `principal_of(request)`). Only `OPEN_PATHS`
+(`/health`, `/metrics`) are served without it.
+
+Interfaces enforce scopes with one call, the same everywhere:
+
+    from api.auth import principal_of, require_scope
+    require_scope(principal_of(request), "submit")   # raises Forbidden (code FORBIDDEN)
+
+Scopes: `read` (reads and subscriptions), `submit` (submit, cancel, retry, update), `work` (claim,
+heartbeat, complete, fail, release) and `admin` (everything).
+
+Errors the middleware answers itself: 401 UNAUTHENTICATED, 429 RATE_LIMITED (with Retry-After),
+413 PAYLOAD_TOO_LARGE, 503 UNAVAILABLE. Under `/api/v1` the body is the REST envelope; elsewhere it
+is GraphQL-shaped: `{"data": null, "errors": [{"message", "extensions": {"code"}}]}`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from api.errors import (
+    Forbidden,
+    PayloadTooLarge,
+    RateLimited,
+    TaskorchError,
+    Unauthenticated,
+    Unavailable,
+)
+from api.keys import ADMIN, SCOPES, hash_key
+from api.ratelimit import RateLimiter
+from api.redact import redact
+from api.settings import Settings
+from api.store.base import TaskStore
+
+log = logging.getLogger("taskorch.auth")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+# WebSocket paths whose handler takes the key from its connection_init message and closes the
+# socket with 4401 itself; every other socket needs a valid key on the upgrade request.
+SOCKET_PATHS = frozenset({"/graphql"})
+REST_PREFIX = "/api/v1"
+CACHE_SECONDS = 1.0  # how long a key lookup is trusted: a revoked key works at most this long
+TOUCH_SECONDS = 60.0  # "last used" is recorded at most once a minute per key
+CREATE_KEY_HINT = "taskorch keys create --name NAME --scopes read,submit,work --database {url}"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """The caller: the key's name and scopes, or the local caller of protected mode."""
+
+    name: str
+    scopes: frozenset[str]
+    anonymous: bool = False
+    key_hash: str | None = field(default=None, repr=False)
+
+    def allows(self, scope: str) -> bool:
+        return ADMIN in self.scopes or scope in self.scopes
+
+
+LOCAL = Principal(name="local", scopes=frozenset(SCOPES), anonymous=True)
+
+
+def require_scope(principal: Principal | None, scope: str) -> Principal:
+    """Raise Unauthenticated without a principal, Forbidden when it lacks `scope`."""
+    if principal is None:
+        raise Unauthenticated("missing API key: send the header 'Authorization: Bearer KEY'")
+    if not principal.allows(scope):
+        granted = ", ".join(sorted(principal.scopes)) or "none"
+        raise Forbidden(
+            f"the API key {principal.name!r} lacks the {scope!r} scope (it has: {granted})",
+            details={"requiredScope": scope},
+        )
+    return principal
+
+
+def principal_of(connection: Any) -> Principal | None:
+    """The principal the middleware stored for a Starlette Request/WebSocket or an ASGI scope."""
+    scope = connection if isinstance(connection, Mapping) else connection.scope
+    state = scope.get("state") or {}
+    principal = state.get("principal")
+    return principal if isinstance(principal, Principal) else None
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def bearer(authorization: str) -> str:
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        raise Unauthenticated("the Authorization header must be 'Bearer KEY'")
+    return credentials.strip()
+
+
+class Gate:
+    """Authentication and rate limits for one process, over the key table of `store`."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        cache_seconds: float = CACHE_SECONDS,
+    ) -> None:
+        self.store = store
+        self.database_url = settings.database_url
+        self.max_tokens = settings.max_tokens
+        self.limiter = RateLimiter(settings.rate_limit, clock=clock)
+        self.clock = clock
+        self.now = now
+        self.cache_seconds = cache_seconds
+        self._keys: dict[str, tuple[Principal | None, float]] = {}
+        self._touched: dict[str, float] = {}
+        self._protected: tuple[bool, float] = (False, -math.inf)
+
+    def forget(self) -> None:
+        """Drop every cached lookup: call after creating or revoking a key in this process."""
+        self._keys.clear()
+        self._protected = (False, -math.inf)
+
+    async def warn_if_protected(self) -> None:
+        if await self.store.count_active_keys() == 0:
+            log.warning(
+                "no API key exists, so only loopback clients are served (protected mode). "
+                "Create a key with: %s",
+                CREATE_KEY_HINT.format(url=redact(self.database_url)),
+            )
+
+    async def protected(self) -> bool:
+        """True while no active key exists; rechecked at most every `cache_seconds`."""
+        value, until = self._protected
+        if self.clock() >= until:
+            value = await self.store.count_active_keys() == 0
+            self._protected = (value, self.clock() + self.cache_seconds)
+        return value
+
+    async def authenticate(self, authorization: str | None, client: str | None) -> Principal:
+        """The principal for this Authorization value and client address, or Unauthenticated."""
+        if authorization:
+            principal = await self.by_hash(hash_key(bearer(authorization)))
+            if principal is None:
+                raise Unauthenticated("invalid or revoked API key")
+            return principal
+        if await self.protected():
+            if is_loopback(client):
+                return LOCAL
+            raise Unauthenticated(
+                "no API key exists yet, so this server only serves loopback clients; create one "
+                f"with `{CREATE_KEY_HINT.format(url='URL')}` and send 'Authorization: Bearer KEY'"
+            )
+        raise Unauthenticated("missing API key: send the header 'Authorization: Bearer KEY'")
+
+    async def still_valid(self, principal: Principal) -> bool:
+        """Whether a principal resolved earlier (a WebSocket's) may still act: not revoked since."""
+        if principal.key_hash is None:
+            return principal.anonymous and (await self.protected())
+        return await self.by_hash(principal.key_hash) is not None
+
+    async def by_hash(self, key_hash: str) -> Principal | None:
+        now = self.clock()
+        cached = self._keys.get(key_hash)
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        key = await self.store.find_key(key_hash)
+        principal = None
+        if key is not None and key.revoked_at is None:
+            principal = Principal(key.name, frozenset(key.scopes), key_hash=key_hash)
+            if now - self._touched.get(key_hash, -math.inf) >= TOUCH_SECONDS:
+                self._touched[key_hash] = now
+                await self.store.touch_key(key_hash, self.now())
+            if len(self._keys) >= 10_000:  # only valid keys are cached, so this is rare
+                self._keys.clear()
+            self._keys[key_hash] = (principal, now + self.cache_seconds)
+        return principal
+
+    def charge(self, principal: Principal | None, client: str | None) -> float:
+        """Spend one request of the caller's allowance; the seconds to wait when it is spent.
+
+        The local caller of protected mode is not limited: it is the operator's own machine.
+        """
+        if principal is not None and principal.anonymous:
+            return 0.0
+        bucket = f"key:{principal.name}" if principal is not None else f"addr:{client}"
+        return self.limiter.take(bucket)
+
+
+def rate_limited(wait: float) -> RateLimited:
+    seconds = max(1, math.ceil(wait))
+    return RateLimited(f"rate limit exceeded: retry in {seconds} s", retry_after=seconds)
+
+
+def error_body(path: str, error: TaskorchError) -> bytes:
+    """The JSON an interface expects for an error raised before it ran."""
+    if path == REST_PREFIX or path.startswith(REST_PREFIX + "/"):
+        body: dict[str, Any] = {
+            "success": False,
+            "data": None,
+            "error": {"code": error.code, "message": error.message, "details": error.details},
+            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        }
+    else:
+        body = {
+            "data": None,
+            "errors": [{"message": error.message, "extensions": error.extensions}],
+        }
+    return json.dumps(body).encode()
+
+
+def error_headers(error: TaskorchError) -> list[tuple[bytes, bytes]]:
+    headers = [(b"content-type", b"application/json")]
+    if isinstance(error, Unauthenticated):
+        headers.append((b"www-authenticate", b'Bearer realm="taskorch"'))
+    if isinstance(error, RateLimited):
+        headers.append((b"retry-after", str(int(error.retry_after)).encode()))
+    return headers
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class AuthMiddleware:
+    """Resolves the caller once per request or connection, before any interface sees it."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        open_paths: frozenset[str] = OPEN_PATHS,
+        socket_paths: frozenset[str] = SOCKET_PATHS,
+    ) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.open_paths = open_paths
+        self.socket_paths = socket_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket") or scope.get("path") in self.open_paths:
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        client = (scope.get("client") or (None,))[0]
+        gate: Gate | None = getattr(getattr(scope.get("app"), "state", None), "gate", None)
+        authorization = _header(scope, b"authorization")
+        failure: Unauthenticated | None = None
+        try:
+            if gate is None:
+                raise Unavailable("the server is starting or stopping; try again shortly")
+            try:
+                principal = await gate.authenticate(authorization, client)
+            except Unauthenticated as error:
+                principal, failure = None, error
+            wait = gate.charge(principal, client)
+            if wait:
+                raise rate_limited(wait)
+            if failure is not None and not (kind == "websocket" and path in self.socket_paths):
+                raise failure
+            if kind == "http":
+                length = _header(scope, b"content-length")
+                if length and length.isdigit() and int(length) > self.max_body_bytes:
+                    raise self._too_large()
+        except TaskorchError as error:
+            await _refuse(scope, send, path, error)
+            return
+        except Exception:
+            log.exception("could not authenticate a request")
+            await _refuse(scope, send, path, Unavailable("the database did not answer; try again"))
+            return
+        state = scope.setdefault("state", {})
+        state["principal"] = principal
+        state["gate"] = gate
+        if kind == "websocket":
+            await self.app(scope, receive, send)
+            return
+        await self._limited_body(scope, receive, send, path)
+
+    async def _limited_body(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        received = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await _refuse(scope, send, path, self._too_large())
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"request body exceeds {self.max_body_bytes:,} bytes (TASKORCH_MAX_BODY_BYTES)",
+            details={"maxBytes": self.max_body_bytes},
+        )
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers") or ():
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+async def _refuse(scope: Scope, send: Send, path: str, error: TaskorchError) -> None:
+    body = error_body(path, error)
+    if scope["type"] == "websocket":
+        if "websocket.http.response" in (scope.get("extensions") or {}):
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": error.http_status,
+                    "headers": error_headers(error),
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": 4000 + error.http_status})
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": error.http_status,
+            "headers": [*error_headers(error), (b"content-length", str(len(body)).encode())],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,219 @@
+"""GraphQL's share of security: the scope each root field needs, the guards against hostile
+documents, and the subscription socket's authentication, rate limit and scope checks."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from graphql import (
+    DocumentNode,
+    FieldNode,
+    FragmentDefinitionNode,
+    FragmentSpreadNode,
+    GraphQLError,
+    GraphQLSyntaxError,
+    InlineFragmentNode,
+    OperationType,
+    SelectionSetNode,
+    get_operation_ast,
+    parse,
+)
+from starlette.websockets import WebSocket
+from strawberry.extensions import (
+    DisableIntrospection,
+    MaxAliasesLimiter,
+    MaxTokensLimiter,
+    QueryDepthLimiter,
+    SchemaExtension,
+)
+from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
+    BaseGraphQLTransportWSHandler,
+)
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
+    ConnectionInitMessage,
+    SubscribeMessage,
+)
+
+from api.auth import Gate, Principal, principal_of, rate_limited
+from api.errors import Unauthenticated
+from api.gql.context import Context
+from api.keys import ADMIN, READ, SUBMIT, WORK
+from api.settings import Settings
+
+log = logging.getLogger("taskorch.graphql")
+
+MUTATION_SCOPES = {
+    "submitTask": SUBMIT,
+    "submitTasks": SUBMIT,
+    "cancelTask": SUBMIT,
+    "retryTask": SUBMIT,
+    "updateTask": SUBMIT,
+    "claimTask": WORK,
+    "claimTasks": WORK,
+    "heartbeat": WORK,
+    "completeTask": WORK,
+    "completeTasks": WORK,
+    "failTask": WORK,
+    "releaseTask": WORK,
+}
+
+
+def field_scope(operation: OperationType, name: str) -> str | None:
+    """The scope a root field needs; a mutation nobody listed here needs `admin`."""
+    if name == "__typename":
+        return None
+    if operation is OperationType.MUTATION:
+        return MUTATION_SCOPES.get(name, ADMIN)
+    return READ
+
+
+def root_fields(document: DocumentNode, operation_name: str | None) -> list[tuple[str, str | None]]:
+    """(field, scope) for each root field the chosen operation selects, through fragments."""
+    operation = get_operation_ast(document, operation_name)
+    if operation is None:
+        return []
+    fragments = {
+        d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)
+    }
+    found: list[tuple[str, str | None]] = []
+    seen: set[str] = set()
+
+    def walk(selection_set: SelectionSetNode) -> None:
+        for selection in selection_set.selections:
+            if isinstance(selection, FieldNode):
+                name = selection.name.value
+                found.append((name, field_scope(operation.operation, name)))
+            elif isinstance(selection, InlineFragmentNode):
+                walk(selection.selection_set)
+            elif isinstance(selection, FragmentSpreadNode):
+                spread = selection.name.value
+                if spread not in seen and spread in fragments:
+                    seen.add(spread)
+                    walk(fragments[spread].selection_set)
+
+    walk(operation.selection_set)
+    return found
+
+
+def refusal(
+    principal: Principal | None, fields: list[tuple[str, str | None]]
+) -> GraphQLError | None:
+    """The error refusing the whole operation, or None when the principal may run every field."""
+    if principal is None:
+        return GraphQLError(
+            "missing API key: send the header 'Authorization: Bearer KEY'",
+            extensions={"code": "UNAUTHENTICATED"},
+        )
+    for name, scope in fields:
+        if scope is not None and not principal.allows(scope):
+            granted = ", ".join(sorted(principal.scopes)) or "none"
+            return GraphQLError(
+                f"the API key {principal.name!r} may not use {name}: it needs the {scope!r} "
+                f"scope (it has: {granted})",
+                extensions={"code": "FORBIDDEN", "field": name, "requiredScope": scope},
+            )
+    return None
+
+
+class ScopeCheck(SchemaExtension):
+    """Refuses, before anything runs, an operation with a root field the caller's scopes lack."""
+
+    def on_execute(self) -> Iterator[None]:
+        ctx = self.execution_context
+        context = ctx.context
+        request = getattr(context, "request", None)
+        principal = None if request is None else principal_of(request)
+        document = ctx.graphql_document
+        if document is not None:
+            error = refusal(principal, root_fields(document, ctx.operation_name))
+            if error is not None:
+                response = getattr(context, "response", None)
+                if hasattr(response, "status_code"):
+                    code = (error.extensions or {}).get("code")
+                    response.status_code = 401 if code == "UNAUTHENTICATED" else 403  # type: ignore[union-attr]
+                raise error
+        yield
+
+
+def guard_extensions(settings: Settings) -> list[Any]:
+    """Schema extensions that bound what one document may cost, from the settings."""
+    guards: list[Any] = [
+        lambda: MaxTokensLimiter(max_token_count=settings.max_tokens),
+        lambda: QueryDepthLimiter(max_depth=settings.max_query_depth),
+        lambda: MaxAliasesLimiter(max_alias_count=settings.max_aliases),
+    ]
+    if not settings.introspection:
+        guards.append(DisableIntrospection)
+    return guards
+
+
+class SecuredTransportWS(BaseGraphQLTransportWSHandler[Context, None]):
+    """graphql-transport-ws with keys: 4401 for a missing, invalid or revoked key, 4403 for a
+    subscription the key's scopes do not allow; each subscribe message spends one request of the
+    caller's rate limit."""
+
+    @property
+    def socket(self) -> WebSocket:
+        socket = self.context.request
+        assert isinstance(socket, WebSocket)
+        return socket
+
+    @property
+    def gate(self) -> Gate:
+        gate: Gate = self.socket.app.state.gate
+        return gate
+
+    async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
+        payload = message.get("payload")
+        if isinstance(payload, dict) and not self.connection_init_received:
+            authorization = payload.get("Authorization") or payload.get("authorization")
+            if not isinstance(authorization, str):
+                authorization = self.socket.headers.get("authorization")
+            client = self.socket.client.host if self.socket.client else None
+            try:
+                principal = await self.gate.authenticate(authorization, client)
+            except Unauthenticated as error:
+                await self._reject(4401, error.message[:120])
+                return
+            self.socket.state.principal = principal
+        await super().handle_connection_init(message)
+
+    async def handle_subscribe(self, message: SubscribeMessage) -> None:
+        if self.connection_acknowledged:
+            principal = principal_of(self.socket)
+            if principal is None or not await self.gate.still_valid(principal):
+                await self._reject(4401, "invalid or revoked API key")
+                return
+            wait = self.gate.charge(principal, None)
+            if wait:
+                error = rate_limited(wait)
+                await self.send_message(
+                    {
+                        "id": message.get("id"),
+                        "type": "error",
+                        "payload": [{"message": error.message, "extensions": error.extensions}],
+                    }
+                )
+                return
+            payload = message.get("payload") or {}
+            query = payload.get("query") if isinstance(payload, dict) else None
+            if isinstance(query, str):
+                try:
+                    document = parse(query, max_tokens=self.gate.max_tokens)
+                except GraphQLSyntaxError:
+                    document = None  # the handler reports the syntax error in its own way
+                if document is not None:
+                    name = payload.get("operationName")
+                    fields = root_fields(document, name if isinstance(name, str) else None)
+                    if refusal(principal, fields) is not None:
+                        await self._reject(4403, "Forbidden: the API key lacks the scope")
+                        return
+        await super().handle_subscribe(message)
+
+    async def _reject(self, code: int, reason: str) -> None:
+        self.connection_init_received = True
+        if self.connection_init_timeout_task:
+            self.connection_init_timeout_task.cancel()
+        await self.websocket.close(code=code, reason=reason)

@@ -1,0 +1,335 @@
+"""REST v1: the original HTTP routes on the task service, every answer in one JSON envelope."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from api import domain
+from api.auth import principal_of, require_scope
+from api.domain import Task, TaskFilter
+from api.errors import RateLimited, TaskorchError, ValidationError
+from api.schemas import StatisticsOut, TaskList, TaskOut
+from api.service import TaskService
+
+log = logging.getLogger("taskorch.rest")
+
+INTERNAL_MESSAGE = (
+    "internal error: the server logged the details; try again or contact the operator"
+)
+
+Handler = Callable[[Request], Awaitable[tuple[Any, int]]]
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
+
+
+def envelope(data: Any, error: dict[str, Any] | None, status: int) -> JSONResponse:
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    body = {
+        "success": error is None,
+        "data": data,
+        "error": error,
+        "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+    }
+    return JSONResponse(body, status_code=status)
+
+
+def error_response(exc: TaskorchError) -> JSONResponse:
+    """The envelope for a client-facing error; `details.field` names the snake_case field."""
+    details = dict(exc.details)
+    if isinstance(details.get("field"), str):
+        details["field"] = _CAMEL.sub(r"_\1", details["field"]).lower()
+    response = envelope(
+        None, {"code": exc.code, "message": exc.message, "details": details}, exc.http_status
+    )
+    if isinstance(exc, RateLimited):
+        response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+    return response
+
+
+def endpoint(scope: str) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    """A route needing `scope`: runs the handler and wraps its answer, or error, in the envelope."""
+    return functools.partial(_endpoint, scope)
+
+
+def _endpoint(scope: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    async def run(request: Request) -> Response:
+        try:
+            require_scope(principal_of(request), scope)
+            data, status = await handler(request)
+        except TaskorchError as exc:
+            return error_response(exc)
+        except Exception:
+            log.exception("unexpected error in %s %s", request.method, request.url.path)
+            return envelope(
+                None, {"code": "INTERNAL_ERROR", "message": INTERNAL_MESSAGE, "details": {}}, 500
+            )
+        return envelope(data, None, status)
+
+    run.__name__ = handler.__name__
+    run.__doc__ = handler.__doc__
+    return run
+
+
+# --- reading requests ---
+
+
+def _service(request: Request) -> TaskService:
+    service: TaskService = request.app.state.service
+    return service
+
+
+async def _body(request: Request, allowed: set[str], *, optional: bool = False) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip() and optional:
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ValidationError("body", "the request body must be valid JSON") from None
+    if not isinstance(body, dict):
+        raise ValidationError("body", "the request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise ValidationError(
+            unknown[0], f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}"
+        )
+    return body
+
+
+def _int_param(request: Request, name: str, default: int | None) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValidationError(name, f"{name} must be a whole number") from None
+
+
+def _float_param(request: Request, name: str) -> float | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValidationError(name, f"{name} must be a number") from None
+
+
+def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise ValidationError(name, f"{name} must be true or false")
+    return value
+
+
+def _int(body: dict[str, Any], name: str) -> int:
+    value = body.get(name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(name, f"{name} must be a whole number")
+    return value
+
+
+def _run_after(value: object) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        raise ValidationError(
+            "runAfter", "runAfter must be an ISO 8601 time, e.g. 2030-01-01T00:00:00Z"
+        )
+    return domain.check_aware(parsed, "runAfter")
+
+
+# --- routes ---
+
+SUBMIT_FIELDS = {
+    "work_directory", "prompt", "priority", "tags", "max_retries", "metadata",
+    "idempotency_key", "run_after",
+}  # fmt: skip
+UPDATE_FIELDS = {"expected_version", "prompt", "priority", "tags", "metadata", "max_retries"}
+
+
+@endpoint("submit")
+async def create_task(request: Request) -> tuple[Any, int]:
+    body = await _body(request, SUBMIT_FIELDS)
+    spec = domain.task_spec(
+        work_directory=body.get("work_directory"),
+        prompt=body.get("prompt"),
+        priority=body.get("priority"),
+        tags=body.get("tags"),
+        max_retries=body.get("max_retries"),
+        metadata=body.get("metadata"),
+        idempotency_key=body.get("idempotency_key"),
+        run_after=_run_after(body.get("run_after")),
+    )
+    return TaskOut.of(await _service(request).submit(spec)), 201
+
+
+@endpoint("read")
+async def list_tasks(request: Request) -> tuple[Any, int]:
+    query = request.query_params
+    work_directory, tag, priority = (
+        query.get("work_directory"),
+        query.get("tag"),
+        query.get("priority"),
+    )
+    where = TaskFilter(
+        statuses=tuple(domain.check_status(s) for s in query.getlist("status")),
+        work_directory=None
+        if work_directory is None
+        else domain.check_work_directory(work_directory),
+        priority=None if priority is None else domain.check_priority(priority),
+        tag=None if tag is None else domain.check_tag(tag),
+    )
+    limit = _int_param(request, "limit", 50)
+    offset = _int_param(request, "offset", 0)
+    assert limit is not None and offset is not None
+    page = await _service(request).list_page(where, limit, offset)
+    tasks = [TaskOut.of(t) for t in page.tasks]
+    return TaskList(
+        tasks=tasks, total=page.total, limit=limit, offset=offset, has_more=page.has_next
+    ), 200
+
+
+@endpoint("work")
+async def next_task(request: Request) -> tuple[Any, int]:
+    query = request.query_params
+    work_directory = domain.check_work_directory(query.get("work_path"), "work_path")
+    wait = _float_param(request, "wait_seconds")
+    claim = _service(request).claim(
+        work_directory,
+        domain.check_worker_id(query.get("worker_id"), "worker_id"),
+        lease_seconds=_int_param(request, "lease_seconds", None),
+        wait_seconds=wait,
+    )
+    tasks = await _unless_disconnected(request, claim) if wait else await claim
+    return (TaskOut.of(tasks[0]) if tasks else None), 200
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[list[Task]]) -> list[Task]:
+    """A waiting claim whose client went away must take no task (the service releases anything
+    claimed at that very moment)."""
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if job in done:
+        return job.result()
+    job.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await job
+    return []
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+@endpoint("read")
+async def get_task(request: Request) -> tuple[Any, int]:
+    return TaskOut.of(await _service(request).get(request.path_params["id"])), 200
+
+
+@endpoint("submit")
+async def update_task(request: Request) -> tuple[Any, int]:
+    body = await _body(request, UPDATE_FIELDS)
+    expected = _int(body, "expected_version")
+    changes = domain.task_changes(
+        prompt=body.get("prompt"),
+        priority=body.get("priority"),
+        tags=body.get("tags"),
+        metadata=body.get("metadata"),
+        max_retries=body.get("max_retries"),
+    )
+    task = await _service(request).update(request.path_params["id"], expected, changes)
+    return TaskOut.of(task), 200
+
+
+@endpoint("work")
+async def complete_task(request: Request) -> tuple[Any, int]:
+    body = await _body(request, {"worker_id", "result", "original_prompt"})
+    original = body.get("original_prompt")
+    if original is not None and not isinstance(original, str):
+        raise ValidationError("originalPrompt", "originalPrompt must be a string")
+    task = await _service(request).complete(
+        request.path_params["id"],
+        body.get("worker_id", ""),
+        body.get("result"),
+        expected_prompt=original,
+    )
+    return TaskOut.of(task), 200
+
+
+@endpoint("work")
+async def fail_task(request: Request) -> tuple[Any, int]:
+    body = await _body(request, {"worker_id", "error", "retry"})
+    task = await _service(request).fail(
+        request.path_params["id"],
+        body.get("worker_id", ""),
+        body.get("error", ""),
+        _bool(body, "retry", True),
+    )
+    return TaskOut.of(task), 200
+
+
+@endpoint("submit")
+async def cancel_task(request: Request) -> tuple[Any, int]:
+    body = await _body(request, {"reason"}, optional=True)
+    task = await _service(request).cancel(request.path_params["id"], body.get("reason"))
+    return TaskOut.of(task), 200
+
+
+@endpoint("submit")
+async def retry_task(request: Request) -> tuple[Any, int]:
+    await _body(request, set(), optional=True)
+    return TaskOut.of(await _service(request).retry(request.path_params["id"])), 200
+
+
+@endpoint("read")
+async def statistics(request: Request) -> tuple[Any, int]:
+    stats = await _service(request).statistics(request.query_params.get("work_directory"))
+    return StatisticsOut.of(stats), 200
+
+
+async def openapi(request: Request) -> Response:
+    from api.openapi import document
+
+    return JSONResponse(document())
+
+
+PREFIX = "/api/v1"
+
+routes = [
+    Route(f"{PREFIX}/openapi.json", openapi, methods=["GET"]),
+    Route(f"{PREFIX}/tasks", create_task, methods=["POST"]),
+    Route(f"{PREFIX}/tasks", list_tasks, methods=["GET"]),
+    Route(f"{PREFIX}/tasks/next", next_task, methods=["GET"]),  # before {id}: "next" is no id
+    Route(f"{PREFIX}/tasks/{{id}}", get_task, methods=["GET"]),
+    Route(f"{PREFIX}/tasks/{{id}}", update_task, methods=["PUT"]),
+    Route(f"{PREFIX}/tasks/{{id}}/complete", complete_task, methods=["POST"]),
+    Route(f"{PREFIX}/tasks/{{id}}/fail", fail_task, methods=["POST"]),
+    Route(f"{PREFIX}/tasks/{{id}}/cancel", cancel_task, methods=["POST"]),
+    Route(f"{PREFIX}/tasks/{{id}}/retry", retry_task, methods=["POST"]),
+    Route(f"{PREFIX}/statistics", statistics, methods=["GET"]),
+]

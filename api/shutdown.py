@@ -1,0 +1,39 @@
+"""Graceful shutdown: on SIGTERM stop listening, answer waiting claims, drain in-flight requests,
+close subscriptions, and exit 0 within the grace period."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+
+import uvicorn
+from starlette.applications import Starlette
+
+log = logging.getLogger("taskorch.shutdown")
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn closes the listening sockets, sends WebSocket clients a 1012 close (which ends their
+    subscriptions), waits up to `timeout_graceful_shutdown` for in-flight requests, then runs the
+    lifespan shutdown. Before that wait, waiting claims are told to answer now: a claim waiting
+    for work would otherwise hold the drain for as long as it asked to wait."""
+
+    def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
+        super().__init__(config)
+        self.starlette = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        service = getattr(self.starlette.state, "service", None)
+        if service is not None:
+            log.info("shutting down: waiting claims answer now, in-flight requests may finish")
+            service.stop_waiting()
+        await super().shutdown(sockets)
+
+
+def serve(app: Starlette, config: uvicorn.Config) -> None:
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; a stop asked
+    # for by SIGTERM or Ctrl-C that completed cleanly is a success: exit 0 rather than die by it.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda signum, frame: None)
+    GracefulServer(config, app).run()

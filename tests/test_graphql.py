@@ -1,0 +1,223 @@
+"""The GraphQL contract: names, defaults, error codes, and hostile documents, over the ASGI app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.conftest import GraphQLClient
+
+TASK_FIELDS = """
+    id workDirectory prompt priority tags status workerId createdAt startedAt completedAt updatedAt
+    result errorMessage retryCount maxRetries metadata version leaseExpiresAt runAfter idempotencyKey
+    history { id taskId status previousStatus workerId at details task { id } }
+"""
+SUBMIT = f"mutation($input: SubmitTaskInput!) {{ submitTask(input: $input) {{ {TASK_FIELDS} }} }}"
+CLAIM = """mutation($dir: String!, $worker: String!, $lease: Int, $wait: Float) {
+  claimTask(workDirectory: $dir, workerId: $worker, leaseSeconds: $lease, waitSeconds: $wait) {
+    id status workerId version leaseExpiresAt } }"""
+COMPLETE = """mutation($id: ID!, $worker: String!, $result: JSON) {
+  completeTask(id: $id, workerId: $worker, result: $result) { id status result completedAt } }"""
+FAIL = """mutation($id: ID!, $worker: String!, $error: String!, $retry: Boolean) {
+  failTask(id: $id, workerId: $worker, error: $error, retry: $retry) {
+    id status retryCount errorMessage runAfter } }"""
+
+
+async def submit(gql: GraphQLClient, **fields: Any) -> dict[str, Any]:
+    fields.setdefault("workDirectory", "/repo")
+    fields.setdefault("prompt", "do it")
+    data = await gql.ok(SUBMIT, input=fields)
+    task: dict[str, Any] = data["submitTask"]
+    return task
+
+
+async def test_submit_returns_every_contract_field(gql: GraphQLClient) -> None:
+    task = await submit(gql, tags=["a"], metadata={"k": [1, 2]}, idempotencyKey="k1")
+    assert task["status"] == "WAITING" and task["priority"] == "MEDIUM"
+    assert task["maxRetries"] == 3 and task["retryCount"] == 0 and task["version"] == 1
+    assert task["metadata"] == {"k": [1, 2]} and task["tags"] == ["a"]
+    assert task["idempotencyKey"] == "k1" and task["result"] is None
+    assert task["createdAt"].endswith("+00:00")
+    (event,) = task["history"]
+    assert event["status"] == "WAITING" and event["previousStatus"] is None
+    assert event["taskId"] == task["id"] and event["task"]["id"] == task["id"]
+
+
+async def test_full_lifecycle_over_graphql(gql: GraphQLClient) -> None:
+    task = await submit(gql)
+    claimed = (await gql.ok(CLAIM, dir="/repo", worker="w1", lease=60))["claimTask"]
+    assert claimed["id"] == task["id"] and claimed["status"] == "WORKING"
+    beat = await gql.ok(
+        'mutation($id: ID!) { heartbeat(id: $id, workerId: "w1", leaseSeconds: 120) { version } }',
+        id=task["id"],
+    )
+    assert beat["heartbeat"]["version"] == claimed["version"] + 1
+    done = (await gql.ok(COMPLETE, id=task["id"], worker="w1", result={"ok": True}))["completeTask"]
+    assert done["status"] == "COMPLETED" and done["result"] == {"ok": True}
+    stats = await gql.ok("{ statistics { total waiting working completed failed cancelled } }")
+    assert stats["statistics"] == {
+        "total": 1, "waiting": 0, "working": 0, "completed": 1, "failed": 0, "cancelled": 0,
+    }  # fmt: skip
+
+
+async def test_claim_returns_null_when_nothing_is_claimable(gql: GraphQLClient) -> None:
+    assert (await gql.ok(CLAIM, dir="/empty", worker="w1"))["claimTask"] is None
+
+
+async def test_fail_retry_cancel_update_over_graphql(gql: GraphQLClient) -> None:
+    task = await submit(gql, maxRetries=0)
+    await gql.ok(CLAIM, dir="/repo", worker="w1")
+    failed = (await gql.ok(FAIL, id=task["id"], worker="w1", error="boom"))["failTask"]
+    assert failed["status"] == "FAILED" and failed["errorMessage"] == "boom"
+    retried = await gql.ok(
+        "mutation($id: ID!) { retryTask(id: $id) { status version } }", id=task["id"]
+    )
+    assert retried["retryTask"]["status"] == "WAITING"
+    updated = await gql.ok(
+        """mutation($id: ID!, $v: Int!) { updateTask(id: $id, expectedVersion: $v,
+             input: {prompt: "new", tags: ["x"], priority: LOW}) { prompt tags priority version } }""",
+        id=task["id"],
+        v=retried["retryTask"]["version"],
+    )
+    assert updated["updateTask"]["prompt"] == "new" and updated["updateTask"]["priority"] == "LOW"
+    cancelled = await gql.ok(
+        'mutation($id: ID!) { cancelTask(id: $id, reason: "dup") { status history { details } } }',
+        id=task["id"],
+    )
+    assert cancelled["cancelTask"]["status"] == "CANCELLED"
+    assert cancelled["cancelTask"]["history"][-1]["details"] == {"reason": "dup"}
+
+
+async def test_fail_with_retries_left_requeues_with_run_after(gql: GraphQLClient) -> None:
+    task = await submit(gql)
+    await gql.ok(CLAIM, dir="/repo", worker="w1")
+    failed = (await gql.ok(FAIL, id=task["id"], worker="w1", error="flaky"))["failTask"]
+    assert failed["status"] == "WAITING" and failed["retryCount"] == 1 and failed["runAfter"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"workDirectory": "relative"}, "workDirectory"),
+        ({"workDirectory": "/a/../b"}, "workDirectory"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x" * 100_001}, "prompt"),
+        ({"tags": ["bad tag"]}, "tags"),
+        ({"tags": [f"t{i}" for i in range(21)]}, "tags"),
+        ({"maxRetries": 101}, "maxRetries"),
+        ({"metadata": [1]}, "metadata"),
+        ({"metadata": {"x": "y" * 70_000}}, "metadata"),
+        ({"runAfter": "2030-01-01T00:00:00"}, "runAfter"),
+    ],
+)
+async def test_invalid_submissions_name_the_field_and_store_nothing(
+    gql: GraphQLClient, fields: dict[str, Any], field: str
+) -> None:
+    base = {"workDirectory": "/repo", "prompt": "p", **fields}
+    error = await gql.error(SUBMIT, input=base)
+    assert error["extensions"]["code"] == "VALIDATION_ERROR"
+    assert error["extensions"]["field"] == field, error
+    assert (await gql.ok("{ statistics { total } }"))["statistics"]["total"] == 0
+
+
+async def test_bad_enum_in_variables_is_a_validation_error(gql: GraphQLClient) -> None:
+    error = await gql.error(
+        SUBMIT, input={"workDirectory": "/r", "prompt": "p", "priority": "URGENT"}
+    )
+    assert error["extensions"]["code"] == "VALIDATION_ERROR"
+    assert error["extensions"]["field"] == "priority"
+
+
+async def test_submit_tasks_is_all_or_none(gql: GraphQLClient) -> None:
+    query = "mutation($inputs: [SubmitTaskInput!]!) { submitTasks(inputs: $inputs) { id prompt } }"
+    inputs = [{"workDirectory": "/r", "prompt": f"p{i}"} for i in range(3)]
+    tasks = (await gql.ok(query, inputs=inputs))["submitTasks"]
+    assert [t["prompt"] for t in tasks] == ["p0", "p1", "p2"]
+    error = await gql.error(query, inputs=[*inputs, {"workDirectory": "/r", "prompt": ""}])
+    assert error["extensions"] == {"code": "VALIDATION_ERROR", "field": "inputs[3].prompt"}
+    assert (await gql.ok("{ statistics { total } }"))["statistics"]["total"] == 3
+    too_many = [{"workDirectory": "/r", "prompt": "p"}] * 1001
+    error = await gql.error(query, inputs=too_many)
+    assert error["extensions"]["field"] == "inputs"
+
+
+async def test_error_codes_for_missing_and_conflicting(gql: GraphQLClient) -> None:
+    missing = "00000000-0000-4000-8000-000000000000"
+    error = await gql.error(COMPLETE, id=missing, worker="w")
+    assert error["extensions"]["code"] == "NOT_FOUND"
+    task = await submit(gql)
+    error = await gql.error(COMPLETE, id=task["id"], worker="w")
+    assert error["extensions"]["code"] == "CONFLICT" and "WAITING" in error["message"]
+    assert (await gql.ok("query($id: ID!) { task(id: $id) { id } }", id=missing))["task"] is None
+
+
+async def test_stale_version_update_is_a_conflict(gql: GraphQLClient) -> None:
+    task = await submit(gql)
+    query = """mutation($id: ID!, $v: Int!) {
+      updateTask(id: $id, expectedVersion: $v, input: {prompt: "x"}) { version } }"""
+    await gql.ok(query, id=task["id"], v=1)
+    error = await gql.error(query, id=task["id"], v=1)
+    assert error["extensions"]["code"] == "CONFLICT" and error["extensions"]["currentVersion"] == 2
+
+
+async def test_tasks_connection_filters_and_pages(gql: GraphQLClient) -> None:
+    for i in range(5):
+        await submit(gql, tags=["t"] if i < 2 else [], priority="HIGH" if i == 0 else "LOW")
+    query = """query($after: String, $tag: String, $priority: TaskPriority, $status: [TaskStatus!]) {
+      tasks(first: 2, after: $after, tag: $tag, priority: $priority, status: $status) {
+        totalCount pageInfo { hasNextPage endCursor } edges { cursor node { id } } } }"""
+    ids, after = [], None
+    while True:
+        page = (await gql.ok(query, after=after))["tasks"]
+        assert page["totalCount"] == 5
+        ids += [e["node"]["id"] for e in page["edges"]]
+        if not page["pageInfo"]["hasNextPage"]:
+            break
+        after = page["pageInfo"]["endCursor"]
+    assert len(set(ids)) == 5
+    assert (await gql.ok(query, tag="t"))["tasks"]["totalCount"] == 2
+    assert (await gql.ok(query, priority="HIGH"))["tasks"]["totalCount"] == 1
+    assert (await gql.ok(query, status=["WORKING"]))["tasks"]["totalCount"] == 0
+    error = await gql.error(query, after="garbage")
+    assert error["extensions"] == {"code": "VALIDATION_ERROR", "field": "after"}
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        "{",
+        "mutation { nope }",
+        "{ tasks { edges { node { id nonsense } } } }",
+        "{ " + 'task(id: "x") { ' * 300 + "id" + " }" * 300 + " }",
+    ],
+)
+async def test_malformed_documents_get_client_errors(gql: GraphQLClient, document: str) -> None:
+    response = await gql.http.post("/graphql", json={"query": document})
+    assert 200 <= response.status_code < 500
+    body = response.json()
+    assert body["errors"] and body["errors"][0]["extensions"]["code"] == "VALIDATION_ERROR"
+    assert (await gql.ok("{ statistics { total } }"))["statistics"]["total"] == 0
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[]", b'{"query": 5}', b"\xff\xfe"])
+async def test_malformed_json_is_a_4xx(gql: GraphQLClient, body: bytes) -> None:
+    response = await gql.http.post(
+        "/graphql", content=body, headers={"content-type": "application/json"}
+    )
+    assert 400 <= response.status_code < 500
+    assert (await gql.ok("{ statistics { total } }"))["statistics"]["total"] == 0
+
+
+async def test_internal_errors_are_masked(
+    gql: GraphQLClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.service import TaskService
+
+    async def broken(self: TaskService, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("SELECT secret FROM tasks -- boom")
+
+    monkeypatch.setattr(TaskService, "statistics", broken)
+    error = await gql.error("{ statistics { total } }")
+    assert error["extensions"] == {"code": "INTERNAL_ERROR"}
+    assert "SELECT" not in error["message"] and "Traceback" not in str(error)
