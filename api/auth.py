@@ -39,6 +39,7 @@ from api.errors import (
     Unavailable,
 )
 from api.keys import ADMIN, SCOPES, hash_key
+from api.metrics import RATE_LIMITED
 from api.ratelimit import RateLimiter
 from api.redact import redact
 from api.settings import Settings
@@ -213,6 +214,8 @@ class Gate:
 
 
 def rate_limited(wait: float) -> RateLimited:
+    """The error for a refused request; every refusal, HTTP or WebSocket, is built (and counted) here."""
+    RATE_LIMITED.inc()
     seconds = max(1, math.ceil(wait))
     return RateLimited(f"rate limit exceeded: retry in {seconds} s", retry_after=seconds)
 

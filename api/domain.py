@@ -344,6 +344,27 @@ def check_wait_seconds(value: object, field: str = "waitSeconds") -> float:
     return float(value)
 
 
+MAX_INT32 = 2**31 - 1
+MAX_INT64 = 2**63 - 1
+
+
+def check_version(value: object, field: str = "expectedVersion") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT32:
+        raise ValidationError(field, f"{field} must be a task version: a whole number >= 0")
+    return value
+
+
+def check_event_id(value: object, field: str = "after") -> int:
+    """An event id as clients send it: a whole number (or its decimal string) >= 0."""
+    try:
+        number = int(value) if isinstance(value, int | str) and not isinstance(value, bool) else -1
+    except ValueError:
+        number = -1
+    if not 0 <= number <= MAX_INT64:
+        raise ValidationError(field, f"{field} must be an event id (a whole number >= 0)")
+    return number
+
+
 def check_page_size(value: object, field: str = "first", maximum: int = MAX_PAGE) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
         raise ValidationError(field, f"{field} must be from 1 to {maximum}")

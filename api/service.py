@@ -57,7 +57,7 @@ def encode_cursor(seq: int) -> str:
 def decode_cursor(cursor: str, field: str = "after") -> int:
     try:
         kind, _, value = base64.urlsafe_b64decode(cursor.encode()).decode().partition(":")
-        if kind == "seq":
+        if kind == "seq" and 0 <= int(value) <= domain.MAX_INT64:
             return int(value)
     except (ValueError, UnicodeDecodeError):
         pass
@@ -97,6 +97,7 @@ class TaskService:
 
     async def update(self, task_id: str, expected_version: int, changes: TaskChanges) -> Task:
         task_id = domain.check_task_id(task_id)
+        expected_version = domain.check_version(expected_version)
         task = await self.store.update(task_id, expected_version, changes, self._clock())
         if task is not None:
             return task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,7 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import GraphQLClient, ServerProcess
-from tests.ws import SUBSCRIBE, Subscriber
+from tests.ws import SUBSCRIBE, StalledSubscriber, Subscriber
 
 SUBMIT = "mutation($dir: String!, $p: String!) { submitTask(input: {workDirectory: $dir, prompt: $p}) { id } }"
 CLAIM = """mutation($dir: String!, $w: String!, $wait: Float) {
@@ -204,37 +205,38 @@ async def test_slow_subscriber_does_not_block_a_fast_one(
     database_url: str, start_server: Callable[..., ServerProcess]
 ) -> None:
     server = start_server(database_url, {"TASKORCH_SUBSCRIBER_BUFFER": "20"})
-    slow = await Subscriber.connect(server.ws_url)
-    heavy = SUBSCRIBE.replace("workDirectory }", "workDirectory task { prompt } }")
-    await slow.subscribe(heavy)  # ~50 KB a message, never read: its socket fills up
-    fast = await Subscriber.connect(server.ws_url)
-    await fast.subscribe()
-    await asyncio.sleep(0.2)
-    reading = asyncio.create_task(fast.events(400))
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
-        client = GraphQLClient(http)
-        query = "mutation($inputs: [SubmitTaskInput!]!) { submitTasks(inputs: $inputs) { id } }"
-        batch = [{"workDirectory": "/flood", "prompt": "x" * 50_000} for _ in range(10)]
-        for _ in range(40):
-            await client.ok(query, inputs=batch)
-    assert len(await reading) == 400  # the fast one got everything, while the slow one read nothing
-    # the slow one, which never read, was cut off with a clear error, and can resume with `after`
-    outcome: list[Any] = []
-    while True:
-        message = await slow.message()
-        if message["type"] != "next":
-            outcome.append(message)
-            break
-        if message["payload"].get("errors"):
-            outcome.append(message["payload"]["errors"][0])
-            break
-    (error,) = outcome
-    assert error["extensions"]["code"] == "SLOW_SUBSCRIBER" and "after" in error["message"]
-    resume_after = error["extensions"]["resumeAfter"]
-    await slow.close()
-    slow = await Subscriber.connect(server.ws_url)  # resuming replays what the slow one missed
-    await slow.subscribe(after=resume_after)
-    resumed = await slow.events(400 - int(resume_after))
-    assert [int(e["id"]) for e in resumed] == list(range(int(resume_after) + 1, 401))
-    await slow.close()
-    await fast.close()
+    async with contextlib.AsyncExitStack() as sockets:
+        heavy = SUBSCRIBE.replace("workDirectory }", "workDirectory task { prompt } }")
+        # ~100 KB a message to a client that does not read: the server's sends to it block
+        slow = await asyncio.to_thread(StalledSubscriber.connect, server.ws_url, heavy)
+        sockets.callback(slow.close)
+        fast = await Subscriber.connect(server.ws_url)
+        sockets.push_async_callback(fast.close)
+        await fast.subscribe()
+        await asyncio.sleep(0.2)
+        reading = asyncio.create_task(fast.events(400))
+        async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
+            client = GraphQLClient(http)
+            query = "mutation($inputs: [SubmitTaskInput!]!) { submitTasks(inputs: $inputs) { id } }"
+            batch = [{"workDirectory": "/flood", "prompt": "x" * 99_000} for _ in range(10)]
+            for _ in range(40):
+                await client.ok(query, inputs=batch)
+        assert len(await reading) == 400  # the fast one got everything; the slow one read nothing
+        # the slow one, which never read, was cut off with a clear error, and can resume with `after`
+        outcome: list[Any] = []
+        while True:
+            message = await asyncio.to_thread(slow.message)
+            if message["type"] != "next":
+                outcome.append(message)
+                break
+            if message["payload"].get("errors"):
+                outcome.append(message["payload"]["errors"][0])
+                break
+        (error,) = outcome
+        assert error["extensions"]["code"] == "SLOW_SUBSCRIBER" and "after" in error["message"]
+        resume_after = int(error["extensions"]["resumeAfter"])
+        resumed_client = await Subscriber.connect(server.ws_url)
+        sockets.push_async_callback(resumed_client.close)
+        await resumed_client.subscribe(after=str(resume_after))  # replays what the slow one missed
+        resumed = await resumed_client.events(400 - resume_after)
+        assert [int(e["id"]) for e in resumed] == list(range(resume_after + 1, 401))

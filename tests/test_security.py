@@ -262,6 +262,9 @@ async def test_lookup_cache_never_outlives_one_second(database_url: str) -> None
 
 
 async def test_rate_limit_answers_429_with_retry_after(database_url: str) -> None:
+    from api.metrics import RATE_LIMITED
+
+    refused_before = RATE_LIMITED._value.get()
     async with secured(database_url, rate_limit=5) as harness:
         first, second = await harness.issue("first", "read"), await harness.issue("second", "read")
         async with harness.client(first) as client:
@@ -278,6 +281,7 @@ async def test_rate_limit_answers_429_with_retry_after(database_url: str) -> Non
         async with harness.client(address=REMOTE) as anonymous:  # no key: a bucket per address
             statuses = [(await post(anonymous, "{ __typename }")).status_code for _ in range(6)]
             assert statuses == [401] * 5 + [429]
+    assert RATE_LIMITED._value.get() - refused_before == 3  # counted for /metrics
 
 
 async def test_rate_limit_zero_turns_it_off(database_url: str) -> None:

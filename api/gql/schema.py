@@ -15,7 +15,6 @@ from strawberry.scalars import JSON
 
 from api import domain
 from api.domain import EventFilter, TaskFilter, TaskPriority, TaskStatus
-from api.errors import ValidationError
 from api.gql.context import Info
 from api.gql.errors import classify
 from api.gql.security import ScopeCheck
@@ -227,15 +226,7 @@ class Subscription:
 
 
 def _event_id(value: str | None) -> int | None:
-    if value is None:
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise ValidationError("after", "after must be an event id (a whole number >= 0)")
-    return number
+    return None if value is None else domain.check_event_id(value, "after")
 
 
 async def _unless_disconnected(info: Info, work: Awaitable[T], waits: bool) -> T | None:

@@ -22,6 +22,7 @@ from graphql import (
 )
 from starlette.websockets import WebSocket
 from strawberry.extensions import (
+    AddValidationRules,
     DisableIntrospection,
     MaxAliasesLimiter,
     MaxTokensLimiter,
@@ -139,10 +140,15 @@ class ScopeCheck(SchemaExtension):
 
 def guard_extensions(settings: Settings) -> list[Any]:
     """Schema extensions that bound what one document may cost, from the settings."""
+    # The rule classes are built once: ValidationCache keys on them, and the limiters make a new
+    # class on every construction, which would make every request miss the cache.
+    rules = [
+        *QueryDepthLimiter(max_depth=settings.max_query_depth).validation_rules,
+        *MaxAliasesLimiter(max_alias_count=settings.max_aliases).validation_rules,
+    ]
     guards: list[Any] = [
         lambda: MaxTokensLimiter(max_token_count=settings.max_tokens),
-        lambda: QueryDepthLimiter(max_depth=settings.max_query_depth),
-        lambda: MaxAliasesLimiter(max_alias_count=settings.max_aliases),
+        lambda: AddValidationRules(rules),
     ]
     if not settings.introspection:
         guards.append(DisableIntrospection)
