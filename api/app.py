@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
@@ -42,6 +45,25 @@ class GraphQLView(GraphQL[Context, None]):
 
     async def get_context(self, request: Request | WebSocket, response: Any) -> Context:
         return Context(service=request.app.state.service, request=request, response=response)
+
+    async def get_sub_response(self, request: Request | WebSocket) -> Response:
+        return _SubResponse()
+
+    def encode_json(self, data: object) -> str:
+        try:
+            return orjson.dumps(data).decode()
+        except TypeError:  # integers beyond 64 bits, which JSON allows and orjson refuses
+            return json.dumps(data)
+
+
+class _SubResponse(Response):
+    """What resolvers may set on the HTTP answer (status, headers), without building a response
+    body and headers only to throw them away on every request."""
+
+    def __init__(self) -> None:
+        self.status_code = None  # type: ignore[assignment]
+        self.background = None
+        self.raw_headers = []
 
 
 async def sweep_leases(service: TaskService, interval: float) -> None:

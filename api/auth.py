@@ -20,6 +20,7 @@ is GraphQL-shaped: `{"data": null, "errors": [{"message", "extensions": {"code"}
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import logging
@@ -100,6 +101,7 @@ def principal_of(connection: Any) -> Principal | None:
     return principal if isinstance(principal, Principal) else None
 
 
+@functools.lru_cache(maxsize=4096)  # asked once per request; clients are few
 def is_loopback(host: str | None) -> bool:
     if not host:
         return False

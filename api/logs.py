@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -101,6 +102,11 @@ def request_info(scope: Scope) -> RequestInfo | None:
     return info if isinstance(info, RequestInfo) else None
 
 
+# Unique across processes and restarts (random prefix) and cheap per request (a counter).
+_ID_PREFIX = os.urandom(12).hex()  # with the counter: 32 hex digits, like a UUID
+_ID_COUNTER = itertools.count(1)
+
+
 def _request_id(scope: Scope) -> str:
     for name, value in scope.get("headers", ()):
         if name == b"x-request-id":
@@ -108,7 +114,7 @@ def _request_id(scope: Scope) -> str:
             if text and len(text) <= MAX_REQUEST_ID and text.isprintable():
                 return text
             break
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):08x}"
 
 
 RequestObserver = Callable[[Scope, RequestInfo, int, float], None]
