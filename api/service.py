@@ -341,7 +341,9 @@ class TaskService:
         after_seq: int | None = None
         skipped = 0
         while skipped < offset:  # cursors are seq numbers, so skip whole pages to the offset
-            page = await self.store.list_tasks(where, min(offset - skipped, domain.MAX_PAGE), after_seq)
+            page = await self.store.list_tasks(
+                where, min(offset - skipped, domain.MAX_PAGE), after_seq
+            )
             if not page.tasks:
                 return TaskPage([], False, page.total)
             skipped += len(page.tasks)
