@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import json
 import logging
@@ -19,7 +17,8 @@ from starlette.routing import Route
 
 from api import domain
 from api.auth import principal_of, require_scope
-from api.domain import Task, TaskFilter
+from api.disconnect import unless_disconnected
+from api.domain import TaskFilter
 from api.errors import RateLimited, TaskorchError, ValidationError
 from api.schemas import StatisticsOut, TaskList, TaskOut
 from api.service import TaskService
@@ -220,30 +219,8 @@ async def next_task(request: Request) -> tuple[Any, int]:
         lease_seconds=_int_param(request, "lease_seconds", None),
         wait_seconds=wait,
     )
-    tasks = await _unless_disconnected(request, claim) if wait else await claim
+    tasks = (await unless_disconnected(request, claim) or []) if wait else await claim
     return (TaskOut.of(tasks[0]) if tasks else None), 200
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[list[Task]]) -> list[Task]:
-    """A waiting claim whose client went away must take no task (the service releases anything
-    claimed at that very moment)."""
-    job = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if job in done:
-        return job.result()
-    job.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await job
-    return []
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 @endpoint("read")

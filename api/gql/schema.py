@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, Awaitable, Iterable
 from typing import Any, TypeVar
 
@@ -14,6 +12,7 @@ from strawberry.extensions import ParserCache, ValidationCache
 from strawberry.scalars import JSON
 
 from api import domain
+from api.disconnect import unless_disconnected
 from api.domain import EventFilter, TaskFilter, TaskPriority, TaskStatus
 from api.gql.context import Info
 from api.gql.errors import classify
@@ -230,28 +229,11 @@ def _event_id(value: str | None) -> int | None:
 
 
 async def _unless_disconnected(info: Info, work: Awaitable[T], waits: bool) -> T | None:
-    """Run `work`, but abandon it if the HTTP client goes away first (a waiting claim whose caller
-    disconnected must take no task; the service releases anything claimed at that moment)."""
+    """Waiting claims over HTTP end when their client goes away; other calls just run."""
     request = info.context.request
     if not waits or not isinstance(request, Request):
         return await work
-    job = asyncio.ensure_future(work)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if job in done:
-        return job.result()
-    job.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await job
-    return None
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    return await unless_disconnected(request, work)
 
 
 class Schema(strawberry.Schema):
