@@ -59,7 +59,10 @@ OPEN_PATHS = frozenset({"/health", "/metrics"})
 # socket with 4401 itself; every other socket needs a valid key on the upgrade request.
 SOCKET_PATHS = frozenset({"/graphql"})
 REST_PREFIX = "/api/v1"
-CACHE_SECONDS = 1.0  # how long a key lookup is trusted: a revoked key works at most this long
+# How long a key lookup (and "does any key exist") is trusted. Zero: a revoked key, or the first key
+# created while the server runs, takes effect on the very next request, in every replica. The
+# lookups are one indexed read each.
+CACHE_SECONDS = 0.0
 TOUCH_SECONDS = 60.0  # "last used" is recorded at most once a minute per key
 CREATE_KEY_HINT = "taskorch keys create --name NAME --scopes read,submit,work --database {url}"
 
