@@ -1,17 +1,14 @@
-"""SQLite store: WAL, one group-committing writer thread, aiosqlite readers. Times are integer
-microseconds since the Unix epoch (UTC); JSON columns are text."""
+"""SQLite store: WAL, one group-committing writer thread (writer.py), aiosqlite readers."""
 
 from __future__ import annotations
 
 import itertools
-import json
 import sqlite3
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import aiosqlite
 
@@ -23,125 +20,31 @@ from api.domain import (
     TaskChanges,
     TaskEvent,
     TaskFilter,
-    TaskPriority,
     TaskSpec,
     TaskStatus,
 )
-from api.store.base import SCHEMA_VERSION, CommitListener, Completion, TaskPage
-from api.store.migrations import SQLITE_MIGRATIONS
+from api.store.base import CommitListener, Completion, TaskPage
+from api.store.sqlite_rows import (
+    EVENT_COLUMNS,
+    KEY_COLUMNS,
+    TASK_COLUMNS,
+    NotAll,
+    dumps,
+    event_of,
+    from_us,
+    jsonable,
+    key_of,
+    migrate,
+    one,
+    record,
+    sqlite_path,
+    task_filter,
+    task_of,
+    to_us,
+)
 from api.store.writer import Writer
 
-TASK_COLUMNS = (
-    "seq, id, work_directory, prompt, priority, tags, status, worker_id, created_at, started_at, "
-    "completed_at, updated_at, result, error_message, retry_count, max_retries, metadata, version, "
-    "lease_expires_at, run_after, idempotency_key"
-)
-KEY_COLUMNS = "name, scopes, created_at, last_used_at, revoked_at"
-EVENT_COLUMNS = "id, task_id, work_directory, status, previous_status, worker_id, at, details"
-
 READERS = 2
-
-
-def sqlite_path(url: str) -> str:
-    """`sqlite:///relative.db`, `sqlite:////abs/path.db` or `sqlite:///:memory:` -> a file path."""
-    parsed = urlparse(url)
-    if parsed.scheme != "sqlite":
-        raise ValueError(f"not a sqlite URL: {url}")
-    path = url[len("sqlite://") :]
-    if path.startswith("/"):  # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db
-        path = path[1:]
-    if not path or path == ":memory:":
-        raise ValueError("an in-memory SQLite database cannot be shared; give a file path")
-    return path
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def to_us(value: datetime) -> int:
-    delta = value - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def from_us(value: int | None) -> datetime | None:
-    return None if value is None else _EPOCH + timedelta(microseconds=value)
-
-
-def _from_us(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _task(row: Sequence[Any]) -> Task:
-    return Task(
-        seq=row[0],
-        id=row[1],
-        work_directory=row[2],
-        prompt=row[3],
-        priority=TaskPriority.from_rank(row[4]),
-        tags=tuple(json.loads(row[5])),
-        status=TaskStatus(row[6]),
-        worker_id=row[7],
-        created_at=_from_us(row[8]),
-        started_at=from_us(row[9]),
-        completed_at=from_us(row[10]),
-        updated_at=_from_us(row[11]),
-        result=None if row[12] is None else json.loads(row[12]),
-        error_message=row[13],
-        retry_count=row[14],
-        max_retries=row[15],
-        metadata=json.loads(row[16]),
-        version=row[17],
-        lease_expires_at=from_us(row[18]),
-        run_after=from_us(row[19]),
-        idempotency_key=row[20],
-    )
-
-
-def _event(row: Sequence[Any]) -> TaskEvent:
-    return TaskEvent(
-        id=row[0],
-        task_id=row[1],
-        work_directory=row[2],
-        status=TaskStatus(row[3]),
-        previous_status=None if row[4] is None else TaskStatus(row[4]),
-        worker_id=row[5],
-        at=_from_us(row[6]),
-        details=json.loads(row[7]),
-    )
-
-
-def _record(
-    conn: sqlite3.Connection,
-    task: Task,
-    previous: TaskStatus | None,
-    at: int,
-    details: dict[str, Any],
-    worker_id: str | None = None,
-) -> TaskEvent:
-    """Write the history row of one status change, in the transaction that made the change."""
-    row = conn.execute(
-        "INSERT INTO task_history (task_id, work_directory, status, previous_status, worker_id, at,"
-        f" details) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {EVENT_COLUMNS}",
-        (
-            task.id,
-            task.work_directory,
-            task.status.value,
-            None if previous is None else previous.value,
-            worker_id if worker_id is not None else task.worker_id,
-            at,
-            _dumps(details),
-        ),
-    ).fetchone()
-    return _event(row)
-
-
-def _one(conn: sqlite3.Connection, sql: str, params: Sequence[Any] | dict[str, Any]) -> Task | None:
-    row = conn.execute(sql, params).fetchone()
-    return None if row is None else _task(row)
 
 
 class SqliteStore:
@@ -167,7 +70,7 @@ class SqliteStore:
 
     async def open(self) -> None:
         self._writer.start()
-        await self._writer.run(_migrate)
+        await self._writer.run(migrate)
         for _ in range(self._reader_count):
             reader = await aiosqlite.connect(self.path, isolation_level=None)
             await reader.execute("PRAGMA busy_timeout = 10000")
@@ -207,10 +110,10 @@ class SqliteStore:
 
     async def get(self, task_id: str) -> Task | None:
         rows = await self._fetchall(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
-        return _task(rows[0]) if rows else None
+        return task_of(rows[0]) if rows else None
 
     async def list_tasks(self, where: TaskFilter, first: int, after_seq: int | None) -> TaskPage:
-        clauses, params = _task_filter(where)
+        clauses, params = task_filter(where)
         total = (
             await self._fetchall(
                 f"SELECT count(*) FROM tasks WHERE {' AND '.join(clauses)}", params
@@ -223,7 +126,7 @@ class SqliteStore:
             f"SELECT {TASK_COLUMNS} FROM tasks WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT ?",
             [*params, first + 1],
         )
-        return TaskPage([_task(r) for r in rows[:first]], len(rows) > first, total)
+        return TaskPage([task_of(r) for r in rows[:first]], len(rows) > first, total)
 
     async def count_by_status(self, work_directory: str | None) -> dict[TaskStatus, int]:
         if work_directory is None:
@@ -239,7 +142,7 @@ class SqliteStore:
         rows = await self._fetchall(
             f"SELECT {EVENT_COLUMNS} FROM task_history WHERE task_id = ? ORDER BY id", (task_id,)
         )
-        return [_event(r) for r in rows]
+        return [event_of(r) for r in rows]
 
     async def events_after(self, after: int, where: EventFilter, limit: int) -> list[TaskEvent]:
         clauses: list[str] = ["id > ?"]
@@ -258,7 +161,7 @@ class SqliteStore:
             " ORDER BY id LIMIT ?",
             [*params, limit],
         )
-        return [_event(r) for r in rows]
+        return [event_of(r) for r in rows]
 
     async def last_event_id(self) -> int:
         rows = await self._fetchall("SELECT coalesce(max(id), 0) FROM task_history")
@@ -281,7 +184,7 @@ class SqliteStore:
             tasks: list[Task] = []
             events: list[TaskEvent] = []
             for spec in specs:
-                task = _one(
+                task = one(
                     conn,
                     "INSERT INTO tasks (id, work_directory, prompt, priority, tags, status,"
                     " created_at, updated_at, max_retries, metadata, run_after, idempotency_key)"
@@ -292,17 +195,17 @@ class SqliteStore:
                         spec.work_directory,
                         spec.prompt,
                         spec.priority.rank,
-                        _dumps(list(spec.tags)),
+                        dumps(list(spec.tags)),
                         at,
                         at,
                         spec.max_retries,
-                        _dumps(spec.metadata),
+                        dumps(spec.metadata),
                         None if spec.run_after is None else to_us(spec.run_after),
                         spec.idempotency_key,
                     ),
                 )
                 if task is None:  # the idempotency key exists: hand back what is stored
-                    task = _one(
+                    task = one(
                         conn,
                         f"SELECT {TASK_COLUMNS} FROM tasks WHERE idempotency_key = ?",
                         (spec.idempotency_key,),
@@ -310,7 +213,7 @@ class SqliteStore:
                     assert task is not None
                 else:
                     details = {} if task.run_after is None else {"runAfter": task.run_after}
-                    events.append(_record(conn, task, None, at, _jsonable(details)))
+                    events.append(record(conn, task, None, at, jsonable(details)))
                 tasks.append(task)
             return tasks, events
 
@@ -330,9 +233,9 @@ class SqliteStore:
                 f" ORDER BY priority DESC, seq LIMIT ?) RETURNING {TASK_COLUMNS}",
                 (worker_id, at, at, lease, work_directory, at, limit),
             ).fetchall()
-            tasks = sorted((_task(r) for r in rows), key=lambda t: (-t.priority.rank, t.seq))
+            tasks = sorted((task_of(r) for r in rows), key=lambda t: (-t.priority.rank, t.seq))
             details = {"leaseExpiresAt": lease_until.isoformat()}
-            events = [_record(conn, t, TaskStatus.WAITING, at, details) for t in tasks]
+            events = [record(conn, t, TaskStatus.WAITING, at, details) for t in tasks]
             return tasks, events
 
         return await self._writer.run(work)
@@ -346,7 +249,7 @@ class SqliteStore:
             f" RETURNING {TASK_COLUMNS}"
         )
         params = (to_us(lease_until), to_us(now), task_id, worker_id)
-        return await self._writer.run(lambda conn: (_one(conn, sql, params), ()))
+        return await self._writer.run(lambda conn: (one(conn, sql, params), ()))
 
     async def complete(
         self, items: Sequence[Completion], worker_id: str, now: datetime
@@ -356,23 +259,23 @@ class SqliteStore:
         def work(conn: sqlite3.Connection) -> tuple[list[Task] | None, list[TaskEvent]]:
             tasks: list[Task] = []
             for item in items:
-                task = _one(
+                task = one(
                     conn,
                     "UPDATE tasks SET status = 'COMPLETED', result = ?, completed_at = ?,"
                     " updated_at = ?, lease_expires_at = NULL, version = version + 1"
                     " WHERE id = ? AND status = 'WORKING' AND worker_id = ?"
                     f" RETURNING {TASK_COLUMNS}",
-                    (_dumps(item.result), at, at, item.task_id, worker_id),
+                    (dumps(item.result), at, at, item.task_id, worker_id),
                 )
                 if task is None:
-                    raise _NotAll()
+                    raise NotAll()
                 tasks.append(task)
-            events = [_record(conn, t, TaskStatus.WORKING, at, {}) for t in tasks]
+            events = [record(conn, t, TaskStatus.WORKING, at, {}) for t in tasks]
             return tasks, events
 
         try:
             return await self._writer.run(work)
-        except _NotAll:
+        except NotAll:
             return None
 
     async def fail(
@@ -413,16 +316,14 @@ class SqliteStore:
         }
 
         def work(conn: sqlite3.Connection) -> tuple[Task | None, list[TaskEvent]]:
-            task = _one(conn, sql, params)
+            task = one(conn, sql, params)
             if task is None:
                 return None, []
             details: dict[str, Any] = {"error": error, "retry": retry}
             if task.status is TaskStatus.WAITING:
                 details["runAfter"] = task.run_after
                 details["attempt"] = task.retry_count
-            return task, [
-                _record(conn, task, TaskStatus.WORKING, at, _jsonable(details), worker_id)
-            ]
+            return task, [record(conn, task, TaskStatus.WORKING, at, jsonable(details), worker_id)]
 
         return await self._writer.run(work)
 
@@ -436,11 +337,11 @@ class SqliteStore:
         )
 
         def work(conn: sqlite3.Connection) -> tuple[Task | None, list[TaskEvent]]:
-            task = _one(conn, sql, (at, task_id, worker_id))
+            task = one(conn, sql, (at, task_id, worker_id))
             if task is None:
                 return None, []
             details = {"reason": "released"}
-            return task, [_record(conn, task, TaskStatus.WORKING, at, details, worker_id)]
+            return task, [record(conn, task, TaskStatus.WORKING, at, details, worker_id)]
 
         return await self._writer.run(work)
 
@@ -450,7 +351,7 @@ class SqliteStore:
         def work(conn: sqlite3.Connection) -> tuple[Task | None, list[TaskEvent]]:
             # One compare-and-set per possible starting status, so the history knows which it was.
             for previous in (TaskStatus.WAITING, TaskStatus.WORKING):
-                task = _one(
+                task = one(
                     conn,
                     "UPDATE tasks SET status = 'CANCELLED', completed_at = ?, updated_at = ?,"
                     " lease_expires_at = NULL, version = version + 1"
@@ -459,7 +360,7 @@ class SqliteStore:
                 )
                 if task is not None:
                     details = {} if reason is None else {"reason": reason}
-                    return task, [_record(conn, task, previous, at, details)]
+                    return task, [record(conn, task, previous, at, details)]
             return None, []
 
         return await self._writer.run(work)
@@ -469,7 +370,7 @@ class SqliteStore:
 
         def work(conn: sqlite3.Connection) -> tuple[Task | None, list[TaskEvent]]:
             for previous in (TaskStatus.FAILED, TaskStatus.CANCELLED):
-                task = _one(
+                task = one(
                     conn,
                     "UPDATE tasks SET status = 'WAITING', retry_count = 0, worker_id = NULL,"
                     " started_at = NULL, completed_at = NULL, error_message = NULL,"
@@ -478,7 +379,7 @@ class SqliteStore:
                     (at, task_id, previous.value),
                 )
                 if task is not None:
-                    return task, [_record(conn, task, previous, at, {"reason": "retried"})]
+                    return task, [record(conn, task, previous, at, {"reason": "retried"})]
             return None, []
 
         return await self._writer.run(work)
@@ -496,14 +397,14 @@ class SqliteStore:
         params = (
             changes.prompt,
             None if changes.priority is None else changes.priority.rank,
-            None if changes.tags is None else _dumps(list(changes.tags)),
-            None if changes.metadata is None else _dumps(changes.metadata),
+            None if changes.tags is None else dumps(list(changes.tags)),
+            None if changes.metadata is None else dumps(changes.metadata),
             changes.max_retries,
             to_us(now),
             task_id,
             expected_version,
         )
-        return await self._writer.run(lambda conn: (_one(conn, sql, params), ()))
+        return await self._writer.run(lambda conn: (one(conn, sql, params), ()))
 
     async def expire_leases(self, now: datetime, limit: int) -> list[Task]:
         at = to_us(now)
@@ -520,7 +421,7 @@ class SqliteStore:
             for seq, worker, version, lease in expired:
                 message = f"lease expired: worker {worker} sent no heartbeat before its lease ended"
                 # compare-and-set on the version: another process may have swept or finished it
-                task = _one(
+                task = one(
                     conn,
                     "UPDATE tasks SET"
                     " status = CASE WHEN retry_count < max_retries THEN 'WAITING' ELSE 'FAILED' END,"
@@ -541,9 +442,7 @@ class SqliteStore:
                     "attempt": task.retry_count,
                 }
                 tasks.append(task)
-                events.append(
-                    _record(conn, task, TaskStatus.WORKING, at, _jsonable(details), worker)
-                )
+                events.append(record(conn, task, TaskStatus.WORKING, at, jsonable(details), worker))
             return tasks, events
 
         return await self._writer.run(work)
@@ -581,7 +480,7 @@ class SqliteStore:
 
         def work(conn: sqlite3.Connection) -> tuple[ApiKey | None, list[TaskEvent]]:
             row = conn.execute(sql, params).fetchone()
-            return (None if row is None else _key(row)), []
+            return (None if row is None else key_of(row)), []
 
         return await self._writer.run(work)
 
@@ -589,11 +488,11 @@ class SqliteStore:
         rows = await self._fetchall(
             f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?", (key_hash,)
         )
-        return _key(rows[0]) if rows else None
+        return key_of(rows[0]) if rows else None
 
     async def list_keys(self) -> list[ApiKey]:
         rows = await self._fetchall(f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id")
-        return [_key(r) for r in rows]
+        return [key_of(r) for r in rows]
 
     async def revoke_key(self, name: str, now: datetime) -> ApiKey | None:
         sql = (
@@ -603,7 +502,7 @@ class SqliteStore:
 
         def work(conn: sqlite3.Connection) -> tuple[ApiKey | None, list[TaskEvent]]:
             row = conn.execute(sql, (to_us(now), name)).fetchone()
-            return (None if row is None else _key(row)), []
+            return (None if row is None else key_of(row)), []
 
         return await self._writer.run(work)
 
@@ -619,62 +518,3 @@ class SqliteStore:
     async def count_active_keys(self) -> int:
         rows = await self._fetchall("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL")
         return int(rows[0][0])
-
-
-def _key(row: Sequence[Any]) -> ApiKey:
-    return ApiKey(
-        name=row[0],
-        scopes=tuple(s for s in row[1].split(",") if s),
-        created_at=_from_us(row[2]),
-        last_used_at=from_us(row[3]),
-        revoked_at=from_us(row[4]),
-    )
-
-
-class _NotAll(Exception):
-    """Raised inside a batch change to roll back all of it."""
-
-
-def _jsonable(details: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in details.items()}
-
-
-def _task_filter(where: TaskFilter) -> tuple[list[str], list[Any]]:
-    clauses: list[str] = ["1 = 1"]
-    params: list[Any] = []
-    if where.statuses:
-        clauses.append(f"status IN ({', '.join('?' * len(where.statuses))})")
-        params.extend(s.value for s in where.statuses)
-    if where.work_directory is not None:
-        clauses.append("work_directory = ?")
-        params.append(where.work_directory)
-    if where.priority is not None:
-        clauses.append("priority = ?")
-        params.append(where.priority.rank)
-    if where.tag is not None:
-        clauses.append("EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE value = ?)")
-        params.append(where.tag)
-    return clauses, params
-
-
-def _migrate(conn: sqlite3.Connection) -> tuple[int, list[TaskEvent]]:
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations"
-        " (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)"
-    )
-    current = conn.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()[0]
-    if current > SCHEMA_VERSION:
-        raise RuntimeError(
-            f"the database has schema version {current}, newer than this taskorch"
-            f" ({SCHEMA_VERSION}); upgrade taskorch"
-        )
-    for version, script in enumerate(SQLITE_MIGRATIONS, start=1):
-        if version <= current:
-            continue
-        for statement in script:
-            conn.execute(statement)
-        conn.execute(
-            "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
-            (version, to_us(datetime.now(UTC))),
-        )
-    return SCHEMA_VERSION, []
