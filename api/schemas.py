@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from api.domain import Task, TaskStatus
+from api.domain import Task
 from api.service import Statistics
 
 
@@ -85,11 +85,4 @@ class StatisticsOut(BaseModel):
 
     @classmethod
     def of(cls, stats: Statistics) -> StatisticsOut:
-        return cls(
-            total=stats.total,
-            waiting=stats[TaskStatus.WAITING],
-            working=stats[TaskStatus.WORKING],
-            completed=stats[TaskStatus.COMPLETED],
-            failed=stats[TaskStatus.FAILED],
-            cancelled=stats[TaskStatus.CANCELLED],
-        )
+        return cls(**stats.summary())

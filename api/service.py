@@ -49,6 +49,10 @@ class Statistics:
     def __getitem__(self, status: TaskStatus) -> int:
         return self.counts.get(status, 0)
 
+    def summary(self) -> dict[str, int]:
+        """`total` and one count per status, by the lower-case names every interface uses."""
+        return {"total": self.total, **{s.value.lower(): self[s] for s in TaskStatus}}
+
 
 def encode_cursor(seq: int) -> str:
     return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode()

@@ -76,14 +76,7 @@ class Query:
     @strawberry.field(description="How many tasks are in each status.")
     async def statistics(self, info: Info, work_directory: str | None = None) -> Statistics:
         stats = await info.context.service.statistics(work_directory)
-        return Statistics(
-            total=stats.total,
-            waiting=stats[TaskStatus.WAITING],
-            working=stats[TaskStatus.WORKING],
-            completed=stats[TaskStatus.COMPLETED],
-            failed=stats[TaskStatus.FAILED],
-            cancelled=stats[TaskStatus.CANCELLED],
-        )
+        return Statistics(**stats.summary())
 
 
 @strawberry.type
