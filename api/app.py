@@ -23,7 +23,7 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from api import __version__, rest
 from api.auth import AuthMiddleware, Gate
 from api.domain import Backoff
-from api.events import EventBus, LocalBus
+from api.events import EventBus
 from api.gql.context import Context
 from api.gql.schema import build_schema
 from api.gql.security import SecuredTransportWS, guard_extensions
@@ -79,16 +79,17 @@ async def sweep_leases(service: TaskService, interval: float) -> None:
 
 
 def open_bus(settings: Settings, store: TaskStore) -> EventBus:
-    """The event bus for this store: in-process for SQLite (one writer per process); LISTEN/NOTIFY
-    for PostgreSQL, where other replicas commit too."""
+    """The event bus for this store. Both tell every server process of every commit, so other
+    replicas (PostgreSQL) or other processes on the same file (SQLite) see one ordered stream."""
     if settings.database_url.startswith(("postgresql://", "postgres://")):
         from api.events_postgres import PostgresBus
 
         # Not a commit listener as well: every event arrives through the history table, once.
         return PostgresBus(settings.database_url, store)
-    bus = LocalBus()
-    store.listen(bus.dispatch)
-    return bus
+    from api.events_sqlite import SqliteBus
+    from api.store.sqlite import sqlite_path
+
+    return SqliteBus(store, sqlite_path(settings.database_url))
 
 
 def create_app(settings: Settings) -> Starlette:
