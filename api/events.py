@@ -32,6 +32,9 @@ class EventBus(Protocol):
 
     def waiter(self, work_directory: str) -> Waiter: ...
 
+    @property
+    def subscriber_count(self) -> int: ...
+
 
 class Subscription:
     """One subscriber's live events: a bounded buffer. Overflow closes it instead of slowing anyone."""

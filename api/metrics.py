@@ -124,6 +124,7 @@ class QueueCollector(Collector):
 
     def __init__(self) -> None:
         self.counts: dict[TaskStatus, int] = {}
+        self.subscriptions = 0
 
     def collect(self) -> Iterable[Metric]:
         counts = self.counts
@@ -139,6 +140,11 @@ class QueueCollector(Collector):
         for status in TaskStatus:
             by_status.add_metric([status.value.lower()], counts.get(status, 0))
         yield by_status
+        yield GaugeMetricFamily(
+            "live_subscriptions",
+            "taskEvents subscriptions open on the server process that answered this scrape.",
+            value=self.subscriptions,
+        )
 
 
 QUEUE = QueueCollector()
@@ -159,4 +165,5 @@ def _registry() -> Any:
 async def metrics(request: Request) -> Response:
     """GET /metrics: the Prometheus text format."""
     QUEUE.counts = await request.app.state.queue_counts.get()
+    QUEUE.subscriptions = request.app.state.service.bus.subscriber_count
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)

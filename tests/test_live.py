@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import GraphQLClient, ServerProcess
+from tests.conftest import GraphQLClient, ServerProcess, eventually
 from tests.ws import SUBSCRIBE, StalledSubscriber, Subscriber
 
 SUBMIT = "mutation($dir: String!, $p: String!) { submitTask(input: {workDirectory: $dir, prompt: $p}) { id } }"
@@ -240,3 +240,25 @@ async def test_slow_subscriber_does_not_block_a_fast_one(
         await resumed_client.subscribe(after=str(resume_after))  # replays what the slow one missed
         resumed = await resumed_client.events(400 - resume_after)
         assert [int(e["id"]) for e in resumed] == list(range(resume_after + 1, 401))
+
+
+async def test_closing_the_socket_frees_its_subscription(
+    server: ServerProcess, remote: GraphQLClient
+) -> None:
+    async def live() -> float:
+        text = (await remote.http.get("/metrics")).text
+        (line,) = [x for x in text.splitlines() if x.startswith("live_subscriptions ")]
+        return float(line.split()[1])
+
+    subscribers = [await Subscriber.connect(server.ws_url) for _ in range(3)]
+    for subscriber in subscribers:
+        await subscriber.subscribe()
+    await asyncio.sleep(0.3)
+    assert await live() == 3
+    for subscriber in subscribers:
+        await subscriber.close()
+
+    async def freed() -> bool:
+        return await live() == 0
+
+    await eventually(freed, timeout=5)
