@@ -23,6 +23,15 @@ def _axes(ax: Axes | None, size: tuple[float, float] = SIZE) -> tuple[Figure, Ax
     return figure, figure.add_subplot()
 
 
+def _label(ax: Axes, title: str, x: str, y: str, *, grid: bool = False) -> None:
+    """Every chart's title and axis labels (with units), set in one way."""
+    ax.set_title(title)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    if grid:
+        ax.grid(alpha=0.3)
+
+
 def _empty(ax: Axes, what: str) -> None:
     ax.text(0.5, 0.5, f"no {what} in this window", ha="center", va="center", transform=ax.transAxes)
 
@@ -41,11 +50,8 @@ def throughput_chart(
         ax.plot(counts.index, counts[column], style, label=column, drawstyle="steps-post")
     if not len(counts):
         _empty(ax, "events")
-    ax.set_title(f"Throughput (tasks per {freq})")
-    ax.set_xlabel("time (UTC)")
-    ax.set_ylabel(f"tasks / {freq}")
+    _label(ax, f"Throughput (tasks per {freq})", "time (UTC)", f"tasks / {freq}", grid=True)
     ax.legend(loc="upper left")
-    ax.grid(alpha=0.3)
     return figure
 
 
@@ -70,10 +76,7 @@ def backlog_chart(
         ax.legend(loc="upper left")
     else:
         _empty(ax, "events")
-    ax.set_title("Backlog over time")
-    ax.set_xlabel("time (UTC)")
-    ax.set_ylabel("tasks")
-    ax.grid(alpha=0.3)
+    _label(ax, "Backlog over time", "time (UTC)", "tasks", grid=True)
     return figure
 
 
@@ -102,9 +105,7 @@ def latency_chart(tasks: pd.DataFrame, ax: Axes | None = None) -> Figure:
         ax.legend(loc="upper right")
     else:
         _empty(ax, "started tasks")
-    ax.set_title("Wait and run times")
-    ax.set_xlabel("seconds (log scale)")
-    ax.set_ylabel("tasks")
+    _label(ax, "Wait and run times", "seconds (log scale)", "tasks")
     return figure
 
 
@@ -130,9 +131,7 @@ def breakdown_chart(
         ax.legend(loc="upper right", fontsize="small")
         ax.tick_params(axis="x", labelrotation=20)
     name = by.replace("_", " ")
-    ax.set_title(f"Tasks and failure rate by {name}")
-    ax.set_xlabel(name)
-    ax.set_ylabel("tasks")
+    _label(ax, f"Tasks and failure rate by {name}", name, "tasks")
     return figure
 
 
@@ -146,7 +145,5 @@ def utilisation_chart(
         ax.barh([str(i) for i in table.index][::-1], table["utilisation"].to_numpy()[::-1])
     else:
         _empty(ax, "workers")
-    ax.set_title("Worker utilisation")
-    ax.set_xlabel("busy time / window (1.0 = one task all the time)")
-    ax.set_ylabel("worker")
+    _label(ax, "Worker utilisation", "busy time / window (1.0 = one task all the time)", "worker")
     return figure
