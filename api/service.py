@@ -342,17 +342,7 @@ class TaskService:
         limit = domain.check_page_size(limit, "limit")
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
             raise ValidationError("offset", f"offset must be from 0 to {MAX_OFFSET:,}")
-        after_seq: int | None = None
-        skipped = 0
-        while skipped < offset:  # cursors are seq numbers, so skip whole pages to the offset
-            page = await self.store.list_tasks(
-                where, min(offset - skipped, domain.MAX_PAGE), after_seq
-            )
-            if not page.tasks:
-                return TaskPage([], False, page.total)
-            skipped += len(page.tasks)
-            after_seq = page.tasks[-1].seq
-        return await self.store.list_tasks(where, limit, after_seq)
+        return await self.store.list_tasks(where, limit, None, offset)
 
     async def statistics(self, work_directory: str | None = None) -> Statistics:
         if work_directory is not None:

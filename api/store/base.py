@@ -59,8 +59,10 @@ class TaskStore(Protocol):
     async def get(self, task_id: str) -> Task | None: ...
 
     async def list_tasks(
-        self, where: TaskFilter, first: int, after_seq: int | None
-    ) -> TaskPage: ...
+        self, where: TaskFilter, first: int, after_seq: int | None, offset: int = 0
+    ) -> TaskPage:
+        """Up to `first` tasks in submission order, after the cursor `after_seq`, skipping
+        `offset` more."""
 
     async def count_by_status(self, work_directory: str | None) -> dict[TaskStatus, int]: ...
 

@@ -155,7 +155,9 @@ class PostgresStore(PostgresKeys):
         row = await self.pool.fetchrow(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1", task_id)
         return None if row is None else task_row(row)
 
-    async def list_tasks(self, where: TaskFilter, first: int, after_seq: int | None) -> TaskPage:
+    async def list_tasks(
+        self, where: TaskFilter, first: int, after_seq: int | None, offset: int = 0
+    ) -> TaskPage:
         clauses, params = task_filter(where)
         total = await self.pool.fetchval(
             f"SELECT count(*) FROM tasks WHERE {' AND '.join(clauses)}", *params
@@ -163,10 +165,10 @@ class PostgresStore(PostgresKeys):
         if after_seq is not None:
             params.append(after_seq)
             clauses.append(f"seq > ${len(params)}")
-        params.append(first + 1)
+        params += [first + 1, offset]
         rows = await self.pool.fetch(
             f"SELECT {TASK_COLUMNS} FROM tasks WHERE {' AND '.join(clauses)}"
-            f" ORDER BY seq LIMIT ${len(params)}",
+            f" ORDER BY seq LIMIT ${len(params) - 1} OFFSET ${len(params)}",
             *params,
         )
         return TaskPage([task_row(r) for r in rows[:first]], len(rows) > first, int(total))

@@ -121,7 +121,9 @@ class SqliteStore:
         rows = await self._fetchall(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,))
         return task_of(rows[0]) if rows else None
 
-    async def list_tasks(self, where: TaskFilter, first: int, after_seq: int | None) -> TaskPage:
+    async def list_tasks(
+        self, where: TaskFilter, first: int, after_seq: int | None, offset: int = 0
+    ) -> TaskPage:
         clauses, params = task_filter(where)
         total = (
             await self._fetchall(
@@ -132,8 +134,9 @@ class SqliteStore:
             clauses.append("seq > ?")
             params.append(after_seq)
         rows = await self._fetchall(
-            f"SELECT {TASK_COLUMNS} FROM tasks WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT ?",
-            [*params, first + 1],
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE {' AND '.join(clauses)}"
+            " ORDER BY seq LIMIT ? OFFSET ?",
+            [*params, first + 1, offset],
         )
         return TaskPage([task_of(r) for r in rows[:first]], len(rows) > first, total)
 
