@@ -110,6 +110,27 @@ def inspect(path: Path) -> Summary:
     return Summary(str(path), version, tasks, events, path.stat().st_size)
 
 
+def _check_writable(destination: Path) -> None:
+    """Refuse a destination the copy could not be written to, naming it and why, before the
+    copy starts: SQLite itself only says "unable to open database file"."""
+    folder = destination.parent
+    cannot = f"cannot write the backup to {destination}:"
+    if destination.is_dir():
+        raise BackupError(f"{cannot} it is a folder; give a file path inside it")
+    if not folder.exists():
+        raise BackupError(f"{cannot} the folder {folder} does not exist (create it first)")
+    if not folder.is_dir():
+        raise BackupError(f"{cannot} {folder} is not a folder")
+    probe = _temp_next_to(destination)
+    try:
+        probe.touch()
+    except OSError as exc:  # not writable, read-only file system, out of space...
+        raise BackupError(
+            f"{cannot} the folder {folder} is not writable ({exc.strerror})"
+        ) from None
+    probe.unlink()
+
+
 def backup(url: str, destination: Path) -> Summary:
     """Copy the live database at `url` to `destination` (written atomically) and check the copy."""
     source_path = database_file(url, "backup")
@@ -117,6 +138,7 @@ def backup(url: str, destination: Path) -> Summary:
         raise BackupError(f"there is no database at {source_path}")
     if destination.exists() and destination.resolve() == source_path.resolve():
         raise BackupError("the backup path is the database itself; give another path")
+    _check_writable(destination)
     temp = _temp_next_to(destination)
     _remove(temp)
     try:

@@ -283,3 +283,29 @@ def test_retention_period_parsing() -> None:
     assert Settings(retention="30d").retention_period == timedelta(days=30)
     assert Settings(retention="90m").retention_period == timedelta(minutes=90)
     assert Settings().retention_period is None
+
+
+def test_backup_to_a_missing_folder_names_the_destination_and_the_cause(
+    tmp_path: Path, current: Path
+) -> None:
+    target = tmp_path / "missing-dir" / "x.db"
+    result = taskorch("backup", "--database", f"sqlite:///{current}", str(target))
+    assert result.returncode == 1, result.stderr
+    assert f"cannot write the backup to {target}" in result.stderr
+    assert f"the folder {target.parent} does not exist" in result.stderr
+    assert str(current) not in result.stderr  # the source is not to blame
+    folder = tmp_path / "taken"
+    folder.mkdir()
+    result = taskorch("backup", "--database", f"sqlite:///{current}", str(folder))
+    assert result.returncode == 1 and f"{folder}: it is a folder" in result.stderr
+
+
+def test_backup_to_a_read_only_folder_names_the_destination_and_the_cause(
+    tmp_path: Path, current: Path
+) -> None:
+    # /proc refuses new files even to root, unlike a folder without write permission.
+    target = Path("/proc/taskorch-backup.db")
+    result = taskorch("backup", "--database", f"sqlite:///{current}", str(target))
+    assert result.returncode == 1, result.stderr
+    assert f"cannot write the backup to {target}: the folder /proc is not writable" in result.stderr
+    assert str(current) not in result.stderr
