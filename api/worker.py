@@ -233,10 +233,12 @@ class Worker:
         elif outcome.exit_code == 0 and not outcome.timed_out:
             await self._send(COMPLETE, id=task["id"], worker=worker, result=outcome.as_result())
             self.completed += 1
+            log.info("task %s completed in %.1f s", task["id"], outcome.duration)
         else:
             error = outcome.as_error(self.config.timeout)
             await self._send(FAIL, id=task["id"], worker=worker, error=error)
             self.failed += 1
+            log.info("task %s failed: %s", task["id"], error.partition("\n")[0])
 
     async def _execute(self, task: dict[str, Any], lost: asyncio.Event) -> Outcome:
         started = time.monotonic()
@@ -374,11 +376,16 @@ async def _kill(process: asyncio.subprocess.Process) -> None:
 
 
 def run_worker(config: WorkerConfig) -> int:
+    # httpx logs every request at INFO; the worker's own INFO lines are task starts and ends.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return asyncio.run(Worker(config).run())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default="http://127.0.0.1:8080", help="server URL")
+    parser.add_argument(
+        "--server", default="http://127.0.0.1:8080", help="server URL (default %(default)s)"
+    )
     parser.add_argument(
         "--key", default=os.environ.get("TASKORCH_API_KEY"), help="API key (env TASKORCH_API_KEY)"
     )
@@ -390,9 +397,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--concurrency", type=int, default=1, help="commands run at once (default 1)"
     )
     parser.add_argument(
-        "--timeout", type=float, help="seconds before a command is killed and failed"
+        "--timeout",
+        type=float,
+        help="seconds before a command is killed and failed (default: none, no time limit)",
     )
-    parser.add_argument("--lease-seconds", type=int, default=300, help="lease per heartbeat (300)")
+    parser.add_argument(
+        "--lease-seconds", type=int, default=300, help="lease per heartbeat, seconds (default 300)"
+    )
     parser.add_argument(
         "--grace-seconds",
         type=float,

@@ -158,3 +158,36 @@ def test_bad_flags_are_refused_before_starting() -> None:
         timeout=30,
     )
     assert result.returncode == 2 and b"absolute" in result.stderr
+
+
+@on_sqlite
+def test_worker_logs_task_starts_and_ends_not_each_http_request(
+    server: ServerProcess, workdir: Path, start_worker: Worker
+) -> None:
+    ok = submit(server, workdir, "hello")
+    broken = submit(server, workdir, "fail now", max_retries=0)
+    worker = start_worker()
+    wait_for(finished(server, ok, broken))
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    log = (workdir.parent / "worker.log").read_text()
+    info = [line for line in log.splitlines() if " INFO " in line]
+    assert not [line for line in info if "httpx" in line or "HTTP Request" in line], log
+    assert any(f"running task {ok}" in line for line in info), log
+    assert any(f"task {ok} completed in" in line for line in info), log
+    assert any(f"task {broken} failed: command exited with code 3" in line for line in info), log
+
+
+def test_work_help_shows_the_defaults() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "api.cli", "work", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps help; compare without the wrapping
+    assert "--server SERVER server URL (default http://127.0.0.1:8080)" in text
+    assert "--timeout TIMEOUT seconds before a command is killed and failed (default: none" in text
+    assert "--concurrency CONCURRENCY commands run at once (default 1)" in text
+    assert "--lease-seconds LEASE_SECONDS lease per heartbeat, seconds (default 300)" in text
