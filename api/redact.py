@@ -12,9 +12,19 @@ _SECRET_KEY = re.compile(
     r"pass(word|wd)?|token|secret|apikey|authorization|credential|cookie|privatekey|accesskey"
 )
 
+# The placeholders our own hints and docs put where a key goes ("send 'Authorization: Bearer KEY'");
+# masking them would turn the advice into nonsense, and none of them can be a real key.
+PLACEHOLDERS = ("KEY", "YOUR_KEY", "API_KEY", "TOKEN")
+_PLACEHOLDER = "|".join(PLACEHOLDERS)
+
 _PATTERNS = (
     # `Bearer <token>` anywhere in a string (headers echoed into messages, connection params)
-    (re.compile(r"(?i)\b(bearer)\s+[A-Za-z0-9._~+/=-]+"), rf"\1 {MASK}"),
+    (
+        re.compile(
+            rf"(?i)\b(bearer)\s+(?!(?-i:{_PLACEHOLDER})(?![A-Za-z0-9._~+/=-]))[A-Za-z0-9._~+/=-]+"
+        ),
+        rf"\1 {MASK}",
+    ),
     # taskorch API keys
     (re.compile(r"\btko_[A-Za-z0-9_-]+"), MASK),
     # passwords inside URLs: scheme://user:password@host

@@ -328,6 +328,16 @@ def test_log_formatters_redact_secrets() -> None:
     assert "WARNING" in human and "hunter2" not in human and "tko_other" not in human
 
 
+def test_redactor_masks_keys_but_not_the_placeholder_in_our_own_hints() -> None:
+    hint = "missing API key: send the header 'Authorization: Bearer KEY'"
+    for message in (hint, 'headers: {"Authorization": "Bearer YOUR_KEY"}'):
+        assert json.loads(JsonFormatter().format(record(message)))["message"] == message
+        assert TextFormatter().format(record(message)).endswith(message)
+    for secret in ("KEYS123", "key", "KEY.abc", "tko_KEY", "eyJhbGciOi.KEY"):
+        line = json.loads(JsonFormatter().format(record("Authorization: Bearer %s", secret)))
+        assert line["message"] == "Authorization: Bearer [REDACTED]", secret
+
+
 # --- configuration ---
 
 
