@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from api.cli import command
 from api.errors import (
     Forbidden,
     PayloadTooLarge,
@@ -64,7 +65,7 @@ REST_PREFIX = "/api/v1"
 # lookups are one indexed read each.
 CACHE_SECONDS = 0.0
 TOUCH_SECONDS = 60.0  # "last used" is recorded at most once a minute per key
-CREATE_KEY_HINT = "taskorch keys create --name NAME --scopes read,submit,work --database {url}"
+CREATE_KEY_HINT = "{command} keys create --name NAME --scopes read,submit,work --database {url}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +158,7 @@ class Gate:
             log.warning(
                 "no API key exists, so only loopback clients are served (protected mode). "
                 "Create a key with: %s",
-                CREATE_KEY_HINT.format(url=redact(self.database_url)),
+                CREATE_KEY_HINT.format(command=command(), url=redact(self.database_url)),
             )
 
     async def protected(self) -> bool:
@@ -180,7 +181,7 @@ class Gate:
                 return LOCAL
             raise Unauthenticated(
                 "no API key exists yet, so this server only serves loopback clients; create one "
-                f"with `{CREATE_KEY_HINT.format(url='URL')}` and send 'Authorization: Bearer KEY'"
+                f"with `{CREATE_KEY_HINT.format(command=command(), url='URL')}` and send 'Authorization: Bearer KEY'"
             )
         raise Unauthenticated("missing API key: send the header 'Authorization: Bearer KEY'")
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import logging
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +17,39 @@ from api.settings import Settings, SettingsError, parse_duration
 from api.store import open_store
 
 Command = Callable[[argparse.Namespace, Settings], int]
+
+log = logging.getLogger("taskorch.serve")
+
+
+@functools.cache
+def command() -> str:
+    """How to run this installation's `taskorch` from the current directory, for hints that are
+    copied and pasted: the bare name only when it is on PATH (an activated virtualenv, a container),
+    else the installed script's path (`.venv/bin/taskorch` after `make run`)."""
+    script = Path(sys.executable).with_name("taskorch")
+    if not script.is_file():
+        return f"{sys.executable} -m api.cli"
+    found = shutil.which("taskorch")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "taskorch"
+    try:
+        return str(script.absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(script.absolute())
+
+
+def endpoints(settings: Settings) -> dict[str, str]:
+    """Where each interface of a server started with `settings` answers."""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    base = f"http://{host}:{settings.port}"
+    graphql = "GraphQL and GraphiQL" if settings.graphiql else "GraphQL"
+    return {
+        graphql: f"{base}/graphql",
+        "MCP": f"{base}/mcp",
+        "REST": f"{base}/api/v1 (OpenAPI: {base}/api/v1/openapi.json)",
+        "health": f"{base}/health",
+        "metrics": f"{base}/metrics",
+    }
 
 
 def _database_flag(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +68,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     logs.configure(settings.log_level, settings.log_format)
     app = create_app(settings)
+    urls = endpoints(settings)
+    log.info("endpoints: %s", "; ".join(f"{name} {url}" for name, url in urls.items()))
     config = uvicorn.Config(
         app,
         host=settings.host,

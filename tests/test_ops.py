@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -302,6 +303,39 @@ async def test_each_request_is_one_json_line_with_its_request_id(
     assert health_line["path"] == "/health" and "operation" not in health_line
     assert sum(1 for line in access() if line["request_id"] == "req-42") == 1
     assert not any(line["logger"] == "uvicorn.access" for line in log_lines(server))
+
+
+def test_startup_says_where_every_interface_answers_and_how_to_create_a_key(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    database = f"sqlite:///{tmp_path / 'start.db'}"
+    server = start_server(database, {"TASKORCH_LOG_FORMAT": "json"})
+    messages = [line["message"] for line in log_lines(server)]
+    listed = [m for m in messages if m.startswith("endpoints: ")]
+    assert len(listed) == 1, messages  # once
+    urls = dict(
+        entry.split(" http://", 1) for entry in listed[0].removeprefix("endpoints: ").split("; ")
+    )
+    assert set(urls) == {"GraphQL and GraphiQL", "MCP", "REST", "health", "metrics"}
+    assert urls["REST"] == f"{server.url[7:]}/api/v1 (OpenAPI: {server.url}/api/v1/openapi.json)"
+    for name, path, method in (
+        ("GraphQL and GraphiQL", "/graphql", "GET"),
+        ("health", "/health", "GET"),
+        ("metrics", "/metrics", "GET"),
+        ("MCP", "/mcp", "POST"),
+    ):
+        assert f"http://{urls[name]}" == f"{server.url}{path}"
+        answer = httpx.request(method, f"{server.url}{path}", params={"query": "{ __typename }"})
+        assert answer.status_code != 404, (name, answer.status_code)
+    assert httpx.get(f"{server.url}/api/v1/openapi.json").status_code == 200
+
+    # The protected-mode hint is a command that works when pasted into a shell, here, as it is.
+    (hint,) = [m for m in messages if "Create a key with: " in m]
+    pasted = hint.split("Create a key with: ", 1)[1].replace("NAME", "first")
+    assert not pasted.startswith("taskorch ") or shutil.which("taskorch"), pasted
+    created = subprocess.run(pasted, shell=True, capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, (pasted, created.stderr)
+    assert created.stdout.strip().startswith("tko_")
 
 
 def record(message: str, *args: Any, **extra: Any) -> logging.LogRecord:
