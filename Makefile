@@ -13,6 +13,7 @@ $(BIN)/taskorch: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(BIN)/taskorch
+	@echo "installed $(BIN)/taskorch: run it by that path, or '. $(BIN)/activate' for a bare taskorch"
 
 install: $(BIN)/taskorch
 
