@@ -147,7 +147,8 @@ async def run_demo(
     progress: Callable[[str], None] | None = None,
 ) -> DemoReport:
     """Fill an empty database with `tasks` simulated tasks submitted over `days` days that end at
-    `end` (default now); some are still waiting or running at the end."""
+    `end` (default now). At the end the workers stop as the reference worker does: the tasks they
+    still run are released, so some are waiting but none is left WORKING."""
     if tasks < 1:
         raise ValueError("--tasks must be at least 1")
     if days <= 0:
@@ -210,13 +211,15 @@ async def _simulate(
     lost: list[float] = []  # lease ends of tasks whose worker died
     next_arrival = 0
     t = 0.0
-    reported = 0
+    step = _progress_step(count)
 
     while t <= span:
         clock.now = start + timedelta(seconds=t)
-        if next_arrival < len(plan) and plan[next_arrival][0] <= t:
+        while next_arrival < len(plan) and plan[next_arrival][0] <= t:
+            # Batches stop at each progress step, so progress reads 1,000, 2,000, ... exactly.
+            limit = min(next_arrival + 1000, (next_arrival // step + 1) * step)
             batch: list[TaskSpec] = []
-            while next_arrival < len(plan) and plan[next_arrival][0] <= t and len(batch) < 1000:
+            while next_arrival < min(len(plan), limit) and plan[next_arrival][0] <= t:
                 batch.append(_spec(rng, plan[next_arrival][1], plan[next_arrival][0]))
                 next_arrival += 1
             for task in await service.submit_many(batch):
@@ -224,6 +227,10 @@ async def _simulate(
                 dirty[task.work_directory] = True
                 if rng.random() < CANCEL:
                     heapq.heappush(cancels, (t + rng.uniform(TICK, 600), task.id))
+            if progress and next_arrival % step == 0:
+                progress(
+                    f"{next_arrival:,} of {count:,} tasks submitted, at {clock.now:%Y-%m-%d %H:%M}"
+                )
         while cancels and cancels[0][0] <= t:
             _, task_id = heapq.heappop(cancels)
             # Users cancel tasks that have not started; a running one is left to finish.
@@ -240,14 +247,22 @@ async def _simulate(
         # Concurrent, so the store's writer commits the workers' changes together.
         busy = [w for w in workers if _has_work(w, t, dirty, clock.now)]
         await asyncio.gather(
-            *(_step(service, clock, w, t, rng, tags_of, dirty, due, lost) for w in busy)
+            *(_step(service, clock, w, t, rng, tags_of, span, dirty, due, lost) for w in busy)
         )
-        if progress and next_arrival - reported >= max(1000, count // 10):
-            reported = next_arrival
-            progress(
-                f"{next_arrival:,} of {count:,} tasks submitted, at {clock.now:%Y-%m-%d %H:%M}"
-            )
         t = _next_time(t, plan, next_arrival, cancels, due, lost, workers, dirty, start)
+    clock.now = finish
+    await service.expire_leases()
+    # The week is over: every worker stops and gives back what it still runs.
+    await asyncio.gather(
+        *(service.release(task_id, w.name) for w in workers for task_id in w.running)
+    )
+
+
+def _progress_step(count: int) -> int:
+    """A round step (1,000, 2,000, 5,000, ...) of about a tenth of the tasks, at least 1,000."""
+    tenth = max(count // 10, 1000)
+    power = 10 ** (len(str(tenth)) - 1)
+    return tenth // power * power
 
 
 def _next_time(
@@ -296,6 +311,7 @@ async def _step(
     t: float,
     rng: random.Random,
     tags_of: dict[str, tuple[str, ...]],
+    span: float,
     dirty: dict[str, bool],
     due: list[tuple[float, str]],
     lost: list[float],
@@ -332,4 +348,6 @@ async def _step(
             outcome = _outcome(rng, worker.directory, tags_of.get(task.id, ()))
             if outcome == "crash":
                 run *= rng.random()
+                if t + LEASE >= span - 2 * TICK:  # the sweep could not requeue it within the week
+                    outcome = "complete"
             worker.running[task.id] = (t + max(run, 1.0), outcome, t + LEASE)

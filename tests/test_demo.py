@@ -56,3 +56,19 @@ async def test_demo_runs_on_every_backend(database_url: str) -> None:
     assert len(data.tasks) == 60
     assert data.events["at"].max() <= pd.Timestamp(end)
     assert data.events["at"].min() >= pd.Timestamp(end) - pd.Timedelta(days=1)
+
+
+async def test_demo_ends_with_no_task_left_working_and_reports_round_progress(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'busy.db'}"
+    lines: list[str] = []
+    end = datetime(2030, 1, 8, tzinfo=UTC)
+    report = await run_demo(url, 3000, days=0.1, end=end, seed=3, progress=lines.append)
+    assert [line.split(" of ")[0] for line in lines] == ["1,000", "2,000", "3,000"], lines
+    assert report.counts["WORKING"] == 0, report.counts
+    assert report.counts["WAITING"] > 0  # the queue was busy: what was left runs tomorrow
+    data = analytics.load(url)
+    runs = analytics.attempts(data.events)
+    assert (runs["outcome"] != "WORKING").all()  # every claim ended: completed, failed, released
+    assert (runs["reason"] == "released").any()
