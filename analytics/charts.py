@@ -138,12 +138,16 @@ def breakdown_chart(
 def utilisation_chart(
     events: pd.DataFrame, since: TimeLike = None, until: TimeLike = None, ax: Axes | None = None
 ) -> Figure:
-    """Share of the window each worker spent running tasks (1.0 = one task all the time)."""
+    """Share of the window in which each worker ran at least one task (1.0 = never idle); see
+    `metrics.utilisation` for tasks run at once (`mean_running`)."""
     figure, ax = _axes(ax)
     table = metrics.utilisation(events, since, until)
     if len(table):
         ax.barh([str(i) for i in table.index][::-1], table["utilisation"].to_numpy()[::-1])
     else:
         _empty(ax, "workers")
-    _label(ax, "Worker utilisation", "busy time / window (1.0 = one task all the time)", "worker")
+    _label(
+        ax, "Worker utilisation", "share of the window running a task (1.0 = never idle)", "worker"
+    )
+    ax.set_xlim(0, 1)
     return figure

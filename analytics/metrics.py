@@ -182,13 +182,33 @@ def attempts(events: pd.DataFrame, until: TimeLike = None) -> pd.DataFrame:
     )
 
 
+def _held_s(worker: pd.Series, lo: pd.Series, hi: pd.Series) -> pd.Series:
+    """Per worker, the seconds in which it held at least one task: overlapping claims count once."""
+    runs = pd.DataFrame({"worker_id": worker, "lo": lo, "hi": hi})
+    runs = runs[runs["hi"] > runs["lo"]].sort_values(["worker_id", "lo"], kind="stable")
+    if not len(runs):
+        return pd.Series(dtype="float64")
+    # A claim starts a new busy stretch when it begins after every earlier claim of its worker ended.
+    reach = runs.groupby("worker_id", observed=True)["hi"].cummax()
+    before = reach.groupby(runs["worker_id"], observed=True).shift()
+    stretch = (before.isna() | (runs["lo"] > before)).cumsum()
+    spans = runs.groupby(stretch).agg(
+        worker_id=("worker_id", "first"), lo=("lo", "min"), hi=("hi", "max")
+    )
+    seconds = (spans["hi"] - spans["lo"]).dt.total_seconds()
+    return seconds.groupby(spans["worker_id"], observed=True).sum()
+
+
 def utilisation(
     events: pd.DataFrame, since: TimeLike = None, until: TimeLike = None
 ) -> pd.DataFrame:
     """Per worker over the window: attempts started, completed, failed (attempts that failed,
-    retried or not), lease_expired, busy_s (seconds spent holding tasks inside the window, summed
-    over tasks, so two tasks at once count twice) and utilisation = busy_s / window length (so it
-    can exceed 1)."""
+    retried or not), lease_expired, busy_s (seconds spent running tasks inside the window, summed
+    over tasks: two tasks at once count twice), held_s (seconds in which the worker ran at least one
+    task), utilisation = held_s / window length (from 0 to 1: 1.0 = never idle), and mean_running =
+    busy_s / window length (tasks run at once on average; a worker with `--concurrency N` reaches at
+    most N, so mean_running / N is the share of its slots in use)."""
+    columns = ["attempts", "completed", "failed", "lease_expired", "busy_s", "held_s"]
     start, end = timestamp(since, "since"), timestamp(until, "until")
     runs = attempts(events, end)
     if start is None:
@@ -196,8 +216,8 @@ def utilisation(
     if end is None:
         end = runs["ended"].max() if len(runs) else None
     if start is None or end is None or not len(runs):
-        columns = ["attempts", "completed", "failed", "lease_expired", "busy_s", "utilisation"]
-        return pd.DataFrame(columns=columns).rename_axis("worker_id")
+        empty = pd.DataFrame(columns=[*columns, "utilisation", "mean_running"])
+        return empty.rename_axis("worker_id")
     lo = runs["started"].clip(lower=start)
     hi = runs["ended"].clip(upper=end)
     runs["busy_s"] = (hi - lo).dt.total_seconds().clip(lower=0)
@@ -209,10 +229,12 @@ def utilisation(
     runs["lease_expired"] = (expired & finished_inside).astype("int64")
     failed = runs["outcome"].isin(["FAILED", "WAITING"]) & ~expired & (runs["reason"] != "released")
     runs["failed"] = (failed & finished_inside).astype("int64")
-    result = runs.groupby("worker_id", observed=True)[
-        ["attempts", "completed", "failed", "lease_expired", "busy_s"]
-    ].sum()
-    result["utilisation"] = result["busy_s"] / (end - start).total_seconds()
+    result = runs.groupby("worker_id", observed=True)[columns[:-1]].sum()
+    held = _held_s(runs["worker_id"], lo, hi)
+    result["held_s"] = held.reindex(result.index, fill_value=0.0).astype("float64")
+    window = (end - start).total_seconds()
+    result["utilisation"] = result["held_s"] / window
+    result["mean_running"] = result["busy_s"] / window
     return result.sort_values("busy_s", ascending=False)
 
 

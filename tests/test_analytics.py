@@ -171,13 +171,74 @@ def test_utilisation_sums_claimed_time_per_worker(data: tuple[pd.DataFrame, pd.D
     w1, w2 = table.loc["w1"], table.loc["w2"]
     assert w1["busy_s"] == 60 + 20 + 30
     assert w2["busy_s"] == 980 + 100
-    assert w1["utilisation"] == pytest.approx(110 / 3600)
+    # w1 ran A 10-70, B 30-50 and E 50-80: busy from 10 to 80 s, some of it on two tasks at once.
+    assert w1["held_s"] == 70 and w1["utilisation"] == pytest.approx(70 / 3600)
+    assert w1["mean_running"] == pytest.approx(110 / 3600)
+    assert w2["held_s"] == 980  # D 20-1000 covers B 100-200
     assert (w1["attempts"], w1["completed"], w1["failed"], w1["lease_expired"]) == (3, 1, 2, 0)
     assert (w2["attempts"], w2["completed"], w2["failed"], w2["lease_expired"]) == (2, 1, 0, 1)
     clipped = analytics.utilisation(
         data[1], since=T0 + pd.Timedelta(seconds=900), until=T0 + pd.Timedelta(seconds=1900)
     )
     assert clipped.loc["w2", "busy_s"] == 100  # D's attempt from 900 s to its expiry at 1000 s
+
+
+def utilisation_events(claims: dict[str, list[tuple[int, int]]]) -> pd.DataFrame:
+    """History where each worker runs the given (start, end) claims, in seconds after T0."""
+    rows = []
+    for worker, spans in claims.items():
+        for n, (begin, end) in enumerate(spans):
+            task = f"{worker}-{n}"
+            rows += [
+                (task, "WAITING", None, None, 0, None),
+                (task, "WORKING", "WAITING", worker, begin, None),
+                (task, "COMPLETED", "WORKING", worker, end, None),
+            ]
+    rows.sort(key=lambda row: row[4])
+    event_rows = [
+        (i, tid, STATUSES.index(s), -1 if prev is None else STATUSES.index(prev), w, _us(at), r)
+        for i, (tid, s, prev, w, at, r) in enumerate(rows, start=1)
+    ]
+    done = STATUSES.index("COMPLETED")
+    task_rows = [
+        (seq, f"{worker}-{n}", "/repo", "p", 1, "[]", done, worker, _us(0), _us(begin),
+         _us(end), _us(end), 0, 3, None)
+        for seq, (worker, n, begin, end) in enumerate(
+            ((w, n, b, e) for w, spans in claims.items() for n, (b, e) in enumerate(spans)),
+            start=1,
+        )
+    ]  # fmt: skip
+    raw = Raw(
+        [list(c) for c in zip(*task_rows, strict=True)],
+        [list(c) for c in zip(*event_rows, strict=True)],
+    )
+    return frames(raw)[1]
+
+
+def test_utilisation_is_the_share_of_the_window_a_worker_is_busy_never_above_one() -> None:
+    events = utilisation_events(
+        {
+            "slots-2": [(0, 3600), (0, 3600)],  # two tasks at once, the whole hour
+            "staggered": [(0, 1200), (600, 1800), (3000, 3600)],  # busy 0-1800 and 3000-3600
+            "half": [(0, 1800)],
+        }
+    )
+    table = analytics.utilisation(events, since=T0, until=T0 + pd.Timedelta(hours=1))
+    assert table["utilisation"].to_dict() == pytest.approx(
+        {"slots-2": 1.0, "staggered": 2400 / 3600, "half": 0.5}
+    )
+    assert table["mean_running"].to_dict() == pytest.approx(
+        {"slots-2": 2.0, "staggered": 3000 / 3600, "half": 0.5}
+    )
+    assert (table["utilisation"] <= 1.0).all()
+    figure = analytics.utilisation_chart(events, since=T0, until=T0 + pd.Timedelta(hours=1))
+    (ax,) = figure.axes
+    bars = {
+        label.get_text(): bar.get_width()
+        for label, bar in zip(ax.get_yticklabels(), ax.patches, strict=True)
+    }
+    assert bars == pytest.approx({"slots-2": 1.0, "staggered": 2400 / 3600, "half": 0.5})
+    assert "1.0 = never idle" in ax.get_xlabel() and ax.get_xlim() == (0, 1)
 
 
 def test_failure_and_retry_rates_overall_and_by_group(
