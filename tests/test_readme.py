@@ -37,7 +37,9 @@ FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 TASKORCH = (
     ".venv/bin/taskorch"  # the README's one way to run the command: it works after `make run`
 )
-RUN = {"curl"} | {f"{TASKORCH} {sub}" for sub in ("keys", "backup", "restore", "prune", "migrate")}
+RUN = {"curl", "mkdir"} | {
+    f"{TASKORCH} {sub}" for sub in ("keys", "backup", "restore", "prune", "migrate")
+}
 SKIP = {
     # long-running, or needing what a test machine has not (docker, an agent CLI, a cluster)
     "make", "docker", "kubectl", "claude", "pg_dump", "createdb", "pg_restore",
@@ -217,7 +219,6 @@ class Walk:
                     self.match(snippet.answer, answer, f"README line {snippet.line}")
 
     def run(self, line: str, name: str) -> str:
-        (self.tmp_path / "backups").mkdir(exist_ok=True)
         # The server is still running, and restore refuses a database in use: restore into a
         # new file instead, which runs every check the README describes.
         target = (
@@ -228,7 +229,6 @@ class Walk:
         script = (
             line.replace("http://127.0.0.1:8080", self.server.url)
             .replace("sqlite:///./taskorch.db", target)
-            .replace("/backups/", f"{self.tmp_path}/backups/")
             .replace(TASKORCH, taskorch_command())
         )
         done = subprocess.run(
