@@ -213,7 +213,7 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
     async def cancel_task(
         ctx: Context,
         task_id: TaskId,
-        reason: Annotated[str | None, Field(description="Why, kept as the task's error.")] = None,
+        reason: Annotated[str | None, Field(description="Why, kept in the task's history.")] = None,
     ) -> TaskOut:
         """Cancel a task that is WAITING or WORKING, so nobody (else) works on it. retry_task
         queues it again later."""
