@@ -43,7 +43,10 @@ def build(path: Path, count: int, days: float, seed: int) -> int:
         worker = f"agent-{n % 5}-{rng.randint(1, 3)}"
         created = start + rng.randrange(span)
         at = created
-        history = [(task_id, directory, "WAITING", None, None, at, "{}")]
+        # task_id, work_directory, status, previous_status, worker_id, at, details
+        history: list[tuple[str, str, str, str | None, str | None, int, str]] = [
+            (task_id, directory, "WAITING", None, None, at, "{}")
+        ]
         attempts = 1 + (rng.random() < 0.1) + (rng.random() < 0.02)
         for attempt in range(attempts):
             at += rng.randint(0, 600) * US
