@@ -11,7 +11,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -70,7 +72,9 @@ def build(path: Path, count: int, days: float, seed: int) -> int:
     return events
 
 
-def _flush(conn: sqlite3.Connection, tasks: list[tuple], events: list[tuple]) -> int:
+def _flush(
+    conn: sqlite3.Connection, tasks: list[tuple[Any, ...]], events: list[tuple[Any, ...]]
+) -> int:
     conn.executemany(
         "INSERT INTO tasks (id, work_directory, prompt, priority, tags, status, worker_id,"
         " created_at, started_at, completed_at, updated_at, retry_count)"
@@ -117,7 +121,7 @@ def main() -> None:
         timings["load (all)"] = (time.perf_counter() - began, time.process_time() - cpu)
         tasks, events_frame = data.tasks, data.events
         since, until = data.window
-        steps = {
+        steps: dict[str, Callable[[], object]] = {
             "throughput 1h": lambda: analytics.throughput(events_frame, "1h"),
             "latency": lambda: analytics.latency(tasks),
             "latency by directory": lambda: analytics.latency(tasks, by="work_directory"),
