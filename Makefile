@@ -20,17 +20,15 @@ install: $(BIN)/taskorch
 run: install
 	$(BIN)/taskorch serve --host $(HOST) --port $(PORT) --database $(DATABASE)
 
-test: install
-	$(BIN)/ruff check api analytics tests
-	$(BIN)/ruff format --check api analytics tests
-	$(BIN)/mypy
+test: lint
 	$(BIN)/pytest
 
 bench: install
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 lint: install
-	$(BIN)/ruff check api analytics tests
+	$(BIN)/ruff check api analytics bench tests
+	$(BIN)/ruff format --check api analytics bench tests
 	$(BIN)/mypy
 
 clean:

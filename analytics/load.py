@@ -23,6 +23,7 @@ from analytics.sources import (
     read_graphql,
     read_postgres,
     read_sqlite,
+    source_kind,
 )
 
 STATUS_TYPE = pd.CategoricalDtype(list(STATUSES))
@@ -113,15 +114,12 @@ def load(
 def _read(source: str, lo: datetime | None, hi: datetime | None, api_key: str | None) -> Raw:
     if not isinstance(source, str):
         raise SourceError("source must be a URL string such as sqlite:///taskorch.db")
-    if source.startswith("sqlite:"):
+    kind = source_kind(source)
+    if kind == "sqlite":
         return read_sqlite(source, lo, hi)
-    elif source.startswith(("postgresql://", "postgres://")):
+    if kind == "postgres":
         return read_postgres(source, lo, hi)
-    elif source.startswith(("http://", "https://")):
-        return read_graphql(source, api_key, lo, hi)
-    raise SourceError(
-        f"source must be sqlite:///PATH, postgresql://... or http(s)://SERVER, not {source!r}"
-    )
+    return read_graphql(source, api_key, lo, hi)
 
 
 def load_tasks(

@@ -15,8 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from api import database_url
+from api.database_url import DatabaseUrlError, backend_of
 
 STATUSES = ("WAITING", "WORKING", "COMPLETED", "FAILED", "CANCELLED")
 PRIORITIES = ("LOW", "MEDIUM", "HIGH")
@@ -46,22 +49,32 @@ class Raw:
     events: list[Sequence[Any]]  # one sequence per EVENT_FIELDS entry
 
 
+def source_kind(source: str) -> Literal["sqlite", "postgres", "http"]:
+    """Which reader a source URL takes; databases are told apart exactly as the server does."""
+    if source.startswith(("http://", "https://")):
+        return "http"
+    try:
+        return backend_of(source)
+    except DatabaseUrlError:
+        raise SourceError(
+            f"source must be sqlite:///PATH, postgresql://... or http(s)://SERVER, not {source!r}"
+        ) from None
+
+
 def absolute_url(url: str, base: str | Path) -> str:
     """`sqlite:///relative.db` made absolute against `base`; other URLs unchanged. Notebook kernels
     run in the notebook's directory, so a relative path given to Jupyter needs this."""
-    if url.startswith("sqlite:") and not sqlite_path(url).startswith("/"):
-        return f"sqlite:///{(Path(base) / sqlite_path(url)).resolve()}"
+    if source_kind(url) == "sqlite" and not os.path.isabs(path := sqlite_path(url)):
+        return f"sqlite:///{(Path(base) / path).resolve()}"
     return url
 
 
 def sqlite_path(url: str) -> str:
-    """`sqlite:///relative.db` or `sqlite:////abs/path.db` -> a file path, as the server has it."""
-    if not url.startswith("sqlite:///"):
-        raise SourceError(f"source: {url!r} is not a SQLite URL such as sqlite:///taskorch.db")
-    path = url[len("sqlite:///") :].split("?", 1)[0]
-    if not path or path == ":memory:":
-        raise SourceError("source: give the path of a SQLite file, e.g. sqlite:///taskorch.db")
-    return path
+    """The file of a SQLite source, exactly as the server reads the same URL."""
+    try:
+        return database_url.sqlite_path(url)
+    except DatabaseUrlError as exc:
+        raise SourceError(f"source: {exc}") from None
 
 
 def _us(value: datetime | None) -> int | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -22,8 +21,6 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 
 from api import __version__, rest
 from api.auth import AuthMiddleware, Gate
-from api.domain import Backoff
-from api.events import EventBus
 from api.gql.context import Context
 from api.gql.schema import build_schema
 from api.gql.security import SecuredTransportWS, guard_extensions
@@ -31,11 +28,8 @@ from api.health import QueueCounts, health
 from api.logs import AccessLog
 from api.mcp import build_mcp, http_sessions, transport_security
 from api.metrics import metrics, observe_commit, observe_request
-from api.retention import prune_periodically
-from api.service import TaskService
+from api.runtime import runtime
 from api.settings import Settings
-from api.store import open_store
-from api.store.base import TaskStore
 
 log = logging.getLogger("taskorch.app")
 
@@ -66,69 +60,20 @@ class _SubResponse(Response):
         self.raw_headers = []
 
 
-async def sweep_leases(service: TaskService, interval: float) -> None:
-    """Requeue expired leases every `interval` seconds; every replica may run this at once."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            expired = await service.expire_leases()
-            if expired:
-                log.info("requeued %d task(s) whose lease expired", len(expired))
-        except Exception:
-            log.exception("lease sweep failed; retrying in %.1fs", interval)
-
-
-def open_bus(settings: Settings, store: TaskStore) -> EventBus:
-    """The event bus for this store. Both tell every server process of every commit, so other
-    replicas (PostgreSQL) or other processes on the same file (SQLite) see one ordered stream."""
-    if settings.database_url.startswith(("postgresql://", "postgres://")):
-        from api.events_postgres import PostgresBus
-
-        # Not a commit listener as well: every event arrives through the history table, once.
-        return PostgresBus(settings.database_url, store)
-    from api.events_sqlite import SqliteBus
-    from api.store.sqlite import sqlite_path
-
-    return SqliteBus(store, sqlite_path(settings.database_url))
-
-
 def create_app(settings: Settings) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = open_store(settings)
-        await store.open()
-        bus = open_bus(settings, store)
-        await bus.start()
-        service = TaskService(
-            store,
-            bus,
-            backoff=Backoff(settings.backoff_base, settings.backoff_cap),
-            subscriber_buffer=settings.subscriber_buffer,
-        )
-        app.state.service = service
-        app.state.gate = Gate(store, settings)
-        await app.state.gate.warn_if_protected()
-        app.state.started = time.monotonic()
-        store.listen(observe_commit)
-        app.state.queue_counts = QueueCounts(store)
-        sweeper = asyncio.create_task(sweep_leases(service, settings.lease_sweep_interval))
-        background = [sweeper]
-        if settings.retention_period is not None:
-            background.append(
-                asyncio.create_task(prune_periodically(service, settings.retention_period))
-            )
-        log.info("taskorch %s serving %s", __version__, settings.database_url)
-        try:
+        async with runtime(settings) as running:
+            # before anything awaits, so the background jobs' first commits are counted too
+            running.store.listen(observe_commit)
+            app.state.service = running.service
+            app.state.gate = Gate(running.store, settings)
+            await app.state.gate.warn_if_protected()
+            app.state.started = time.monotonic()
+            app.state.queue_counts = QueueCounts(running.store)
+            log.info("taskorch %s serving %s", __version__, settings.database_url)
             async with http_sessions(mcp_server):
                 yield
-        finally:
-            for task in background:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await bus.stop()
-            await service.drain()
-            await store.close()
 
     view = GraphQLView(
         build_schema(guard_extensions(settings)),

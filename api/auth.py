@@ -60,10 +60,9 @@ OPEN_PATHS = frozenset({"/health", "/metrics"})
 # socket with 4401 itself; every other socket needs a valid key on the upgrade request.
 SOCKET_PATHS = frozenset({"/graphql"})
 REST_PREFIX = "/api/v1"
-# How long a key lookup (and "does any key exist") is trusted. Zero: a revoked key, or the first key
-# created while the server runs, takes effect on the very next request, in every replica. The
-# lookups are one indexed read each.
-CACHE_SECONDS = 0.0
+# Keys are looked up on every request, uncached: a revoked key, or the first key created while the
+# server runs, takes effect on the very next request, in every replica. Each lookup is one indexed
+# read.
 TOUCH_SECONDS = 60.0  # "last used" is recorded at most once a minute per key
 CREATE_KEY_HINT = "{command} keys create --name NAME --scopes read,submit,work --database {url}"
 
@@ -135,7 +134,6 @@ class Gate:
         *,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
-        cache_seconds: float = CACHE_SECONDS,
     ) -> None:
         self.store = store
         self.database_url = settings.database_url
@@ -143,15 +141,7 @@ class Gate:
         self.limiter = RateLimiter(settings.rate_limit, clock=clock)
         self.clock = clock
         self.now = now
-        self.cache_seconds = cache_seconds
-        self._keys: dict[str, tuple[Principal | None, float]] = {}
         self._touched: dict[str, float] = {}
-        self._protected: tuple[bool, float] = (False, -math.inf)
-
-    def forget(self) -> None:
-        """Drop every cached lookup: call after creating or revoking a key in this process."""
-        self._keys.clear()
-        self._protected = (False, -math.inf)
 
     async def warn_if_protected(self) -> None:
         if await self.store.count_active_keys() == 0:
@@ -162,12 +152,8 @@ class Gate:
             )
 
     async def protected(self) -> bool:
-        """True while no active key exists; rechecked at most every `cache_seconds`."""
-        value, until = self._protected
-        if self.clock() >= until:
-            value = await self.store.count_active_keys() == 0
-            self._protected = (value, self.clock() + self.cache_seconds)
-        return value
+        """True while no active key exists."""
+        return await self.store.count_active_keys() == 0
 
     async def authenticate(self, authorization: str | None, client: str | None) -> Principal:
         """The principal for this Authorization value and client address, or Unauthenticated."""
@@ -193,9 +179,6 @@ class Gate:
 
     async def by_hash(self, key_hash: str) -> Principal | None:
         now = self.clock()
-        cached = self._keys.get(key_hash)
-        if cached is not None and now < cached[1]:
-            return cached[0]
         key = await self.store.find_key(key_hash)
         principal = None
         if key is not None and key.revoked_at is None:
@@ -203,9 +186,6 @@ class Gate:
             if now - self._touched.get(key_hash, -math.inf) >= TOUCH_SECONDS:
                 self._touched[key_hash] = now
                 await self.store.touch_key(key_hash, self.now())
-            if len(self._keys) >= 10_000:  # only valid keys are cached, so this is rare
-                self._keys.clear()
-            self._keys[key_hash] = (principal, now + self.cache_seconds)
         return principal
 
     def charge(self, principal: Principal | None, client: str | None) -> float:

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from api.database_url import DatabaseUrlError, backend_of, sqlite_path
 from api.store.base import SCHEMA_VERSION
-from api.store.sqlite import sqlite_path
 
 REQUIRED_TABLES = ("schema_migrations", "tasks", "task_history")
 
@@ -30,7 +30,11 @@ class Summary:
 
 
 def database_file(url: str, action: str) -> Path:
-    if url.startswith(("postgresql://", "postgres://")):
+    try:
+        backend = backend_of(url)
+    except DatabaseUrlError as exc:
+        raise BackupError(str(exc)) from None
+    if backend == "postgres":
         tool = "pg_dump --format=custom" if action == "backup" else "pg_restore"
         raise BackupError(
             f"{action} works on SQLite databases only; for PostgreSQL use {tool}"
@@ -38,7 +42,7 @@ def database_file(url: str, action: str) -> Path:
         )
     try:
         return Path(sqlite_path(url))
-    except ValueError as exc:
+    except DatabaseUrlError as exc:
         raise BackupError(str(exc)) from None
 
 

@@ -130,8 +130,7 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
-    from api.events import LocalBus
-    from api.service import TaskService
+    from api.runtime import runtime
 
     try:
         older_than = parse_duration(args.older_than)
@@ -143,12 +142,8 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
         return 2
 
     async def prune() -> int:
-        store = open_store(settings)
-        await store.open()
-        try:
-            return await TaskService(store, LocalBus()).prune(older_than, batch=args.batch)
-        finally:
-            await store.close()
+        async with runtime(settings, serving=False) as running:
+            return await running.service.prune(older_than, batch=args.batch)
 
     deleted = asyncio.run(prune())
     print(f"deleted {deleted} finished task(s) older than {args.older_than}, with their history")

@@ -67,7 +67,7 @@ def cmd_revoke(args: argparse.Namespace, settings: Settings) -> int:
     except TaskorchError as exc:
         print(f"taskorch: {exc.message}", file=sys.stderr)
         return 1
-    print(f"revoked key {key.name!r}; servers refuse it within a second")
+    print(f"revoked key {key.name!r}; servers refuse it from their next request on")
     return 0
 
 

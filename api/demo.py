@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from api.domain import TaskPriority, TaskSpec, TaskStatus, task_spec
-from api.events import LocalBus
+from api.runtime import runtime
 from api.service import TaskService
 from api.settings import Settings
-from api.store import open_store
 from api.store.base import Completion
 
 TICK = 15.0  # seconds of simulated time per step; every timestamp falls on this grid
@@ -157,12 +156,10 @@ async def run_demo(
     finish = (end or datetime.now(UTC)).replace(second=0, microsecond=0)
     start = finish - timedelta(days=days)
     clock = SimulatedClock(start)
-    store = open_store(Settings(database_url=database_url, durability="normal"))
-    await store.open()
-    bus = LocalBus()
-    store.listen(bus.dispatch)
-    service = TaskService(store, bus, clock=clock, jitter=rng.random)
-    try:
+    settings = Settings(database_url=database_url, durability="normal")
+    # No lease sweep or retention: the simulation expires leases itself, on its own clock.
+    async with runtime(settings, serving=False, clock=clock, jitter=rng.random) as running:
+        service = running.service
         existing = (await service.statistics()).total
         if existing:
             raise ValueError(
@@ -170,10 +167,6 @@ async def run_demo(
             )
         await _simulate(service, clock, rng, tasks, start, finish, progress)
         counts = (await service.statistics()).counts
-    finally:
-        await service.drain()
-        await bus.stop()
-        await store.close()
     return DemoReport(tasks, start, finish, {s.value: counts.get(s, 0) for s in TaskStatus})
 
 

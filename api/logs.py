@@ -83,11 +83,6 @@ def configure(level: str, fmt: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True
 
 
-def uvicorn_log_config() -> dict[str, Any]:
-    """A uvicorn `log_config` that leaves logging as `configure` set it."""
-    return {"version": 1, "disable_existing_loggers": False}
-
-
 @dataclass(slots=True)
 class RequestInfo:
     """What the layers below the middleware learn about a request, for its log line and metrics."""

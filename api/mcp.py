@@ -17,6 +17,7 @@ from api import __version__, domain
 from api.auth import principal_of, require_scope
 from api.domain import TaskFilter
 from api.errors import TaskorchError
+from api.runtime import runtime
 from api.schemas import StatisticsOut, TaskList, TaskOut
 from api.service import TaskService
 from api.settings import Settings
@@ -212,7 +213,7 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
     async def cancel_task(
         ctx: Context,
         task_id: TaskId,
-        reason: Annotated[str | None, Field(description="Why, kept as the task's error.")] = None,
+        reason: Annotated[str | None, Field(description="Why, kept in the task's history.")] = None,
     ) -> TaskOut:
         """Cancel a task that is WAITING or WORKING, so nobody (else) works on it. retry_task
         queues it again later."""
@@ -250,26 +251,9 @@ def transport_security(settings: Settings) -> TransportSecuritySettings:
 
 
 async def serve_stdio(settings: Settings) -> None:
-    """Serve the tools over stdin/stdout on a store of our own, as `taskorch serve` would."""
-    from api.app import open_bus, sweep_leases
-    from api.domain import Backoff
-    from api.store import open_store
-
-    store = open_store(settings)
-    await store.open()
-    bus = open_bus(settings, store)
-    await bus.start()
-    service = TaskService(store, bus, backoff=Backoff(settings.backoff_base, settings.backoff_cap))
-    sweeper = asyncio.create_task(sweep_leases(service, settings.lease_sweep_interval))
-    try:
-        await build_mcp(lambda: service).run_stdio_async()
-    finally:
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
-        await bus.stop()
-        await service.drain()
-        await store.close()
+    """Serve the tools over stdin/stdout on a runtime of our own, as `taskorch serve` would."""
+    async with runtime(settings) as running:
+        await build_mcp(lambda: running.service).run_stdio_async()
 
 
 @contextlib.asynccontextmanager

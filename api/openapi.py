@@ -275,7 +275,7 @@ def document() -> dict[str, Any]:
                 "post": _task_action(
                     "Cancel a WAITING or WORKING task",
                     _body({"reason": {"type": "string"}}, [], optional=True),
-                    "The reason is kept as the task's error message.",
+                    "The reason is kept in the task's history.",
                 ),
             },
             "/api/v1/tasks/{id}/retry": {

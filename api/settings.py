@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Any
+
+from api.database_url import Backend, DatabaseUrlError, backend_of, sqlite_path
 
 DEFAULT_DATABASE_URL = "sqlite:///./taskorch.db"
 
@@ -40,11 +41,8 @@ class Settings:
     shutdown_timeout: int = 10  # seconds in-flight requests get to finish on SIGTERM
 
     def __post_init__(self) -> None:
-        _check(
-            self.database_url.startswith(("sqlite:", "postgresql://", "postgres://")),
-            "database_url",
-            "use sqlite:///PATH or postgresql://USER@HOST:PORT/DB",
-        )
+        problem = _database_url_problem(self.database_url)
+        _check(problem is None, "database_url", problem or "")
         _check(1 <= self.port <= 65535, "port", "use a port from 1 to 65535")
         _check(self.durability in ("full", "normal"), "durability", "use full or normal")
         _check(self.lease_sweep_interval > 0, "lease_sweep_interval", "use a positive number")
@@ -68,6 +66,18 @@ class Settings:
         _check(self.shutdown_timeout > 0, "shutdown_timeout", "use a positive number of seconds")
 
     @property
+    def backend(self) -> Backend:
+        """Which store, bus and tools this database takes: "sqlite" or "postgres"."""
+        return backend_of(self.database_url)
+
+    @property
+    def sqlite_path(self) -> str:
+        """The SQLite file, as given in the URL; asking on PostgreSQL is a programming error."""
+        if self.backend != "sqlite":
+            raise SettingsError("database_url is a PostgreSQL URL: there is no SQLite file")
+        return sqlite_path(self.database_url)
+
+    @property
     def retention_period(self) -> timedelta | None:
         """How long finished tasks are kept; None keeps them forever."""
         return None if self.retention == "off" else parse_duration(self.retention)
@@ -86,9 +96,6 @@ class Settings:
             return cls(**values)
         except TypeError as exc:  # an unknown override key is a programming error
             raise SettingsError(str(exc)) from exc
-
-    def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
@@ -110,6 +117,15 @@ def _duration_or_none(text: str) -> timedelta | None:
     if match is None or float(match.group(1)) <= 0:
         return None
     return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def _database_url_problem(url: str) -> str | None:
+    try:
+        if backend_of(url) == "sqlite":
+            sqlite_path(url)
+    except DatabaseUrlError as exc:
+        return str(exc)
+    return None
 
 
 def _check(ok: bool, key: str, advice: str) -> None:

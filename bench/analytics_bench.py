@@ -11,7 +11,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -43,7 +45,10 @@ def build(path: Path, count: int, days: float, seed: int) -> int:
         worker = f"agent-{n % 5}-{rng.randint(1, 3)}"
         created = start + rng.randrange(span)
         at = created
-        history = [(task_id, directory, "WAITING", None, None, at, "{}")]
+        # task_id, work_directory, status, previous_status, worker_id, at, details
+        history: list[tuple[str, str, str, str | None, str | None, int, str]] = [
+            (task_id, directory, "WAITING", None, None, at, "{}")
+        ]
         attempts = 1 + (rng.random() < 0.1) + (rng.random() < 0.02)
         for attempt in range(attempts):
             at += rng.randint(0, 600) * US
@@ -67,7 +72,9 @@ def build(path: Path, count: int, days: float, seed: int) -> int:
     return events
 
 
-def _flush(conn: sqlite3.Connection, tasks: list[tuple], events: list[tuple]) -> int:
+def _flush(
+    conn: sqlite3.Connection, tasks: list[tuple[Any, ...]], events: list[tuple[Any, ...]]
+) -> int:
     conn.executemany(
         "INSERT INTO tasks (id, work_directory, prompt, priority, tags, status, worker_id,"
         " created_at, started_at, completed_at, updated_at, retry_count)"
@@ -114,7 +121,7 @@ def main() -> None:
         timings["load (all)"] = (time.perf_counter() - began, time.process_time() - cpu)
         tasks, events_frame = data.tasks, data.events
         since, until = data.window
-        steps = {
+        steps: dict[str, Callable[[], object]] = {
             "throughput 1h": lambda: analytics.throughput(events_frame, "1h"),
             "latency": lambda: analytics.latency(tasks),
             "latency by directory": lambda: analytics.latency(tasks, by="work_directory"),

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from api.store.sqlite import sqlite_path
+from api.database_url import sqlite_path
 
 
 def waiting_rows(count: int, directory: str, prompt: str) -> Iterator[tuple[Any, ...]]:

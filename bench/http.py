@@ -7,6 +7,7 @@ read by Content-Length with no header parsing beyond it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from typing import Any
 from urllib.parse import urlsplit
@@ -54,7 +55,8 @@ class Connection:
     async def send(self, raw: bytes) -> tuple[int, bytes]:
         if self._writer is None:
             await self.open()
-        assert self._reader is not None and self._writer is not None
+        assert self._reader is not None
+        assert self._writer is not None
         try:
             self._writer.write(raw)
             head = await self._reader.readuntil(b"\r\n\r\n")
@@ -90,7 +92,5 @@ class Connection:
         writer, self._writer, self._reader = self._writer, None, None
         if writer is not None:
             writer.close()
-            try:
+            with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
-            except (ConnectionError, OSError):
-                pass

@@ -89,12 +89,6 @@ class Server:
     def rss_kb(self) -> int:
         return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * PAGE_KB
 
-    def peak_rss_kb(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        return 0
-
 
 def machine_busy_seconds() -> float:
     """CPU seconds every process on the machine has used since boot (all cores, not idle)."""

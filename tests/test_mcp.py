@@ -12,7 +12,7 @@ from mcp.server.mcpserver import MCPServer
 
 from api.mcp import build_mcp
 from api.service import TaskService
-from tests.conftest import FakeClock, GraphQLClient, ServerProcess
+from tests.conftest import FakeClock, GraphQLClient, ServerProcess, eventually
 
 TOOLS = {
     "create_task", "get_next_task", "complete_task", "fail_task", "heartbeat",
@@ -169,6 +169,28 @@ async def test_stdio_command_serves_the_same_tools(database_url: str) -> None:
         created = await call(client, "create_task", work_directory="/local", prompt="over stdio")
         listed = await call(client, "list_tasks", work_directory="/local")
         assert [t["id"] for t in listed["tasks"]] == [created["id"]]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_stdio_command_prunes_finished_tasks_under_retention(database_url: str) -> None:
+    command = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "api.cli", "mcp", "--database", database_url],
+        env={"TASKORCH_RETENTION": "1s"},
+    )
+    async with Client(command) as client:
+        task = await call(client, "create_task", work_directory="/local", prompt="then forget")
+        await call(client, "get_next_task", work_directory="/local", worker_id="w")
+        await call(client, "complete_task", task_id=task["id"], worker_id="w")
+
+        async def pruned() -> bool:
+            result = await client.call_tool("get_task", {"task_id": task["id"]})
+            if not result.is_error:
+                return False
+            text: str = result.content[0].text  # type: ignore[union-attr]
+            return "no task with id" in text
+
+        await eventually(pruned)
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import strawberry
@@ -17,7 +17,6 @@ class Context:
     service: TaskService
     request: Request | WebSocket
     response: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 Info = strawberry.Info[Context, None]

@@ -8,8 +8,8 @@ import sqlite3
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlparse
 
+from api.database_url import sqlite_path as sqlite_path  # the store opens the URL's file
 from api.domain import ApiKey, Task, TaskEvent, TaskFilter, TaskPriority, TaskStatus
 from api.store.base import SCHEMA_VERSION
 from api.store.migrations import SQLITE_MIGRATIONS
@@ -21,19 +21,6 @@ TASK_COLUMNS = (
 )
 KEY_COLUMNS = "name, scopes, created_at, last_used_at, revoked_at"
 EVENT_COLUMNS = "id, task_id, work_directory, status, previous_status, worker_id, at, details"
-
-
-def sqlite_path(url: str) -> str:
-    """`sqlite:///relative.db`, `sqlite:////abs/path.db` or `sqlite:///:memory:` -> a file path."""
-    parsed = urlparse(url)
-    if parsed.scheme != "sqlite":
-        raise ValueError(f"not a sqlite URL: {url}")
-    path = url[len("sqlite://") :]
-    if path.startswith("/"):  # sqlite:///rel.db -> rel.db; sqlite:////abs.db -> /abs.db
-        path = path[1:]
-    if not path or path == ":memory:":
-        raise ValueError("an in-memory SQLite database cannot be shared; give a file path")
-    return path
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
