@@ -17,7 +17,7 @@ from api import __version__, domain
 from api.auth import principal_of, require_scope
 from api.domain import TaskFilter
 from api.errors import TaskorchError
-from api.schemas import StatisticsOut, TaskList, TaskOut
+from api.schemas import NextTask, StatisticsOut, TaskList, TaskOut
 from api.service import TaskService
 from api.settings import Settings
 
@@ -115,10 +115,11 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
             float | None,
             Field(description="Wait up to this long (max 60 s) for a task when none is queued."),
         ] = None,
-    ) -> TaskOut | None:
+    ) -> NextTask:
         """Claim the next task to work on in a work directory (highest priority, oldest first).
-        The task becomes WORKING and yours until its lease ends. Returns nothing when no task is
-        waiting. Next: do what its prompt says in its work_directory, then complete_task (or
+        The task becomes WORKING and yours until its lease ends; it is returned like every other
+        tool returns a task, with `id` at the top level. When no task is claimable (after waiting
+        up to wait_seconds) it returns {"task": null} instead. Next: do what its prompt says in its work_directory, then complete_task (or
         fail_task); call heartbeat before the lease ends if the work takes longer."""
         tasks = await _call(
             ctx,
@@ -127,7 +128,7 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
                 work_directory, worker_id, lease_seconds=lease_seconds, wait_seconds=wait_seconds
             ),
         )
-        return TaskOut.of(tasks[0]) if tasks else None
+        return NextTask.of(tasks[0] if tasks else None)
 
     @server.tool()
     async def complete_task(

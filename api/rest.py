@@ -157,6 +157,19 @@ def _run_after(value: object) -> datetime | None:
     return domain.check_aware(parsed, "runAfter")
 
 
+def _claim_directory(request: Request) -> str:
+    """`work_directory`, or `work_path` (its name in the original REST design) when it is absent."""
+    query = request.query_params
+    value = query.get("work_directory") or query.get("work_path")
+    if not value:
+        raise ValidationError(
+            "work_directory",
+            "work_directory (or its older name work_path) is required: give an absolute path "
+            "such as /repo",
+        )
+    return domain.check_work_directory(value, "work_directory")
+
+
 # --- routes ---
 
 SUBMIT_FIELDS = {
@@ -211,10 +224,9 @@ async def list_tasks(request: Request) -> tuple[Any, int]:
 @endpoint("work")
 async def next_task(request: Request) -> tuple[Any, int]:
     query = request.query_params
-    work_directory = domain.check_work_directory(query.get("work_path"), "work_path")
     wait = _float_param(request, "wait_seconds")
     claim = _service(request).claim(
-        work_directory,
+        _claim_directory(request),
         domain.check_worker_id(query.get("worker_id"), "worker_id"),
         lease_seconds=_int_param(request, "lease_seconds", None),
         wait_seconds=wait,

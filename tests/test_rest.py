@@ -141,7 +141,21 @@ async def test_next_claims_or_returns_null(http: httpx.AsyncClient) -> None:
     error = failed(
         await http.get(f"{API}/tasks/next", params={"worker_id": "w"}), 400, "VALIDATION_ERROR"
     )
-    assert error["details"]["field"] == "work_path"
+    assert error["details"]["field"] == "work_directory"
+    assert "work_directory" in error["message"] and "work_path" in error["message"]
+
+
+async def test_next_takes_work_directory_as_well_as_work_path(http: httpx.AsyncClient) -> None:
+    task = await submit(http, work_directory="/dir")
+    params = {"work_directory": "/dir", "worker_id": "w"}
+    claimed = ok(await http.get(f"{API}/tasks/next", params=params))
+    assert claimed["id"] == task["id"]
+    error = failed(
+        await http.get(f"{API}/tasks/next", params={"work_directory": "dir", "worker_id": "w"}),
+        400,
+        "VALIDATION_ERROR",
+    )
+    assert error["details"]["field"] == "work_directory"
 
 
 async def test_next_waits_for_a_task(http: httpx.AsyncClient) -> None:
