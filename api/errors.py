@@ -51,6 +51,11 @@ class Forbidden(TaskorchError):
     http_status = 403
 
 
+class MethodNotAllowed(TaskorchError):
+    code = "METHOD_NOT_ALLOWED"
+    http_status = 405
+
+
 class PayloadTooLarge(TaskorchError):
     code = "PAYLOAD_TOO_LARGE"
     http_status = 413

@@ -14,12 +14,13 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from api import domain
 from api.auth import principal_of, require_scope
 from api.disconnect import unless_disconnected
 from api.domain import TaskFilter
-from api.errors import RateLimited, TaskorchError, ValidationError
+from api.errors import MethodNotAllowed, RateLimited, TaskorchError, ValidationError
 from api.schemas import StatisticsOut, TaskList, TaskOut
 from api.service import TaskService
 
@@ -136,8 +137,13 @@ def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
+def _whole(value: object) -> object:
+    """A JSON number with no fraction is a whole number, as JSON Schema's `integer` says: 13.0 is 13."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _int(body: dict[str, Any], name: str) -> int:
-    value = body.get(name)
+    value = _whole(body.get(name))
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(name, f"{name} must be a whole number")
     return value
@@ -187,7 +193,7 @@ async def create_task(request: Request) -> tuple[Any, int]:
         prompt=body.get("prompt"),
         priority=body.get("priority"),
         tags=body.get("tags"),
-        max_retries=body.get("max_retries"),
+        max_retries=_whole(body.get("max_retries")),
         metadata=body.get("metadata"),
         idempotency_key=body.get("idempotency_key"),
         run_after=_run_after(body.get("run_after")),
@@ -249,7 +255,7 @@ async def update_task(request: Request) -> tuple[Any, int]:
         priority=body.get("priority"),
         tags=body.get("tags"),
         metadata=body.get("metadata"),
-        max_retries=body.get("max_retries"),
+        max_retries=_whole(body.get("max_retries")),
     )
     task = await _service(request).update(request.path_params["id"], expected, changes)
     return TaskOut.of(task), 200
@@ -309,16 +315,44 @@ async def openapi(request: Request) -> Response:
 
 PREFIX = "/api/v1"
 
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class Resource:
+    """One path answering every method (an ASGI app, so Starlette leaves the method to us): a
+    method it lacks is a 405 whose Allow header names all it has. Starlette's route per method
+    would name only the first route's, and let `PUT /tasks/next` fall through to `PUT /tasks/{id}`."""
+
+    def __init__(self, **handlers: Endpoint) -> None:
+        self.handlers = {method.upper(): handler for method, handler in handlers.items()}
+        if "GET" in self.handlers:
+            self.handlers["HEAD"] = self.handlers["GET"]
+        self.allow = ", ".join(sorted(self.handlers))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        handler = self.handlers.get(request.method)
+        if handler is None:
+            error = MethodNotAllowed(f"{request.method} is not allowed here; use {self.allow}")
+            response: Response = error_response(error)
+            response.headers["Allow"] = self.allow
+        else:
+            response = await handler(request)
+        await response(scope, receive, send)
+
+
+def resource(path: str, **handlers: Endpoint) -> Route:
+    return Route(PREFIX + path, Resource(**handlers))
+
+
 routes = [
-    Route(f"{PREFIX}/openapi.json", openapi, methods=["GET"]),
-    Route(f"{PREFIX}/tasks", create_task, methods=["POST"]),
-    Route(f"{PREFIX}/tasks", list_tasks, methods=["GET"]),
-    Route(f"{PREFIX}/tasks/next", next_task, methods=["GET"]),  # before {id}: "next" is no id
-    Route(f"{PREFIX}/tasks/{{id}}", get_task, methods=["GET"]),
-    Route(f"{PREFIX}/tasks/{{id}}", update_task, methods=["PUT"]),
-    Route(f"{PREFIX}/tasks/{{id}}/complete", complete_task, methods=["POST"]),
-    Route(f"{PREFIX}/tasks/{{id}}/fail", fail_task, methods=["POST"]),
-    Route(f"{PREFIX}/tasks/{{id}}/cancel", cancel_task, methods=["POST"]),
-    Route(f"{PREFIX}/tasks/{{id}}/retry", retry_task, methods=["POST"]),
-    Route(f"{PREFIX}/statistics", statistics, methods=["GET"]),
+    resource("/openapi.json", get=openapi),
+    resource("/tasks", get=list_tasks, post=create_task),
+    resource("/tasks/next", get=next_task),  # before {id}: "next" is no id
+    resource("/tasks/{id}", get=get_task, put=update_task),
+    resource("/tasks/{id}/complete", post=complete_task),
+    resource("/tasks/{id}/fail", post=fail_task),
+    resource("/tasks/{id}/cancel", post=cancel_task),
+    resource("/tasks/{id}/retry", post=retry_task),
+    resource("/statistics", get=statistics),
 ]

@@ -314,3 +314,57 @@ async def test_scopes_are_enforced_per_route(database_url: str) -> None:
         failed(
             await http.get(f"{API}/tasks/next", params=params, headers=as_reader), 403, "FORBIDDEN"
         )
+
+
+async def test_a_method_a_path_lacks_is_405_naming_every_method_it_has(
+    http: httpx.AsyncClient,
+) -> None:
+    task = await submit(http)
+    expected = {
+        f"{API}/tasks": "GET, HEAD, POST",
+        f"{API}/tasks/next": "GET, HEAD",
+        f"{API}/tasks/{task['id']}": "GET, HEAD, PUT",
+        f"{API}/tasks/{task['id']}/complete": "POST",
+        f"{API}/tasks/{task['id']}/fail": "POST",
+        f"{API}/tasks/{task['id']}/cancel": "POST",
+        f"{API}/tasks/{task['id']}/retry": "POST",
+        f"{API}/statistics": "GET, HEAD",
+        f"{API}/openapi.json": "GET, HEAD",
+    }
+    for path, allow in expected.items():
+        for method in ("OPTIONS", "DELETE", "PATCH"):
+            response = await http.request(method, path)
+            failed(response, 405, "METHOD_NOT_ALLOWED")
+            assert response.headers["allow"] == allow, (method, path)
+    response = await http.put(f"{API}/tasks/next", json={"expected_version": 1, "prompt": "p"})
+    failed(response, 405, "METHOD_NOT_ALLOWED")
+    assert response.headers["allow"] == "GET, HEAD"
+
+
+async def test_whole_numbers_written_with_a_fraction_are_whole_numbers(
+    http: httpx.AsyncClient,
+) -> None:
+    task = await submit(http, max_retries=13.0)
+    assert task["max_retries"] == 13
+    body = {"expected_version": float(task["version"]), "max_retries": 2.0}
+    assert ok(await http.put(f"{API}/tasks/{task['id']}", json=body))["max_retries"] == 2
+    failed(await http.post(f"{API}/tasks", json={"work_directory": "/r", "prompt": "p",
+                                                 "max_retries": 1.5}), 400, "VALIDATION_ERROR")  # fmt: skip
+
+
+async def test_openapi_declares_bearer_keys_and_the_middlewares_refusals(
+    http: httpx.AsyncClient,
+) -> None:
+    document = (await http.get(f"{API}/openapi.json")).json()
+    assert document["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": document["components"]["securitySchemes"]["bearer"]["description"],
+    }
+    assert document["security"] == [{"bearer": []}]
+    for path in document["paths"].values():
+        for operation in path.values():
+            assert {"401", "403", "413", "429", "503"} <= set(operation["responses"])
+            assert "Retry-After" in operation["responses"]["429"]["headers"]
+    update = document["paths"]["/api/v1/tasks/{id}"]["put"]["requestBody"]
+    assert "anyOf" in update["content"]["application/json"]["schema"]
