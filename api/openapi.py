@@ -6,6 +6,7 @@ import functools
 from typing import Any
 
 from api import __version__, domain
+from api.envelope import PREFIX
 from api.schemas import StatisticsOut, TaskList, TaskOut
 from api.service import MAX_OFFSET
 
@@ -229,7 +230,7 @@ def document() -> dict[str, Any]:
             "details) or null, timestamp.",
         },
         "paths": {
-            "/api/v1/tasks": {
+            f"{PREFIX}/tasks": {
                 "post": {
                     "summary": "Queue a task",
                     "description": "An existing idempotency_key returns its task unchanged.",
@@ -262,7 +263,7 @@ def document() -> dict[str, Any]:
                     },
                 },
             },
-            "/api/v1/tasks/next": {
+            f"{PREFIX}/tasks/next": {
                 "get": {
                     "summary": "Claim the next task of a work directory",
                     "description": "data is null when no task is claimable, after waiting"
@@ -294,7 +295,7 @@ def document() -> dict[str, Any]:
                     },
                 },
             },
-            "/api/v1/tasks/{id}": {
+            f"{PREFIX}/tasks/{{id}}": {
                 "get": {
                     "summary": "One task",
                     "parameters": [_ID],
@@ -306,7 +307,7 @@ def document() -> dict[str, Any]:
                     "Only while the task is still at expected_version.",
                 ),
             },
-            "/api/v1/tasks/{id}/complete": {
+            f"{PREFIX}/tasks/{{id}}/complete": {
                 "post": _task_action(
                     "Complete a task you hold",
                     _body(
@@ -320,7 +321,7 @@ def document() -> dict[str, Any]:
                     "An original_prompt that differs from the task's prompt is a CONFLICT.",
                 ),
             },
-            "/api/v1/tasks/{id}/fail": {
+            f"{PREFIX}/tasks/{{id}}/fail": {
                 "post": _task_action(
                     "Fail a task you hold",
                     _body(
@@ -334,7 +335,7 @@ def document() -> dict[str, Any]:
                     "Retried with backoff while retries remain, unless retry is false.",
                 ),
             },
-            "/api/v1/tasks/{id}/cancel": {
+            f"{PREFIX}/tasks/{{id}}/cancel": {
                 "post": _task_action(
                     "Cancel a WAITING or WORKING task",
                     _body(
@@ -345,12 +346,12 @@ def document() -> dict[str, Any]:
                     "The reason is kept as the task's error message.",
                 ),
             },
-            "/api/v1/tasks/{id}/retry": {
+            f"{PREFIX}/tasks/{{id}}/retry": {
                 "post": _task_action(
                     "Queue a FAILED or CANCELLED task again", None, "With a fresh retry budget."
                 ),
             },
-            "/api/v1/statistics": {
+            f"{PREFIX}/statistics": {
                 "get": {
                     "summary": "Tasks per status",
                     "parameters": [

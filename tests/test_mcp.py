@@ -135,7 +135,7 @@ async def test_fail_cancel_retry_list_and_statistics(tools: MCPServer) -> None:
         assert (await call(client, "get_statistics", work_directory="/other"))["total"] == 1
 
 
-async def test_bad_input_is_a_tool_error_with_the_graphql_message(
+async def test_bad_input_is_a_tool_error_naming_the_argument_as_the_tool_does(
     tools: MCPServer, gql: GraphQLClient
 ) -> None:
     async with Client(tools) as client:
@@ -143,9 +143,13 @@ async def test_bad_input_is_a_tool_error_with_the_graphql_message(
             'mutation { submitTask(input: {workDirectory: "repo", prompt: "x"}) { id } }'
         )
         text = await error(client, "create_task", work_directory="repo", prompt="x")
-        assert graphql["message"] in text
+        assert text.endswith(": work_directory must be an absolute POSIX path starting with '/'")
+        assert text.endswith(graphql["message"].replace("workDirectory", "work_directory"))
+        text = await error(client, "get_next_task", work_directory="/r", worker_id=" ")
+        assert text.endswith(": worker_id must be 1 to 255 characters")
         graphql = await gql.error('query { statistics(workDirectory: "/a/../b") { total } }')
-        assert graphql["message"] in await error(client, "get_statistics", work_directory="/a/../b")
+        text = await error(client, "get_statistics", work_directory="/a/../b")
+        assert text.endswith(graphql["message"].replace("workDirectory", "work_directory"))
         assert "no task with id" in await error(
             client, "get_task", task_id="7b0f5c1e-0000-4000-8000-000000000000"
         )

@@ -78,7 +78,7 @@ async def test_bad_input_is_400_with_the_graphql_message_and_snake_case_field(
         400,
         "VALIDATION_ERROR",
     )
-    assert error["message"] == "workDirectory must be an absolute POSIX path starting with '/'"
+    assert error["message"] == "work_directory must be an absolute POSIX path starting with '/'"
     assert error["details"] == {"field": "work_directory"}
     error = failed(
         await http.post(f"{API}/tasks", json={"work_directory": "/r", "prompt": "x", "priorty": 1}),
