@@ -5,13 +5,14 @@ WebSocket upgrade) it resolves the caller once and stores a `Principal` in `scop
 handler reads it as `request.state.principal` (or `principal_of(request)`). Only `OPEN_PATHS`
 (`/health`, `/metrics`) are served without it.
 
-Interfaces enforce scopes with one call, the same everywhere:
+Interfaces enforce scopes with one call, the same everywhere, naming the service operation:
 
-    from api.auth import principal_of, require_scope
-    require_scope(principal_of(request), "submit")   # raises Forbidden (code FORBIDDEN)
+    from api.auth import principal_of, require
+    require(principal_of(request), "cancel")   # raises Forbidden (code FORBIDDEN)
 
-Scopes: `read` (reads and subscriptions), `submit` (submit, cancel, retry, update), `work` (claim,
-heartbeat, complete, fail, release) and `admin` (everything).
+`OPERATION_SCOPES` is the one table of which scope each operation needs: `read` (reads and
+subscriptions), `submit` (submit, cancel, retry, update), `work` (claim, heartbeat, complete, fail,
+release); `admin` allows everything, and is what an operation missing from the table needs.
 
 Errors the middleware answers itself: 401 UNAUTHENTICATED, 429 RATE_LIMITED (with Retry-After),
 413 PAYLOAD_TOO_LARGE, 503 UNAVAILABLE. Under `/api/v1` the body is the REST envelope; elsewhere it
@@ -32,15 +33,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from api.cli import command
+from api.envelope import envelope, is_rest
 from api.errors import (
-    Forbidden,
     PayloadTooLarge,
     RateLimited,
     TaskorchError,
     Unauthenticated,
     Unavailable,
+    forbidden,
+    missing_key,
 )
-from api.keys import ADMIN, SCOPES, hash_key
+from api.keys import ADMIN, READ, SCOPES, SUBMIT, WORK, hash_key
 from api.metrics import RATE_LIMITED
 from api.ratelimit import RateLimiter
 from api.redact import redact
@@ -59,7 +62,6 @@ OPEN_PATHS = frozenset({"/health", "/metrics"})
 # WebSocket paths whose handler takes the key from its connection_init message and closes the
 # socket with 4401 itself; every other socket needs a valid key on the upgrade request.
 SOCKET_PATHS = frozenset({"/graphql"})
-REST_PREFIX = "/api/v1"
 # Keys are looked up on every request, uncached: a revoked key, or the first key created while the
 # server runs, takes effect on the very next request, in every replica. Each lookup is one indexed
 # read.
@@ -83,16 +85,37 @@ class Principal:
 LOCAL = Principal(name="local", scopes=frozenset(SCOPES), anonymous=True)
 
 
+# The scope each service operation needs, for every interface; `read` covers every read.
+OPERATION_SCOPES = {
+    "read": READ,
+    "submit": SUBMIT,
+    "cancel": SUBMIT,
+    "retry": SUBMIT,
+    "update": SUBMIT,
+    "claim": WORK,
+    "heartbeat": WORK,
+    "complete": WORK,
+    "fail": WORK,
+    "release": WORK,
+}
+
+
+def scope_of(operation: str) -> str:
+    """The scope `operation` needs; one nobody listed needs `admin`."""
+    return OPERATION_SCOPES.get(operation, ADMIN)
+
+
+def require(principal: Principal | None, operation: str) -> Principal:
+    """Raise Unauthenticated without a principal, Forbidden when it may not run `operation`."""
+    return require_scope(principal, scope_of(operation))
+
+
 def require_scope(principal: Principal | None, scope: str) -> Principal:
     """Raise Unauthenticated without a principal, Forbidden when it lacks `scope`."""
     if principal is None:
-        raise Unauthenticated("missing API key: send the header 'Authorization: Bearer KEY'")
+        raise missing_key()
     if not principal.allows(scope):
-        granted = ", ".join(sorted(principal.scopes)) or "none"
-        raise Forbidden(
-            f"the API key {principal.name!r} lacks the {scope!r} scope (it has: {granted})",
-            details={"requiredScope": scope},
-        )
+        raise forbidden(principal.name, principal.scopes, scope)
     return principal
 
 
@@ -169,7 +192,7 @@ class Gate:
                 "no API key exists yet, so this server only serves loopback clients; create one "
                 f"with `{CREATE_KEY_HINT.format(command=command(), url='URL')}` and send 'Authorization: Bearer KEY'"
             )
-        raise Unauthenticated("missing API key: send the header 'Authorization: Bearer KEY'")
+        raise missing_key()
 
     async def still_valid(self, principal: Principal) -> bool:
         """Whether a principal resolved earlier (a WebSocket's) may still act: not revoked since."""
@@ -208,13 +231,8 @@ def rate_limited(wait: float) -> RateLimited:
 
 def error_body(path: str, error: TaskorchError) -> bytes:
     """The JSON an interface expects for an error raised before it ran."""
-    if path == REST_PREFIX or path.startswith(REST_PREFIX + "/"):
-        body: dict[str, Any] = {
-            "success": False,
-            "data": None,
-            "error": {"code": error.code, "message": error.message, "details": error.details},
-            "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-        }
+    if is_rest(path):
+        body = envelope(None, error)
     else:
         body = {
             "data": None,
@@ -228,7 +246,7 @@ def error_headers(error: TaskorchError) -> list[tuple[bytes, bytes]]:
     if isinstance(error, Unauthenticated):
         headers.append((b"www-authenticate", b'Bearer realm="taskorch"'))
     if isinstance(error, RateLimited):
-        headers.append((b"retry-after", str(int(error.retry_after)).encode()))
+        headers.append((b"retry-after", error.retry_after_header.encode()))
     return headers
 
 

@@ -7,7 +7,7 @@ import json
 import posixpath
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -185,10 +185,11 @@ class Backoff:
         return timedelta(seconds=full * (0.5 + 0.5 * jitter))
 
 
-# --- validation: every function raises ValidationError naming the client-facing field ---
+# --- validation: every function raises ValidationError naming the field in snake_case; each
+# interface shows the name as its clients spell it ---
 
 
-def check_work_directory(value: object, field: str = "workDirectory") -> str:
+def check_work_directory(value: object, field: str = "work_directory") -> str:
     if not isinstance(value, str) or not value:
         raise ValidationError(field, f"{field} is required: give an absolute path such as /repo")
     if "\x00" in value:
@@ -256,7 +257,7 @@ def check_tag(value: object, field: str = "tag") -> str:
     return value
 
 
-def check_max_retries(value: object, field: str = "maxRetries") -> int:
+def check_max_retries(value: object, field: str = "max_retries") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES:
         raise ValidationError(field, f"{field} must be a whole number from 0 to {MAX_RETRIES}")
     return value
@@ -301,7 +302,7 @@ def check_text(value: object, field: str, *, required: bool = True) -> str | Non
     return value
 
 
-def check_worker_id(value: object, field: str = "workerId") -> str:
+def check_worker_id(value: object, field: str = "worker_id") -> str:
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_WORKER_ID:
         raise ValidationError(field, f"{field} must be 1 to {MAX_WORKER_ID} characters")
     if "\x00" in value:
@@ -309,7 +310,7 @@ def check_worker_id(value: object, field: str = "workerId") -> str:
     return value
 
 
-def check_idempotency_key(value: object, field: str = "idempotencyKey") -> str | None:
+def check_idempotency_key(value: object, field: str = "idempotency_key") -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value or len(value) > MAX_IDEMPOTENCY_KEY:
@@ -324,7 +325,7 @@ def check_task_id(value: object, field: str = "id") -> str:
         raise ValidationError(field, f"{field} must be a task id (a UUID)") from None
 
 
-def check_lease_seconds(value: object, field: str = "leaseSeconds") -> int:
+def check_lease_seconds(value: object, field: str = "lease_seconds") -> int:
     if value is None:
         return DEFAULT_LEASE_SECONDS
     if isinstance(value, bool) or not isinstance(value, int):
@@ -334,7 +335,7 @@ def check_lease_seconds(value: object, field: str = "leaseSeconds") -> int:
     return value
 
 
-def check_wait_seconds(value: object, field: str = "waitSeconds") -> float:
+def check_wait_seconds(value: object, field: str = "wait_seconds") -> float:
     if value is None:
         return 0.0
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
@@ -348,7 +349,7 @@ MAX_INT32 = 2**31 - 1
 MAX_INT64 = 2**63 - 1
 
 
-def check_version(value: object, field: str = "expectedVersion") -> int:
+def check_version(value: object, field: str = "expected_version") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT32:
         raise ValidationError(field, f"{field} must be a task version: a whole number >= 0")
     return value
@@ -397,7 +398,7 @@ def task_spec(
 ) -> TaskSpec:
     """Validate one submission; `prefix` names its place in a batch, e.g. `inputs[3].`."""
     return TaskSpec(
-        work_directory=check_work_directory(work_directory, f"{prefix}workDirectory"),
+        work_directory=check_work_directory(work_directory, f"{prefix}work_directory"),
         prompt=check_prompt(prompt, f"{prefix}prompt"),
         priority=TaskPriority.MEDIUM
         if priority is None
@@ -405,10 +406,26 @@ def task_spec(
         tags=check_tags(tags, f"{prefix}tags"),
         max_retries=DEFAULT_MAX_RETRIES
         if max_retries is None
-        else check_max_retries(max_retries, f"{prefix}maxRetries"),
+        else check_max_retries(max_retries, f"{prefix}max_retries"),
         metadata=check_metadata(metadata, f"{prefix}metadata"),
-        idempotency_key=check_idempotency_key(idempotency_key, f"{prefix}idempotencyKey"),
-        run_after=None if run_after is None else check_aware(run_after, f"{prefix}runAfter"),
+        idempotency_key=check_idempotency_key(idempotency_key, f"{prefix}idempotency_key"),
+        run_after=None if run_after is None else check_aware(run_after, f"{prefix}run_after"),
+    )
+
+
+def task_filter(
+    *,
+    statuses: Iterable[object] = (),
+    work_directory: object = None,
+    priority: object = None,
+    tag: object = None,
+) -> TaskFilter:
+    """Validate the filters of a task listing; None (or no status) leaves that filter out."""
+    return TaskFilter(
+        statuses=tuple(check_status(status) for status in statuses),
+        work_directory=None if work_directory is None else check_work_directory(work_directory),
+        priority=None if priority is None else check_priority(priority),
+        tag=None if tag is None else check_tag(tag),
     )
 
 

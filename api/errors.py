@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
+
+INTERNAL_MESSAGE = (
+    "internal error: the server logged the details; try again or contact the operator"
+)
 
 
 class TaskorchError(Exception):
@@ -51,6 +57,11 @@ class Forbidden(TaskorchError):
     http_status = 403
 
 
+class MethodNotAllowed(TaskorchError):
+    code = "METHOD_NOT_ALLOWED"
+    http_status = 405
+
+
 class PayloadTooLarge(TaskorchError):
     code = "PAYLOAD_TOO_LARGE"
     http_status = 413
@@ -64,6 +75,11 @@ class RateLimited(TaskorchError):
         super().__init__(message, details={"retryAfter": retry_after})
         self.retry_after = retry_after
 
+    @property
+    def retry_after_header(self) -> str:
+        """The Retry-After value: whole seconds, rounded up so a client retrying then succeeds."""
+        return str(max(1, math.ceil(self.retry_after)))
+
 
 class Unavailable(TaskorchError):
     """The server cannot serve this right now (database down, shutting down)."""
@@ -75,3 +91,28 @@ class Unavailable(TaskorchError):
 class InternalError(TaskorchError):
     code = "INTERNAL_ERROR"
     http_status = 500
+
+
+def missing_key() -> Unauthenticated:
+    return Unauthenticated("missing API key: send the header 'Authorization: Bearer KEY'")
+
+
+def forbidden(
+    key_name: str, granted: Iterable[str], scope: str, *, operation: str | None = None
+) -> Forbidden:
+    """A key without `scope`; `operation` names what it tried (GraphQL names the root field)."""
+    has = ", ".join(sorted(granted)) or "none"
+    if operation is None:
+        return Forbidden(
+            f"the API key {key_name!r} lacks the {scope!r} scope (it has: {has})",
+            details={"requiredScope": scope},
+        )
+    return Forbidden(
+        f"the API key {key_name!r} may not use {operation}: it needs the {scope!r} scope "
+        f"(it has: {has})",
+        details={"field": operation, "requiredScope": scope},
+    )
+
+
+def internal_error() -> InternalError:
+    return InternalError(INTERNAL_MESSAGE)

@@ -14,11 +14,10 @@ from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import Field
 
 from api import __version__, domain
-from api.auth import principal_of, require_scope
-from api.domain import TaskFilter
-from api.errors import TaskorchError
+from api.auth import principal_of, require
+from api.errors import TaskorchError, internal_error
 from api.runtime import runtime
-from api.schemas import StatisticsOut, TaskList, TaskOut
+from api.schemas import NextTask, StatisticsOut, TaskList, TaskOut
 from api.service import TaskService
 from api.settings import Settings
 
@@ -26,9 +25,6 @@ log = logging.getLogger("taskorch.mcp")
 
 T = TypeVar("T")
 
-INTERNAL_MESSAGE = (
-    "internal error: the server logged the details; try again or contact the operator"
-)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 INSTRUCTIONS = (
@@ -55,12 +51,12 @@ LeaseSeconds = Annotated[
 ]
 
 
-async def _call(ctx: Context, scope: str, work: Callable[[], Awaitable[T]]) -> T:
-    """Run one service call; a client error becomes a tool error carrying the service's message."""
+async def _call(ctx: Context, operation: str, work: Callable[[], Awaitable[T]]) -> T:
+    """Run service `operation`; a client error becomes a tool error carrying the service's message."""
     try:
         request = ctx.request_context.request
         if request is not None:  # over stdio the caller is the local user, who holds the database
-            require_scope(principal_of(request), scope)
+            require(principal_of(request), operation)
         return await work()
     except TaskorchError as exc:
         raise ToolError(exc.message) from exc
@@ -68,7 +64,7 @@ async def _call(ctx: Context, scope: str, work: Callable[[], Awaitable[T]]) -> T
         raise
     except Exception as exc:
         log.exception("unexpected error in an MCP tool")
-        raise ToolError(INTERNAL_MESSAGE) from exc
+        raise ToolError(internal_error().message) from exc
 
 
 def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
@@ -116,19 +112,20 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
             float | None,
             Field(description="Wait up to this long (max 60 s) for a task when none is queued."),
         ] = None,
-    ) -> TaskOut | None:
+    ) -> NextTask:
         """Claim the next task to work on in a work directory (highest priority, oldest first).
-        The task becomes WORKING and yours until its lease ends. Returns nothing when no task is
-        waiting. Next: do what its prompt says in its work_directory, then complete_task (or
+        The task becomes WORKING and yours until its lease ends; it is returned like every other
+        tool returns a task, with `id` at the top level. When no task is claimable (after waiting
+        up to wait_seconds) it returns {"task": null} instead. Next: do what its prompt says in its work_directory, then complete_task (or
         fail_task); call heartbeat before the lease ends if the work takes longer."""
         tasks = await _call(
             ctx,
-            "work",
+            "claim",
             lambda: service().claim(
                 work_directory, worker_id, lease_seconds=lease_seconds, wait_seconds=wait_seconds
             ),
         )
-        return TaskOut.of(tasks[0]) if tasks else None
+        return NextTask.of(tasks[0] if tasks else None)
 
     @server.tool()
     async def complete_task(
@@ -142,7 +139,7 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
         """Mark a task you claimed with get_next_task as done, with its result. Next: call
         get_next_task again for more work."""
         return TaskOut.of(
-            await _call(ctx, "work", lambda: service().complete(task_id, worker_id, result))
+            await _call(ctx, "complete", lambda: service().complete(task_id, worker_id, result))
         )
 
     @server.tool()
@@ -159,7 +156,7 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
         backoff) while retries remain, unless retry is false; otherwise it ends FAILED. Next:
         get_next_task for other work."""
         return TaskOut.of(
-            await _call(ctx, "work", lambda: service().fail(task_id, worker_id, error, retry))
+            await _call(ctx, "fail", lambda: service().fail(task_id, worker_id, error, retry))
         )
 
     @server.tool()
@@ -170,7 +167,9 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
         lease_seconds from now. Call it well before lease_expires_at while the work goes on; a
         task whose lease runs out goes back to the queue for someone else."""
         return TaskOut.of(
-            await _call(ctx, "work", lambda: service().heartbeat(task_id, worker_id, lease_seconds))
+            await _call(
+                ctx, "heartbeat", lambda: service().heartbeat(task_id, worker_id, lease_seconds)
+            )
         )
 
     @server.tool()
@@ -194,12 +193,10 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
         to find a task or see what is queued; has_more says whether to ask for the next page."""
 
         async def page() -> TaskList:
-            where = TaskFilter(
-                statuses=() if status is None else (domain.check_status(status),),
-                work_directory=None
-                if work_directory is None
-                else domain.check_work_directory(work_directory),
-                tag=None if tag is None else domain.check_tag(tag),
+            where = domain.task_filter(
+                statuses=() if status is None else (status,),
+                work_directory=work_directory,
+                tag=tag,
             )
             found = await service().list_page(where, limit, offset)
             tasks = [TaskOut.of(t) for t in found.tasks]
@@ -217,13 +214,13 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
     ) -> TaskOut:
         """Cancel a task that is WAITING or WORKING, so nobody (else) works on it. retry_task
         queues it again later."""
-        return TaskOut.of(await _call(ctx, "submit", lambda: service().cancel(task_id, reason)))
+        return TaskOut.of(await _call(ctx, "cancel", lambda: service().cancel(task_id, reason)))
 
     @server.tool()
     async def retry_task(ctx: Context, task_id: TaskId) -> TaskOut:
         """Queue a FAILED or CANCELLED task again, with a fresh retry budget. Next: get_task to
         follow it."""
-        return TaskOut.of(await _call(ctx, "submit", lambda: service().retry(task_id)))
+        return TaskOut.of(await _call(ctx, "retry", lambda: service().retry(task_id)))
 
     @server.tool()
     async def get_statistics(

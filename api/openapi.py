@@ -6,6 +6,7 @@ import functools
 from typing import Any
 
 from api import __version__, domain
+from api.envelope import PREFIX
 from api.schemas import StatisticsOut, TaskList, TaskOut
 from api.service import MAX_OFFSET
 
@@ -20,18 +21,62 @@ _ERROR_STATUSES = {
     "403": "FORBIDDEN: the key lacks the scope this route needs",
     "404": "NOT_FOUND: no task with this id",
     "409": "CONFLICT: the task is not in a state that allows this",
+    "413": "PAYLOAD_TOO_LARGE: the body exceeds TASKORCH_MAX_BODY_BYTES",
     "429": "RATE_LIMITED: too many requests; retry after the Retry-After header",
     "500": "INTERNAL_ERROR: the server logged the details",
+    "503": "UNAVAILABLE: the server is starting, stopping or cannot reach its database",
 }
+# Headers the server sends with some errors, as the clients that read them expect.
+_ERROR_HEADERS: dict[str, dict[str, Any]] = {
+    "401": {
+        "WWW-Authenticate": {
+            "description": "Bearer, the scheme to authenticate with",
+            "required": True,
+            "schema": {"type": "string"},
+        }
+    },
+    "429": {
+        "Retry-After": {
+            "description": "Whole seconds to wait before the next request",
+            "required": True,
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
+}
+SECURITY_SCHEME = "bearer"
+
+# What str.strip() removes, as regex escapes: the domain refuses text made only of these.
+_SPACE = "".join(f"\\u{ord(c):04x}" for c in map(chr, range(0x3001)) if c.isspace())
+_NON_BLANK = f"[^{_SPACE}]"
+# Non-blank and without a NUL character.
+_TEXT = f"^[^\\u0000]*[^\\u0000{_SPACE}][^\\u0000]*$"
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """Optional fields also take an explicit null, meaning "the default"."""
+    return {"anyOf": [schema, {"type": "null"}]}
+
 
 _TAGS: dict[str, Any] = {
     "type": "array",
     "items": {"type": "string", "pattern": "^[A-Za-z0-9_.:\\-]+$", "minLength": 1, "maxLength": 64},
     "maxItems": domain.MAX_TAGS,
 }
-_WORK_DIRECTORY = {"type": "string", "pattern": "^/", "minLength": 1, "maxLength": 512}
-_PROMPT = {"type": "string", "minLength": 1, "maxLength": domain.MAX_PROMPT}
-_WORKER_ID = {"type": "string", "minLength": 1, "maxLength": domain.MAX_WORKER_ID}
+_WORK_DIRECTORY = {
+    "type": "string",
+    # absolute, no `..` segment, no NUL
+    "pattern": "^(?![^\\u0000]*(^|/)\\.\\.(/[^\\u0000]*)?$)/[^\\u0000]*$",
+    "minLength": 1,
+    "maxLength": domain.MAX_WORK_DIRECTORY,
+}
+_PROMPT = {"type": "string", "pattern": _TEXT, "minLength": 1, "maxLength": domain.MAX_PROMPT}
+_WORKER_ID = {
+    "type": "string",
+    "pattern": _TEXT,
+    "minLength": 1,
+    "maxLength": domain.MAX_WORKER_ID,
+}
+_MESSAGE = {"type": "string", "pattern": _NON_BLANK, "minLength": 1, "maxLength": domain.MAX_TEXT}
 _MAX_RETRIES = {"type": "integer", "minimum": 0, "maximum": domain.MAX_RETRIES}
 
 
@@ -62,20 +107,27 @@ def _errors(*codes: str) -> dict[str, Any]:
         code: {
             "description": _ERROR_STATUSES[code],
             "content": {"application/json": {"schema": error_ref}},
+            **({"headers": _ERROR_HEADERS[code]} if code in _ERROR_HEADERS else {}),
         }
         for code in chosen
     }
 
 
 def _body(
-    properties: dict[str, Any], required: list[str], *, optional: bool = False
+    properties: dict[str, Any],
+    required: list[str],
+    *,
+    optional: bool = False,
+    any_of: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    schema = {
+    schema: dict[str, Any] = {
         "type": "object",
         "properties": properties,
         "required": required,
         "additionalProperties": False,
     }
+    if any_of:
+        schema["anyOf"] = any_of
     return {"required": not optional, "content": {"application/json": {"schema": schema}}}
 
 
@@ -138,29 +190,36 @@ def document() -> dict[str, Any]:
             "timestamp": {"type": "string", "format": "date-time"},
         },
     }
+    optional = {
+        "priority": {"enum": PRIORITIES},
+        "tags": _TAGS,
+        "max_retries": _MAX_RETRIES,
+        "metadata": {"type": "object"},
+    }
     submit = _body(
         {
             "work_directory": _WORK_DIRECTORY,
             "prompt": _PROMPT,
-            "priority": {"enum": PRIORITIES},
-            "tags": _TAGS,
-            "max_retries": _MAX_RETRIES,
-            "metadata": {"type": "object"},
-            "idempotency_key": {"type": "string", "minLength": 1, "maxLength": 255},
-            "run_after": {"type": "string", "format": "date-time"},
+            **{name: _nullable(schema) for name, schema in optional.items()},
+            "idempotency_key": _nullable(
+                {"type": "string", "minLength": 1, "maxLength": domain.MAX_IDEMPOTENCY_KEY}
+            ),
+            "run_after": _nullable({"type": "string", "format": "date-time"}),
         },
         ["work_directory", "prompt"],
     )
+    changeable = {"prompt": _PROMPT, **optional}
     update = _body(
         {
-            "expected_version": {"type": "integer"},
-            "prompt": _PROMPT,
-            "priority": {"enum": PRIORITIES},
-            "tags": _TAGS,
-            "metadata": {"type": "object"},
-            "max_retries": _MAX_RETRIES,
+            "expected_version": {"type": "integer", "minimum": 0, "maximum": domain.MAX_INT32},
+            **{name: _nullable(schema) for name, schema in changeable.items()},
         },
         ["expected_version"],
+        # null leaves a field as it is, and at least one field must change
+        any_of=[
+            {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+            for name in changeable
+        ],
     )
     return {
         "openapi": "3.1.0",
@@ -171,7 +230,7 @@ def document() -> dict[str, Any]:
             "details) or null, timestamp.",
         },
         "paths": {
-            "/api/v1/tasks": {
+            f"{PREFIX}/tasks": {
                 "post": {
                     "summary": "Queue a task",
                     "description": "An existing idempotency_key returns its task unchanged.",
@@ -204,13 +263,18 @@ def document() -> dict[str, Any]:
                     },
                 },
             },
-            "/api/v1/tasks/next": {
+            f"{PREFIX}/tasks/next": {
                 "get": {
                     "summary": "Claim the next task of a work directory",
                     "description": "data is null when no task is claimable, after waiting"
                     " up to wait_seconds.",
                     "parameters": [
-                        _query("work_path", _WORK_DIRECTORY, "The work directory", required=True),
+                        _query(
+                            "work_directory",
+                            _WORK_DIRECTORY,
+                            "The work directory (`work_path`, its older name, is accepted too)",
+                            required=True,
+                        ),
                         _query("worker_id", _WORKER_ID, "Who claims", required=True),
                         _query(
                             "lease_seconds",
@@ -231,7 +295,7 @@ def document() -> dict[str, Any]:
                     },
                 },
             },
-            "/api/v1/tasks/{id}": {
+            f"{PREFIX}/tasks/{{id}}": {
                 "get": {
                     "summary": "One task",
                     "parameters": [_ID],
@@ -243,27 +307,27 @@ def document() -> dict[str, Any]:
                     "Only while the task is still at expected_version.",
                 ),
             },
-            "/api/v1/tasks/{id}/complete": {
+            f"{PREFIX}/tasks/{{id}}/complete": {
                 "post": _task_action(
                     "Complete a task you hold",
                     _body(
                         {
                             "worker_id": _WORKER_ID,
                             "result": {},
-                            "original_prompt": {"type": "string"},
+                            "original_prompt": _nullable({"type": "string"}),
                         },
                         ["worker_id"],
                     ),
                     "An original_prompt that differs from the task's prompt is a CONFLICT.",
                 ),
             },
-            "/api/v1/tasks/{id}/fail": {
+            f"{PREFIX}/tasks/{{id}}/fail": {
                 "post": _task_action(
                     "Fail a task you hold",
                     _body(
                         {
                             "worker_id": _WORKER_ID,
-                            "error": {"type": "string", "minLength": 1},
+                            "error": _MESSAGE,
                             "retry": {"type": "boolean"},
                         },
                         ["worker_id", "error"],
@@ -271,19 +335,23 @@ def document() -> dict[str, Any]:
                     "Retried with backoff while retries remain, unless retry is false.",
                 ),
             },
-            "/api/v1/tasks/{id}/cancel": {
+            f"{PREFIX}/tasks/{{id}}/cancel": {
                 "post": _task_action(
                     "Cancel a WAITING or WORKING task",
-                    _body({"reason": {"type": "string"}}, [], optional=True),
+                    _body(
+                        {"reason": _nullable({"type": "string", "maxLength": domain.MAX_TEXT})},
+                        [],
+                        optional=True,
+                    ),
                     "The reason is kept in the task's history.",
                 ),
             },
-            "/api/v1/tasks/{id}/retry": {
+            f"{PREFIX}/tasks/{{id}}/retry": {
                 "post": _task_action(
                     "Queue a FAILED or CANCELLED task again", None, "With a fresh retry budget."
                 ),
             },
-            "/api/v1/statistics": {
+            f"{PREFIX}/statistics": {
                 "get": {
                     "summary": "Tasks per status",
                     "parameters": [
@@ -296,5 +364,16 @@ def document() -> dict[str, Any]:
                 },
             },
         },
-        "components": {"schemas": schemas},
+        "security": [{SECURITY_SCHEME: []}],
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                SECURITY_SCHEME: {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "An API key from `taskorch keys create`. While no key exists, "
+                    "loopback clients are served without one.",
+                }
+            },
+        },
     }

@@ -5,78 +5,66 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from api import domain
-from api.auth import principal_of, require_scope
+from api.auth import principal_of, require
 from api.disconnect import unless_disconnected
-from api.domain import TaskFilter
-from api.errors import RateLimited, TaskorchError, ValidationError
+from api.envelope import PREFIX, envelope
+from api.errors import (
+    MethodNotAllowed,
+    RateLimited,
+    TaskorchError,
+    ValidationError,
+    internal_error,
+)
 from api.schemas import StatisticsOut, TaskList, TaskOut
 from api.service import TaskService
 
 log = logging.getLogger("taskorch.rest")
 
-INTERNAL_MESSAGE = (
-    "internal error: the server logged the details; try again or contact the operator"
-)
-
 Handler = Callable[[Request], Awaitable[tuple[Any, int]]]
 
-_CAMEL = re.compile(r"(?<=[a-z0-9])([A-Z])")
 
-
-def envelope(data: Any, error: dict[str, Any] | None, status: int) -> JSONResponse:
+def respond(data: Any, status: int = 200) -> JSONResponse:
     if isinstance(data, BaseModel):
         data = data.model_dump(mode="json")
-    body = {
-        "success": error is None,
-        "data": data,
-        "error": error,
-        "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
-    }
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(envelope(data, None), status_code=status)
 
 
 def error_response(exc: TaskorchError) -> JSONResponse:
-    """The envelope for a client-facing error; `details.field` names the snake_case field."""
-    details = dict(exc.details)
-    if isinstance(details.get("field"), str):
-        details["field"] = _CAMEL.sub(r"_\1", details["field"]).lower()
-    response = envelope(
-        None, {"code": exc.code, "message": exc.message, "details": details}, exc.http_status
-    )
+    """The envelope for a client-facing error; the domain already names fields in snake_case."""
+    response = JSONResponse(envelope(None, exc), status_code=exc.http_status)
     if isinstance(exc, RateLimited):
-        response.headers["Retry-After"] = str(max(1, round(exc.retry_after)))
+        response.headers["Retry-After"] = exc.retry_after_header
     return response
 
 
-def endpoint(scope: str) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
-    """A route needing `scope`: runs the handler and wraps its answer, or error, in the envelope."""
-    return functools.partial(_endpoint, scope)
+def endpoint(operation: str) -> Callable[[Handler], Callable[[Request], Awaitable[Response]]]:
+    """A route running service `operation`: checks its scope, runs the handler and wraps its
+    answer, or error, in the envelope."""
+    return functools.partial(_endpoint, operation)
 
 
-def _endpoint(scope: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+def _endpoint(operation: str, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     async def run(request: Request) -> Response:
         try:
-            require_scope(principal_of(request), scope)
+            require(principal_of(request), operation)
             data, status = await handler(request)
         except TaskorchError as exc:
             return error_response(exc)
         except Exception:
             log.exception("unexpected error in %s %s", request.method, request.url.path)
-            return envelope(
-                None, {"code": "INTERNAL_ERROR", "message": INTERNAL_MESSAGE, "details": {}}, 500
-            )
-        return envelope(data, None, status)
+            return error_response(internal_error())
+        return respond(data, status)
 
     run.__name__ = handler.__name__
     run.__doc__ = handler.__doc__
@@ -136,8 +124,13 @@ def _bool(body: dict[str, Any], name: str, default: bool) -> bool:
     return value
 
 
+def _whole(value: object) -> object:
+    """A JSON number with no fraction is a whole number, as JSON Schema's `integer` says: 13.0 is 13."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def _int(body: dict[str, Any], name: str) -> int:
-    value = body.get(name)
+    value = _whole(body.get(name))
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(name, f"{name} must be a whole number")
     return value
@@ -152,9 +145,22 @@ def _run_after(value: object) -> datetime | None:
         parsed = None
     if parsed is None:
         raise ValidationError(
-            "runAfter", "runAfter must be an ISO 8601 time, e.g. 2030-01-01T00:00:00Z"
+            "run_after", "run_after must be an ISO 8601 time, e.g. 2030-01-01T00:00:00Z"
         )
-    return domain.check_aware(parsed, "runAfter")
+    return domain.check_aware(parsed, "run_after")
+
+
+def _claim_directory(request: Request) -> str:
+    """`work_directory`, or `work_path` (its name in the original REST design) when it is absent."""
+    query = request.query_params
+    value = query.get("work_directory") or query.get("work_path")
+    if not value:
+        raise ValidationError(
+            "work_directory",
+            "work_directory (or its older name work_path) is required: give an absolute path "
+            "such as /repo",
+        )
+    return domain.check_work_directory(value, "work_directory")
 
 
 # --- routes ---
@@ -174,7 +180,7 @@ async def create_task(request: Request) -> tuple[Any, int]:
         prompt=body.get("prompt"),
         priority=body.get("priority"),
         tags=body.get("tags"),
-        max_retries=body.get("max_retries"),
+        max_retries=_whole(body.get("max_retries")),
         metadata=body.get("metadata"),
         idempotency_key=body.get("idempotency_key"),
         run_after=_run_after(body.get("run_after")),
@@ -185,18 +191,11 @@ async def create_task(request: Request) -> tuple[Any, int]:
 @endpoint("read")
 async def list_tasks(request: Request) -> tuple[Any, int]:
     query = request.query_params
-    work_directory, tag, priority = (
-        query.get("work_directory"),
-        query.get("tag"),
-        query.get("priority"),
-    )
-    where = TaskFilter(
-        statuses=tuple(domain.check_status(s) for s in query.getlist("status")),
-        work_directory=None
-        if work_directory is None
-        else domain.check_work_directory(work_directory),
-        priority=None if priority is None else domain.check_priority(priority),
-        tag=None if tag is None else domain.check_tag(tag),
+    where = domain.task_filter(
+        statuses=query.getlist("status"),
+        work_directory=query.get("work_directory"),
+        priority=query.get("priority"),
+        tag=query.get("tag"),
     )
     limit = _int_param(request, "limit", 50)
     offset = _int_param(request, "offset", 0)
@@ -208,13 +207,12 @@ async def list_tasks(request: Request) -> tuple[Any, int]:
     ), 200
 
 
-@endpoint("work")
+@endpoint("claim")
 async def next_task(request: Request) -> tuple[Any, int]:
     query = request.query_params
-    work_directory = domain.check_work_directory(query.get("work_path"), "work_path")
     wait = _float_param(request, "wait_seconds")
     claim = _service(request).claim(
-        work_directory,
+        _claim_directory(request),
         domain.check_worker_id(query.get("worker_id"), "worker_id"),
         lease_seconds=_int_param(request, "lease_seconds", None),
         wait_seconds=wait,
@@ -228,7 +226,7 @@ async def get_task(request: Request) -> tuple[Any, int]:
     return TaskOut.of(await _service(request).get(request.path_params["id"])), 200
 
 
-@endpoint("submit")
+@endpoint("update")
 async def update_task(request: Request) -> tuple[Any, int]:
     body = await _body(request, UPDATE_FIELDS)
     expected = _int(body, "expected_version")
@@ -237,18 +235,18 @@ async def update_task(request: Request) -> tuple[Any, int]:
         priority=body.get("priority"),
         tags=body.get("tags"),
         metadata=body.get("metadata"),
-        max_retries=body.get("max_retries"),
+        max_retries=_whole(body.get("max_retries")),
     )
     task = await _service(request).update(request.path_params["id"], expected, changes)
     return TaskOut.of(task), 200
 
 
-@endpoint("work")
+@endpoint("complete")
 async def complete_task(request: Request) -> tuple[Any, int]:
     body = await _body(request, {"worker_id", "result", "original_prompt"})
     original = body.get("original_prompt")
     if original is not None and not isinstance(original, str):
-        raise ValidationError("originalPrompt", "originalPrompt must be a string")
+        raise ValidationError("original_prompt", "original_prompt must be a string")
     task = await _service(request).complete(
         request.path_params["id"],
         body.get("worker_id", ""),
@@ -258,7 +256,7 @@ async def complete_task(request: Request) -> tuple[Any, int]:
     return TaskOut.of(task), 200
 
 
-@endpoint("work")
+@endpoint("fail")
 async def fail_task(request: Request) -> tuple[Any, int]:
     body = await _body(request, {"worker_id", "error", "retry"})
     task = await _service(request).fail(
@@ -270,14 +268,14 @@ async def fail_task(request: Request) -> tuple[Any, int]:
     return TaskOut.of(task), 200
 
 
-@endpoint("submit")
+@endpoint("cancel")
 async def cancel_task(request: Request) -> tuple[Any, int]:
     body = await _body(request, {"reason"}, optional=True)
     task = await _service(request).cancel(request.path_params["id"], body.get("reason"))
     return TaskOut.of(task), 200
 
 
-@endpoint("submit")
+@endpoint("retry")
 async def retry_task(request: Request) -> tuple[Any, int]:
     await _body(request, set(), optional=True)
     return TaskOut.of(await _service(request).retry(request.path_params["id"])), 200
@@ -295,18 +293,44 @@ async def openapi(request: Request) -> Response:
     return JSONResponse(document())
 
 
-PREFIX = "/api/v1"
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class Resource:
+    """One path answering every method (an ASGI app, so Starlette leaves the method to us): a
+    method it lacks is a 405 whose Allow header names all it has. Starlette's route per method
+    would name only the first route's, and let `PUT /tasks/next` fall through to `PUT /tasks/{id}`."""
+
+    def __init__(self, **handlers: Endpoint) -> None:
+        self.handlers = {method.upper(): handler for method, handler in handlers.items()}
+        if "GET" in self.handlers:
+            self.handlers["HEAD"] = self.handlers["GET"]
+        self.allow = ", ".join(sorted(self.handlers))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        handler = self.handlers.get(request.method)
+        if handler is None:
+            error = MethodNotAllowed(f"{request.method} is not allowed here; use {self.allow}")
+            response: Response = error_response(error)
+            response.headers["Allow"] = self.allow
+        else:
+            response = await handler(request)
+        await response(scope, receive, send)
+
+
+def resource(path: str, **handlers: Endpoint) -> Route:
+    return Route(PREFIX + path, Resource(**handlers))
+
 
 routes = [
-    Route(f"{PREFIX}/openapi.json", openapi, methods=["GET"]),
-    Route(f"{PREFIX}/tasks", create_task, methods=["POST"]),
-    Route(f"{PREFIX}/tasks", list_tasks, methods=["GET"]),
-    Route(f"{PREFIX}/tasks/next", next_task, methods=["GET"]),  # before {id}: "next" is no id
-    Route(f"{PREFIX}/tasks/{{id}}", get_task, methods=["GET"]),
-    Route(f"{PREFIX}/tasks/{{id}}", update_task, methods=["PUT"]),
-    Route(f"{PREFIX}/tasks/{{id}}/complete", complete_task, methods=["POST"]),
-    Route(f"{PREFIX}/tasks/{{id}}/fail", fail_task, methods=["POST"]),
-    Route(f"{PREFIX}/tasks/{{id}}/cancel", cancel_task, methods=["POST"]),
-    Route(f"{PREFIX}/tasks/{{id}}/retry", retry_task, methods=["POST"]),
-    Route(f"{PREFIX}/statistics", statistics, methods=["GET"]),
+    resource("/openapi.json", get=openapi),
+    resource("/tasks", get=list_tasks, post=create_task),
+    resource("/tasks/next", get=next_task),  # before {id}: "next" is no id
+    resource("/tasks/{id}", get=get_task, put=update_task),
+    resource("/tasks/{id}/complete", post=complete_task),
+    resource("/tasks/{id}/fail", post=fail_task),
+    resource("/tasks/{id}/cancel", post=cancel_task),
+    resource("/tasks/{id}/retry", post=retry_task),
+    resource("/statistics", get=statistics),
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from api.domain import Task
 from api.service import Statistics
@@ -59,6 +59,25 @@ class TaskOut(BaseModel):
             run_after=task.run_after,
             idempotency_key=task.idempotency_key,
         )
+
+
+class NoTask(BaseModel):
+    """What a claim answers when nothing is claimable: an object whose `task` is null."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: None = Field(default=None, description="Always null: no task was claimable.")
+
+
+class NextTask(RootModel[TaskOut | NoTask]):
+    """A claim's answer: the claimed task (with `id` at the top level), or `{"task": null}`."""
+
+    # MCP requires an object at the root of a tool's output schema.
+    model_config = ConfigDict(json_schema_extra={"type": "object"})
+
+    @classmethod
+    def of(cls, task: Task | None) -> NextTask:
+        return cls(NoTask() if task is None else TaskOut.of(task))
 
 
 class TaskList(BaseModel):

@@ -26,7 +26,7 @@ def refused(field: str, **fields: Any) -> None:
     ["", "relative/path", "/a/../b", "/a/\x00b", "/" + "a" * 512, "..", "/.."],
 )
 def test_bad_work_directories_are_refused(value: str) -> None:
-    refused("workDirectory", work_directory=value)
+    refused("work_directory", work_directory=value)
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_good_tags_keep_order_and_drop_duplicates() -> None:
 
 @pytest.mark.parametrize("value", [-1, 101, 1.5, True, "3"])
 def test_bad_max_retries_are_refused(value: Any) -> None:
-    refused("maxRetries", max_retries=value)
+    refused("max_retries", max_retries=value)
 
 
 @pytest.mark.parametrize("value", [[1, 2], "text", 5, {"x": "y" * 70_000}, {"x": float("nan")}])
@@ -77,7 +77,7 @@ def test_bad_metadata_is_refused(value: Any) -> None:
 
 def test_priority_and_run_after() -> None:
     refused("priority", priority="URGENT")
-    refused("runAfter", run_after=datetime(2030, 1, 1))  # naive: no timezone
+    refused("run_after", run_after=datetime(2030, 1, 1))  # naive: no timezone
     assert task_spec(work_directory="/r", prompt="p", priority="high").priority is TaskPriority.HIGH
 
 

@@ -221,3 +221,89 @@ async def test_internal_errors_are_masked(
     error = await gql.error("{ statistics { total } }")
     assert error["extensions"] == {"code": "INTERNAL_ERROR"}
     assert "SELECT" not in error["message"] and "Traceback" not in str(error)
+
+
+ANY_ID = "7b0f5c1e-0000-4000-8000-000000000000"
+
+
+@pytest.mark.parametrize(
+    ("document", "field", "message"),
+    [
+        (
+            'mutation { submitTask(input: {workDirectory: "repo", prompt: "x"}) { id } }',
+            "workDirectory",
+            "workDirectory must be an absolute POSIX path starting with '/'",
+        ),
+        (
+            'mutation { submitTasks(inputs: [{workDirectory: "/r", prompt: "x"},'
+            ' {workDirectory: "/r", prompt: " "}]) { id } }',
+            "inputs[1].prompt",
+            "inputs[1].prompt must be a non-empty string",
+        ),
+        (
+            'mutation { submitTasks(inputs: [{workDirectory: "/r", prompt: "x",'
+            ' idempotencyKey: ""}]) { id } }',
+            "inputs[0].idempotencyKey",
+            "inputs[0].idempotencyKey must be 1 to 255 characters",
+        ),
+        (
+            'mutation { submitTask(input: {workDirectory: "/r", prompt: "x", maxRetries: 101})'
+            " { id } }",
+            "maxRetries",
+            "maxRetries must be a whole number from 0 to 100",
+        ),
+        (
+            'mutation { submitTask(input: {workDirectory: "/r", prompt: "x",'
+            ' runAfter: "2030-01-01T00:00:00"}) { id } }',
+            "runAfter",
+            "runAfter must include a timezone, e.g. 2030-01-01T00:00:00Z",
+        ),
+        (
+            'mutation { claimTask(workDirectory: "/r", workerId: " ") { id } }',
+            "workerId",
+            "workerId must be 1 to 255 characters",
+        ),
+        (
+            'mutation { claimTask(workDirectory: "/r", workerId: "w", leaseSeconds: 0) { id } }',
+            "leaseSeconds",
+            "leaseSeconds must be from 1 to 86400 seconds",
+        ),
+        (
+            'mutation { claimTask(workDirectory: "/r", workerId: "w", waitSeconds: 61) { id } }',
+            "waitSeconds",
+            "waitSeconds must be from 0 to 60 seconds",
+        ),
+        (
+            f'mutation {{ updateTask(id: "{ANY_ID}", expectedVersion: -1, input: {{prompt: "x"}})'
+            " { id } }",
+            "expectedVersion",
+            "expectedVersion must be a task version: a whole number >= 0",
+        ),
+        (
+            f'mutation {{ updateTask(id: "{ANY_ID}", expectedVersion: 1, input: {{}}) {{ id }} }}',
+            "input",
+            "input must change at least one field",
+        ),
+        (
+            'mutation { failTask(id: "nope", workerId: "w", error: "e") { id } }',
+            "id",
+            "id must be a task id (a UUID)",
+        ),
+        (
+            'query { tasks(workDirectory: "x") { totalCount } }',
+            "workDirectory",
+            "workDirectory must be an absolute POSIX path starting with '/'",
+        ),
+        (
+            'query { tasks(tag: "a b") { totalCount } }',
+            "tag",
+            "tag: each tag must be 1 to 64 characters of letters, digits and _.:-",
+        ),
+    ],
+)
+async def test_validation_errors_name_fields_as_graphql_spells_them(
+    gql: GraphQLClient, document: str, field: str, message: str
+) -> None:
+    error = await gql.error(document)
+    assert error["message"] == message
+    assert error["extensions"] == {"code": "VALIDATION_ERROR", "field": field}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -27,8 +28,11 @@ def tools(service: TaskService) -> MCPServer:
 
 
 async def call(client: Client, tool: str, **arguments: Any) -> Any:
+    """The tool's structured result, after checking that its text content says the same."""
     result = await client.call_tool(tool, arguments)
     assert not result.is_error, result.content
+    assert len(result.content) == 1
+    assert json.loads(result.content[0].text) == result.structured_content  # type: ignore[union-attr]
     return result.structured_content
 
 
@@ -67,9 +71,7 @@ async def test_a_task_through_its_whole_life(tools: MCPServer, clock: FakeClock)
         )
         assert again["id"] == created["id"]
 
-        claimed = (await call(client, "get_next_task", work_directory="/repo", worker_id="agent"))[
-            "result"
-        ]
+        claimed = await call(client, "get_next_task", work_directory="/repo", worker_id="agent")
         assert claimed["id"] == created["id"] and claimed["status"] == "WORKING"
         assert claimed["worker_id"] == "agent"
         clock.advance(10)
@@ -84,13 +86,20 @@ async def test_a_task_through_its_whole_life(tools: MCPServer, clock: FakeClock)
         assert await call(client, "get_task", task_id=created["id"]) == done
 
 
-async def test_get_next_task_is_empty_when_nothing_is_claimable(tools: MCPServer) -> None:
+async def test_get_next_task_answers_task_null_when_nothing_is_claimable(tools: MCPServer) -> None:
     async with Client(tools) as client:
-        result = await client.call_tool(
-            "get_next_task", {"work_directory": "/none", "worker_id": "a"}
-        )
-        assert not result.is_error
-        assert result.structured_content == {"result": None} and result.content == []
+        nothing = await call(client, "get_next_task", work_directory="/none", worker_id="a")
+        assert nothing == {"task": None}
+
+
+async def test_get_next_task_returns_the_task_like_every_other_tool(tools: MCPServer) -> None:
+    async with Client(tools) as client:
+        listed = {tool.name: tool for tool in (await client.list_tools()).tools}
+        assert listed["get_next_task"].output_schema["type"] == "object"  # type: ignore[index]
+        created = await call(client, "create_task", work_directory="/repo", prompt="p")
+        claimed = await call(client, "get_next_task", work_directory="/repo", worker_id="w")
+        assert set(claimed) == set(created) and claimed["id"] == created["id"]
+        assert claimed == await call(client, "get_task", task_id=created["id"])
 
 
 async def test_fail_cancel_retry_list_and_statistics(tools: MCPServer) -> None:
@@ -126,7 +135,7 @@ async def test_fail_cancel_retry_list_and_statistics(tools: MCPServer) -> None:
         assert (await call(client, "get_statistics", work_directory="/other"))["total"] == 1
 
 
-async def test_bad_input_is_a_tool_error_with_the_graphql_message(
+async def test_bad_input_is_a_tool_error_naming_the_argument_as_the_tool_does(
     tools: MCPServer, gql: GraphQLClient
 ) -> None:
     async with Client(tools) as client:
@@ -134,9 +143,13 @@ async def test_bad_input_is_a_tool_error_with_the_graphql_message(
             'mutation { submitTask(input: {workDirectory: "repo", prompt: "x"}) { id } }'
         )
         text = await error(client, "create_task", work_directory="repo", prompt="x")
-        assert graphql["message"] in text
+        assert text.endswith(": work_directory must be an absolute POSIX path starting with '/'")
+        assert text.endswith(graphql["message"].replace("workDirectory", "work_directory"))
+        text = await error(client, "get_next_task", work_directory="/r", worker_id=" ")
+        assert text.endswith(": worker_id must be 1 to 255 characters")
         graphql = await gql.error('query { statistics(workDirectory: "/a/../b") { total } }')
-        assert graphql["message"] in await error(client, "get_statistics", work_directory="/a/../b")
+        text = await error(client, "get_statistics", work_directory="/a/../b")
+        assert text.endswith(graphql["message"].replace("workDirectory", "work_directory"))
         assert "no task with id" in await error(
             client, "get_task", task_id="7b0f5c1e-0000-4000-8000-000000000000"
         )
@@ -153,7 +166,10 @@ async def test_tools_over_http_on_a_real_server(server: ServerProcess) -> None:
         claimed = await call(
             client, "get_next_task", work_directory="/srv", worker_id="w", wait_seconds=1
         )
-        assert claimed["result"]["id"] == created["id"]
+        assert claimed["id"] == created["id"] and claimed["status"] == "WORKING"
+        assert await call(client, "get_next_task", work_directory="/srv", worker_id="w") == {
+            "task": None
+        }
         await call(client, "complete_task", task_id=created["id"], worker_id="w", result="done")
         assert (await call(client, "get_task", task_id=created["id"]))["status"] == "COMPLETED"
         assert (await call(client, "get_statistics", work_directory="/srv"))["completed"] == 1
@@ -169,6 +185,10 @@ async def test_stdio_command_serves_the_same_tools(database_url: str) -> None:
         created = await call(client, "create_task", work_directory="/local", prompt="over stdio")
         listed = await call(client, "list_tasks", work_directory="/local")
         assert [t["id"] for t in listed["tasks"]] == [created["id"]]
+        claimed = await call(client, "get_next_task", work_directory="/local", worker_id="w")
+        assert claimed["id"] == created["id"] and claimed["status"] == "WORKING"
+        nothing = await call(client, "get_next_task", work_directory="/local", worker_id="w")
+        assert nothing == {"task": None}
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

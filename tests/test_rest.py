@@ -78,7 +78,7 @@ async def test_bad_input_is_400_with_the_graphql_message_and_snake_case_field(
         400,
         "VALIDATION_ERROR",
     )
-    assert error["message"] == "workDirectory must be an absolute POSIX path starting with '/'"
+    assert error["message"] == "work_directory must be an absolute POSIX path starting with '/'"
     assert error["details"] == {"field": "work_directory"}
     error = failed(
         await http.post(f"{API}/tasks", json={"work_directory": "/r", "prompt": "x", "priorty": 1}),
@@ -141,7 +141,21 @@ async def test_next_claims_or_returns_null(http: httpx.AsyncClient) -> None:
     error = failed(
         await http.get(f"{API}/tasks/next", params={"worker_id": "w"}), 400, "VALIDATION_ERROR"
     )
-    assert error["details"]["field"] == "work_path"
+    assert error["details"]["field"] == "work_directory"
+    assert "work_directory" in error["message"] and "work_path" in error["message"]
+
+
+async def test_next_takes_work_directory_as_well_as_work_path(http: httpx.AsyncClient) -> None:
+    task = await submit(http, work_directory="/dir")
+    params = {"work_directory": "/dir", "worker_id": "w"}
+    claimed = ok(await http.get(f"{API}/tasks/next", params=params))
+    assert claimed["id"] == task["id"]
+    error = failed(
+        await http.get(f"{API}/tasks/next", params={"work_directory": "dir", "worker_id": "w"}),
+        400,
+        "VALIDATION_ERROR",
+    )
+    assert error["details"]["field"] == "work_directory"
 
 
 async def test_next_waits_for_a_task(http: httpx.AsyncClient) -> None:
@@ -300,3 +314,57 @@ async def test_scopes_are_enforced_per_route(database_url: str) -> None:
         failed(
             await http.get(f"{API}/tasks/next", params=params, headers=as_reader), 403, "FORBIDDEN"
         )
+
+
+async def test_a_method_a_path_lacks_is_405_naming_every_method_it_has(
+    http: httpx.AsyncClient,
+) -> None:
+    task = await submit(http)
+    expected = {
+        f"{API}/tasks": "GET, HEAD, POST",
+        f"{API}/tasks/next": "GET, HEAD",
+        f"{API}/tasks/{task['id']}": "GET, HEAD, PUT",
+        f"{API}/tasks/{task['id']}/complete": "POST",
+        f"{API}/tasks/{task['id']}/fail": "POST",
+        f"{API}/tasks/{task['id']}/cancel": "POST",
+        f"{API}/tasks/{task['id']}/retry": "POST",
+        f"{API}/statistics": "GET, HEAD",
+        f"{API}/openapi.json": "GET, HEAD",
+    }
+    for path, allow in expected.items():
+        for method in ("OPTIONS", "DELETE", "PATCH"):
+            response = await http.request(method, path)
+            failed(response, 405, "METHOD_NOT_ALLOWED")
+            assert response.headers["allow"] == allow, (method, path)
+    response = await http.put(f"{API}/tasks/next", json={"expected_version": 1, "prompt": "p"})
+    failed(response, 405, "METHOD_NOT_ALLOWED")
+    assert response.headers["allow"] == "GET, HEAD"
+
+
+async def test_whole_numbers_written_with_a_fraction_are_whole_numbers(
+    http: httpx.AsyncClient,
+) -> None:
+    task = await submit(http, max_retries=13.0)
+    assert task["max_retries"] == 13
+    body = {"expected_version": float(task["version"]), "max_retries": 2.0}
+    assert ok(await http.put(f"{API}/tasks/{task['id']}", json=body))["max_retries"] == 2
+    failed(await http.post(f"{API}/tasks", json={"work_directory": "/r", "prompt": "p",
+                                                 "max_retries": 1.5}), 400, "VALIDATION_ERROR")  # fmt: skip
+
+
+async def test_openapi_declares_bearer_keys_and_the_middlewares_refusals(
+    http: httpx.AsyncClient,
+) -> None:
+    document = (await http.get(f"{API}/openapi.json")).json()
+    assert document["components"]["securitySchemes"]["bearer"] == {
+        "type": "http",
+        "scheme": "bearer",
+        "description": document["components"]["securitySchemes"]["bearer"]["description"],
+    }
+    assert document["security"] == [{"bearer": []}]
+    for path in document["paths"].values():
+        for operation in path.values():
+            assert {"401", "403", "413", "429", "503"} <= set(operation["responses"])
+            assert "Retry-After" in operation["responses"]["429"]["headers"]
+    update = document["paths"]["/api/v1/tasks/{id}"]["put"]["requestBody"]
+    assert "anyOf" in update["content"]["application/json"]["schema"]

@@ -6,14 +6,11 @@ import logging
 import re
 
 from graphql import GraphQLError
+from strawberry.utils.str_converters import to_camel_case
 
-from api.errors import TaskorchError
+from api.errors import TaskorchError, ValidationError, internal_error
 
 log = logging.getLogger("taskorch.graphql")
-
-INTERNAL_MESSAGE = (
-    "internal error: the server logged the details; try again or contact the operator"
-)
 
 # graphql-core names the offending variable, path or argument in its message; pull it out for `field`.
 _AT_PATH = re.compile(r"Variable '\$(\w+)' has invalid value at ([^:\s]+)")
@@ -34,17 +31,31 @@ def classify(error: GraphQLError) -> None:
     """Give `error` its code, in place; mask and log it when it is not the client's doing."""
     original = error.original_error
     if isinstance(original, TaskorchError):
-        return  # graphql-core already copied its extensions (code, field)
+        _graphql_names(error, original)  # graphql-core already copied its extensions (code, field)
+        return
     if original is None or error.path is None:
         # The document or its variables are wrong: a client error, never a server one.
         if "code" not in (error.extensions or {}):
-            extensions: dict[str, object] = {"code": "VALIDATION_ERROR"}
+            extensions: dict[str, object] = {"code": ValidationError.code}
             field = _field(error.message)
             if field:
                 extensions["field"] = field
             error.extensions = extensions
         return
     log.error("unexpected error in %s", ".".join(map(str, error.path)), exc_info=original)
-    error.message = INTERNAL_MESSAGE
-    error.extensions = {"code": "INTERNAL_ERROR"}
+    masked = internal_error()
+    error.message = masked.message
+    error.extensions = masked.extensions
     error.original_error = None
+
+
+def _graphql_names(error: GraphQLError, original: TaskorchError) -> None:
+    """The domain names fields in snake_case (`inputs[3].work_directory`); GraphQL clients see them
+    as the schema spells them (`inputs[3].workDirectory`), in `extensions.field` and the message."""
+    field = original.details.get("field")
+    if not isinstance(field, str):
+        return
+    name = to_camel_case(field)
+    if name != field:
+        error.message = original.message.replace(field, name)
+        error.extensions = {**(error.extensions or {}), "field": name}

@@ -13,7 +13,7 @@ from strawberry.scalars import JSON
 
 from api import domain
 from api.disconnect import unless_disconnected
-from api.domain import EventFilter, TaskFilter, TaskPriority, TaskStatus
+from api.domain import EventFilter, TaskPriority, TaskStatus
 from api.gql.context import Info
 from api.gql.errors import classify
 from api.gql.security import ScopeCheck
@@ -55,13 +55,8 @@ class Query:
         first: int = 50,
         after: str | None = None,
     ) -> TaskConnection:
-        where = TaskFilter(
-            statuses=tuple(status or ()),
-            work_directory=None
-            if work_directory is None
-            else domain.check_work_directory(work_directory),
-            priority=priority,
-            tag=None if tag is None else domain.check_tag(tag),
+        where = domain.task_filter(
+            statuses=status or (), work_directory=work_directory, priority=priority, tag=tag
         )
         page = await info.context.service.list_tasks(where, first, after)
         edges = [TaskEdge(node=as_task(t), cursor=encode_cursor(t.seq)) for t in page.tasks]
@@ -203,7 +198,7 @@ class Subscription:
         after: strawberry.ID | None = None,
     ) -> AsyncGenerator[TaskEventType, None]:
         where = EventFilter(
-            task_id=None if task_id is None else domain.check_task_id(task_id, "taskId"),
+            task_id=None if task_id is None else domain.check_task_id(task_id, "task_id"),
             work_directory=None
             if work_directory is None
             else domain.check_work_directory(work_directory),

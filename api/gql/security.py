@@ -37,27 +37,27 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
     SubscribeMessage,
 )
 
-from api.auth import Gate, Principal, principal_of, rate_limited
-from api.errors import Unauthenticated
+from api.auth import Gate, Principal, principal_of, rate_limited, scope_of
+from api.errors import TaskorchError, Unauthenticated, forbidden, missing_key
 from api.gql.context import Context
-from api.keys import ADMIN, READ, SUBMIT, WORK
 from api.settings import Settings
 
 log = logging.getLogger("taskorch.graphql")
 
-MUTATION_SCOPES = {
-    "submitTask": SUBMIT,
-    "submitTasks": SUBMIT,
-    "cancelTask": SUBMIT,
-    "retryTask": SUBMIT,
-    "updateTask": SUBMIT,
-    "claimTask": WORK,
-    "claimTasks": WORK,
-    "heartbeat": WORK,
-    "completeTask": WORK,
-    "completeTasks": WORK,
-    "failTask": WORK,
-    "releaseTask": WORK,
+# The service operation each mutation runs; its scope comes from `auth.OPERATION_SCOPES`.
+MUTATION_OPERATIONS = {
+    "submitTask": "submit",
+    "submitTasks": "submit",
+    "cancelTask": "cancel",
+    "retryTask": "retry",
+    "updateTask": "update",
+    "claimTask": "claim",
+    "claimTasks": "claim",
+    "heartbeat": "heartbeat",
+    "completeTask": "complete",
+    "completeTasks": "complete",
+    "failTask": "fail",
+    "releaseTask": "release",
 }
 
 
@@ -66,8 +66,8 @@ def field_scope(operation: OperationType, name: str) -> str | None:
     if name == "__typename":
         return None
     if operation is OperationType.MUTATION:
-        return MUTATION_SCOPES.get(name, ADMIN)
-    return READ
+        return scope_of(MUTATION_OPERATIONS.get(name, ""))
+    return scope_of("read")
 
 
 def root_fields(document: DocumentNode, operation_name: str | None) -> list[tuple[str, str | None]]:
@@ -100,21 +100,13 @@ def root_fields(document: DocumentNode, operation_name: str | None) -> list[tupl
 
 def refusal(
     principal: Principal | None, fields: list[tuple[str, str | None]]
-) -> GraphQLError | None:
+) -> TaskorchError | None:
     """The error refusing the whole operation, or None when the principal may run every field."""
     if principal is None:
-        return GraphQLError(
-            "missing API key: send the header 'Authorization: Bearer KEY'",
-            extensions={"code": "UNAUTHENTICATED"},
-        )
+        return missing_key()
     for name, scope in fields:
         if scope is not None and not principal.allows(scope):
-            granted = ", ".join(sorted(principal.scopes)) or "none"
-            return GraphQLError(
-                f"the API key {principal.name!r} may not use {name}: it needs the {scope!r} "
-                f"scope (it has: {granted})",
-                extensions={"code": "FORBIDDEN", "field": name, "requiredScope": scope},
-            )
+            return forbidden(principal.name, principal.scopes, scope, operation=name)
     return None
 
 
@@ -132,9 +124,8 @@ class ScopeCheck(SchemaExtension):
             if error is not None:
                 response = getattr(context, "response", None)
                 if hasattr(response, "status_code"):
-                    code = (error.extensions or {}).get("code")
-                    response.status_code = 401 if code == "UNAUTHENTICATED" else 403  # type: ignore[union-attr]
-                raise error
+                    response.status_code = error.http_status  # type: ignore[union-attr]
+                raise GraphQLError(error.message, extensions=error.extensions)
         yield
 
 
