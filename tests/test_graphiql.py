@@ -28,6 +28,7 @@ from tests.conftest import ServerProcess, free_port
 
 REQUIRE_CHROMIUM = os.environ.get("TASKORCH_REQUIRE_CHROMIUM", "") not in ("", "0", "false")
 CDN_URL = "https://unpkg.com/react@18.2.0/umd/react.production.min.js"
+SUBMIT = 'mutation($p: String!) { submitTask(input: {workDirectory: "/r", prompt: $p}) { id } }'
 
 
 def chromium_binary() -> str:
@@ -143,13 +144,7 @@ async def test_graphiql_renders_and_runs_a_query_offline(
     server = start_server(f"sqlite:///{tmp_path / 'taskorch.db'}")
     marker = f"offline-{os.getpid()}-{time.time_ns()}"
     async with httpx.AsyncClient(base_url=server.url) as http:
-        submitted = await http.post(
-            "/graphql",
-            json={
-                "query": "mutation($p: String!) { submitTask(input: {workDirectory: \"/r\", prompt: $p}) { id } }",
-                "variables": {"p": marker},
-            },
-        )  # fmt: skip
+        submitted = await http.post("/graphql", json={"query": SUBMIT, "variables": {"p": marker}})
         assert not submitted.json().get("errors"), submitted.text
     query = "{ tasks { edges { node { prompt } } } }"
     url = f"{server.url}/graphql?q={urllib.parse.quote(query)}"
@@ -176,11 +171,33 @@ async def test_graphiql_renders_and_runs_a_query_offline(
         shot = await tab.call("Page.captureScreenshot", format="png")
         (tmp_path / "graphiql.png").write_bytes(base64.b64decode(shot["data"]))
 
+        # Subscriptions use the graphql-ws client inside the vendored bundle, over the socket.
+        subscription = "subscription { taskEvents { taskId status } }"
+        await tab.call(
+            "Page.navigate", url=f"{server.url}/graphql?q={urllib.parse.quote(subscription)}"
+        )
+        await tab.wait_for("document.querySelector('.graphiql-execute-button') !== null")
+        await tab.evaluate("document.querySelector('.graphiql-execute-button').click(); true")
+        result_text = "document.querySelector('.result-window').innerText"
+        submitted_ids: list[str] = []
+        # Submit until an event shows: the page opens its socket after the button reacts.
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            for _ in range(60):
+                reply = await http.post("/graphql", json={"query": SUBMIT, "variables": {"p": "p"}})
+                submitted_ids.append(reply.json()["data"]["submitTask"]["id"])
+                await asyncio.sleep(0.5)
+                shown = await tab.evaluate(result_text)
+                if any(i in shown for i in submitted_ids):
+                    break
+        live = await tab.evaluate(result_text)
+        assert any(i in live for i in submitted_ids) and "WAITING" in live, live
+        sockets = [e for e in tab.events if e.get("method") == "Network.webSocketCreated"]
+        assert [e["params"]["url"] for e in sockets] == [server.ws_url]
+
         requested = [u for u in tab.requested_urls() if not u.startswith(("data:", "about:"))]
         loaded = [u for u in requested if u.startswith(f"{server.url}/graphiql/static/")]
-        assert len(loaded) == 6, (
-            requested
-        )  # React, ReactDOM, GraphiQL and its explorer: scripts, styles
+        # React, ReactDOM, and GraphiQL and its explorer plugin, each a script and a stylesheet.
+        assert len(set(loaded)) == 6, requested
         outside = [u for u in requested if not u.startswith(server.url) and u != CDN_URL]
         assert not outside, outside
 
