@@ -13,7 +13,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
@@ -22,6 +22,7 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from api import __version__, rest
 from api.auth import AuthMiddleware, Gate
 from api.gql.context import Context
+from api.gql.ide import graphiql_assets, graphiql_page
 from api.gql.schema import build_schema
 from api.gql.security import SecuredTransportWS, guard_extensions
 from api.health import QueueCounts, health
@@ -42,6 +43,9 @@ class GraphQLView(GraphQL[Context, None]):
 
     async def get_sub_response(self, request: Request | WebSocket) -> Response:
         return _SubResponse()
+
+    async def render_graphql_ide(self, request: Request) -> Response:
+        return HTMLResponse(graphiql_page())  # its assets come from this server, not a CDN
 
     def encode_json(self, data: object) -> str:
         try:
@@ -96,6 +100,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/metrics", metrics, methods=["GET"]),
             *rest.routes,
             *mcp_http.routes,
+            *([graphiql_assets()] if settings.graphiql else []),
         ],
         middleware=[
             Middleware(AccessLog, observe=observe_request),

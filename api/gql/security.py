@@ -15,6 +15,7 @@ from graphql import (
     GraphQLError,
     GraphQLSyntaxError,
     InlineFragmentNode,
+    OperationDefinitionNode,
     OperationType,
     SelectionSetNode,
     get_operation_ast,
@@ -29,11 +30,13 @@ from strawberry.extensions import (
     QueryDepthLimiter,
     SchemaExtension,
 )
+from strawberry.schema.exceptions import CannotGetOperationTypeError
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
 )
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
     ConnectionInitMessage,
+    ErrorMessage,
     SubscribeMessage,
 )
 
@@ -147,9 +150,10 @@ def guard_extensions(settings: Settings) -> list[Any]:
 
 
 class SecuredTransportWS(BaseGraphQLTransportWSHandler[Context, None]):
-    """graphql-transport-ws with keys: 4401 for a missing, invalid or revoked key, 4403 for a
-    subscription the key's scopes do not allow; each subscribe message spends one request of the
-    caller's rate limit."""
+    """graphql-transport-ws with keys: 4401 for a missing, invalid or revoked key; each subscribe
+    message spends one request of the caller's rate limit. An operation that cannot start (syntax
+    error, unknown operation, a scope the key lacks, the rate limit) gets an `error` message with the
+    GraphQL errors HTTP would give, and the socket stays open for the caller's other operations."""
 
     @property
     def socket(self) -> WebSocket:
@@ -178,36 +182,56 @@ class SecuredTransportWS(BaseGraphQLTransportWSHandler[Context, None]):
         await super().handle_connection_init(message)
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
-        if self.connection_acknowledged:
+        # An unacknowledged socket or a reused id is the protocol's own business (4401, 4409).
+        op_id = message["id"]
+        if self.connection_acknowledged and op_id not in self.operations:
             principal = principal_of(self.socket)
             if principal is None or not await self.gate.still_valid(principal):
                 await self._reject(4401, "invalid or revoked API key")
                 return
             wait = self.gate.charge(principal, None)
             if wait:
-                error = rate_limited(wait)
-                await self.send_message(
-                    {
-                        "id": message.get("id"),
-                        "type": "error",
-                        "payload": [{"message": error.message, "extensions": error.extensions}],
-                    }
+                limited = rate_limited(wait)
+                await self._refuse(
+                    op_id, GraphQLError(limited.message, extensions=limited.extensions)
                 )
                 return
-            payload = message.get("payload") or {}
-            query = payload.get("query") if isinstance(payload, dict) else None
-            if isinstance(query, str):
-                try:
-                    document = parse(query, max_tokens=self.gate.max_tokens)
-                except GraphQLSyntaxError:
-                    document = None  # the handler reports the syntax error in its own way
-                if document is not None:
-                    name = payload.get("operationName")
-                    fields = root_fields(document, name if isinstance(name, str) else None)
-                    if refusal(principal, fields) is not None:
-                        await self._reject(4403, "Forbidden: the API key lacks the scope")
-                        return
+            error = self._unstartable(principal, message.get("payload"))
+            if error is not None:
+                await self._refuse(op_id, error)
+                return
         await super().handle_subscribe(message)
+
+    def _unstartable(self, principal: Principal, payload: object) -> GraphQLError | None:
+        """Why the operation cannot start, or None. Strawberry's stream lets a syntax error escape
+        (its subscribers see only `complete`) and closes the whole socket for an unknown operation,
+        so both are decided here, before the operation exists."""
+        if not isinstance(payload, dict):
+            return None
+        query = payload.get("query")
+        if not isinstance(query, str) or not query:
+            return None  # the handler answers a missing query itself
+        try:
+            document = parse(query, max_tokens=self.gate.max_tokens)
+        except GraphQLSyntaxError as error:
+            return error
+        name = payload.get("operationName")
+        if isinstance(name, str):
+            if get_operation_ast(document, name) is None:
+                return GraphQLError(CannotGetOperationTypeError(name).as_http_error_reason())
+        else:
+            # As over HTTP, an unnamed request runs the document's first operation.
+            first = next(
+                (d for d in document.definitions if isinstance(d, OperationDefinitionNode)), None
+            )
+            if first is None:
+                return GraphQLError(CannotGetOperationTypeError(None).as_http_error_reason())
+            name = first.name.value if first.name else None
+        return refusal(principal, root_fields(document, name))
+
+    async def _refuse(self, op_id: str, error: GraphQLError) -> None:
+        self.schema.process_errors([error])  # the same codes as over HTTP
+        await self.send_message(ErrorMessage(id=op_id, type="error", payload=[error.formatted]))
 
     async def _reject(self, code: int, reason: str) -> None:
         self.connection_init_received = True
