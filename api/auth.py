@@ -137,6 +137,7 @@ class Gate:
         cache_seconds: float = CACHE_SECONDS,
     ) -> None:
         self.store = store
+        self.keys = store.keys
         self.database_url = settings.database_url
         self.max_tokens = settings.max_tokens
         self.limiter = RateLimiter(settings.rate_limit, clock=clock)
@@ -153,7 +154,7 @@ class Gate:
         self._protected = (False, -math.inf)
 
     async def warn_if_protected(self) -> None:
-        if await self.store.count_active_keys() == 0:
+        if await self.keys.count_active_keys() == 0:
             log.warning(
                 "no API key exists, so only loopback clients are served (protected mode). "
                 "Create a key with: %s",
@@ -164,7 +165,7 @@ class Gate:
         """True while no active key exists; rechecked at most every `cache_seconds`."""
         value, until = self._protected
         if self.clock() >= until:
-            value = await self.store.count_active_keys() == 0
+            value = await self.keys.count_active_keys() == 0
             self._protected = (value, self.clock() + self.cache_seconds)
         return value
 
@@ -195,13 +196,13 @@ class Gate:
         cached = self._keys.get(key_hash)
         if cached is not None and now < cached[1]:
             return cached[0]
-        key = await self.store.find_key(key_hash)
+        key = await self.keys.find_key(key_hash)
         principal = None
         if key is not None and key.revoked_at is None:
             principal = Principal(key.name, frozenset(key.scopes), key_hash=key_hash)
             if now - self._touched.get(key_hash, -math.inf) >= TOUCH_SECONDS:
                 self._touched[key_hash] = now
-                await self.store.touch_key(key_hash, self.now())
+                await self.keys.touch_key(key_hash, self.now())
             if len(self._keys) >= 10_000:  # only valid keys are cached, so this is rare
                 self._keys.clear()
             self._keys[key_hash] = (principal, now + self.cache_seconds)

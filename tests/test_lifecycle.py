@@ -359,14 +359,14 @@ async def test_prune_deletes_only_old_finished_tasks(
 
 
 async def test_api_keys_are_stored_by_hash_and_revocable(store: Any, clock: FakeClock) -> None:
-    key = await store.create_key("ci", "hash-1", ["read", "work"], clock.now)
+    key = await store.keys.create_key("ci", "hash-1", ["read", "work"], clock.now)
     assert key.name == "ci" and key.scopes == ("read", "work") and key.revoked_at is None
-    assert await store.create_key("ci", "hash-2", ["read"], clock.now) is None  # name taken
-    assert await store.count_active_keys() == 1
-    await store.touch_key("hash-1", clock.now)
-    assert (await store.find_key("hash-1")).last_used_at == clock.now
-    assert (await store.revoke_key("ci", clock.now)).revoked_at == clock.now
-    assert await store.revoke_key("ci", clock.now) is None
-    assert await store.count_active_keys() == 0
-    assert (await store.create_key("ci", "hash-3", ["admin"], clock.now)) is not None
-    assert [k.name for k in await store.list_keys()] == ["ci", "ci"]
+    assert await store.keys.create_key("ci", "hash-2", ["read"], clock.now) is None  # name taken
+    assert await store.keys.count_active_keys() == 1
+    await store.keys.touch_key("hash-1", clock.now)
+    assert (await store.keys.find_key("hash-1")).last_used_at == clock.now
+    assert (await store.keys.revoke_key("ci", clock.now)).revoked_at == clock.now
+    assert await store.keys.revoke_key("ci", clock.now) is None
+    assert await store.keys.count_active_keys() == 0
+    assert (await store.keys.create_key("ci", "hash-3", ["admin"], clock.now)) is not None
+    assert [k.name for k in await store.keys.list_keys()] == ["ci", "ci"]

@@ -42,6 +42,10 @@ class TaskStore(Protocol):
     """Each state change is one atomic compare-and-set: it returns the changed task(s), or
     None / an empty list when the task was not in the state the change requires."""
 
+    @property
+    def keys(self) -> KeyStore:
+        """The API keys kept in the same database."""
+
     async def open(self) -> None:
         """Connect and bring the schema up to date."""
 
@@ -120,7 +124,10 @@ class TaskStore(Protocol):
     async def prune(self, finished_before: datetime, limit: int) -> int:
         """Delete up to `limit` finished tasks (and their history) older than the cut-off."""
 
-    # --- API keys ---
+
+class KeyStore(Protocol):
+    """API keys: stored by hash, never raw; a name may be reused once its key is revoked."""
+
     async def create_key(
         self, name: str, key_hash: str, scopes: Sequence[str], now: datetime
     ) -> ApiKey | None:
