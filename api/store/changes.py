@@ -8,13 +8,14 @@ read (locked on PostgreSQL), then applied with a compare-and-set on its version.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Generator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
 from api import domain
-from api.domain import Backoff, Outcome, Task, TaskChanges, TaskSpec, TaskStatus
+from api.domain import Outcome, Task, TaskChanges, TaskSpec, TaskStatus
 from api.store import sql
+from api.store.base import Decide
 from api.store.rows import NotAll, Pending, Row, applied, task_of
 from api.store.sql import Catalogue
 
@@ -22,9 +23,6 @@ T = TypeVar("T")
 
 Query = tuple[str, dict[str, Any]]
 Program = Generator[Query, list[Row], tuple[T, list[Pending]]]
-# Decides the outcome of a change from the task as stored; None: the task is not in a state
-# the change starts from.
-Decide = Callable[[Task], Outcome | None]
 
 
 def submit(c: Catalogue, specs: Sequence[TaskSpec], now: datetime) -> Program[list[Task]]:
@@ -133,27 +131,6 @@ def decided(c: Catalogue, task_id: str, decide: Decide) -> Program[Task | None]:
     if outcome is None:
         return None, []
     return (yield from apply(c, outcome))
-
-
-def fail(
-    c: Catalogue, task_id: str, worker_id: str, error: str, retry: bool, backoff: Backoff,
-    jitter: float, now: datetime,
-) -> Program[Task | None]:  # fmt: skip
-    return decided(
-        c, task_id, lambda t: domain.fail(t, worker_id, error, retry, backoff, jitter, now)
-    )
-
-
-def release(c: Catalogue, task_id: str, worker_id: str, now: datetime) -> Program[Task | None]:
-    return decided(c, task_id, lambda t: domain.release(t, worker_id, now))
-
-
-def cancel(c: Catalogue, task_id: str, reason: str | None, now: datetime) -> Program[Task | None]:
-    return decided(c, task_id, lambda t: domain.cancel(t, reason, now))
-
-
-def retry(c: Catalogue, task_id: str, now: datetime) -> Program[Task | None]:
-    return decided(c, task_id, lambda t: domain.retry(t, now))
 
 
 def expire_leases(c: Catalogue, now: datetime, limit: int) -> Program[list[Task]]:

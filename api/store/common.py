@@ -7,20 +7,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from api.domain import (
-    Backoff,
-    EventFilter,
-    Task,
-    TaskChanges,
-    TaskEvent,
-    TaskFilter,
-    TaskSpec,
-    TaskStatus,
-)
+from api import domain
+from api.domain import Task, TaskStatus
 from api.store import changes as programs
 from api.store import sql
 from api.store.base import Completion, KeyStore, TaskPage
-from api.store.changes import Program, Query
+from api.store.changes import Decide, Program, Query
 from api.store.rows import NotAll, Row, event_of, task_of
 from api.store.sql import Catalogue
 
@@ -57,7 +49,7 @@ class SqlTaskStore:
         return self._task(await self._read((sql.GET, {"id": task_id})))
 
     async def list_tasks(
-        self, where: TaskFilter, first: int, after_seq: int | None, offset: int = 0
+        self, where: domain.TaskFilter, first: int, after_seq: int | None, offset: int = 0
     ) -> TaskPage:
         params: dict[str, Any] = {"limit": first + 1, "offset": offset}
         clauses = sql.task_filter(self.sql.dialect, where, params)
@@ -83,11 +75,13 @@ class SqlTaskStore:
         )
         return {TaskStatus(row["status"]): int(row["n"]) for row in rows}
 
-    async def history(self, task_id: str) -> list[TaskEvent]:
+    async def history(self, task_id: str) -> list[domain.TaskEvent]:
         rows = await self._read((sql.HISTORY, {"task_id": task_id}))
         return [event_of(self.sql.dialect, r) for r in rows]
 
-    async def events_after(self, after: int, where: EventFilter, limit: int) -> list[TaskEvent]:
+    async def events_after(
+        self, after: int, where: domain.EventFilter, limit: int
+    ) -> list[domain.TaskEvent]:
         params: dict[str, Any] = {"after": after, "limit": limit}
         clauses = sql.event_filter(where, params)
         rows = await self._read(
@@ -111,7 +105,7 @@ class SqlTaskStore:
 
     # --- changes ---
 
-    async def submit(self, specs: Sequence[TaskSpec], now: datetime) -> list[Task]:
+    async def submit(self, specs: Sequence[domain.TaskSpec], now: datetime) -> list[Task]:
         return await self._run(programs.submit(self.sql, specs, now))
 
     async def claim(
@@ -135,31 +129,14 @@ class SqlTaskStore:
         except NotAll:
             return None
 
-    async def fail(
-        self,
-        task_id: str,
-        worker_id: str,
-        error: str,
-        retry: bool,
-        backoff: Backoff,
-        jitter: float,
-        now: datetime,
-    ) -> Task | None:
-        return await self._run(
-            programs.fail(self.sql, task_id, worker_id, error, retry, backoff, jitter, now)
-        )
+    async def change(self, task_id: str, decide: Decide) -> Task | None:
+        return await self._run(programs.decided(self.sql, task_id, decide))
 
     async def release(self, task_id: str, worker_id: str, now: datetime) -> Task | None:
-        return await self._run(programs.release(self.sql, task_id, worker_id, now))
-
-    async def cancel(self, task_id: str, reason: str | None, now: datetime) -> Task | None:
-        return await self._run(programs.cancel(self.sql, task_id, reason, now))
-
-    async def retry(self, task_id: str, now: datetime) -> Task | None:
-        return await self._run(programs.retry(self.sql, task_id, now))
+        return await self.change(task_id, lambda task: domain.release(task, worker_id, now))
 
     async def update(
-        self, task_id: str, expected_version: int, changes: TaskChanges, now: datetime
+        self, task_id: str, expected_version: int, changes: domain.TaskChanges, now: datetime
     ) -> Task | None:
         query = programs.update(self.sql, task_id, expected_version, changes, now)
         return self._task(await self._write(query))

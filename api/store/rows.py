@@ -22,30 +22,24 @@ class NotAll(Exception):
     """Raised inside a batch change to roll back all of it."""
 
 
+# Columns whose stored value is the domain's value as it is.
+_TASK_PLAIN = ("seq", "work_directory", "prompt", "worker_id", "error_message", "retry_count",
+               "max_retries", "version", "idempotency_key")  # fmt: skip
+_TASK_TIMES = ("created_at", "started_at", "completed_at", "updated_at", "lease_expires_at",
+               "run_after")  # fmt: skip
+
+
 def task_of(d: Dialect, row: Row) -> Task:
     result = row["result"]
     return Task(
-        seq=row["seq"],
         id=str(row["id"]),
-        work_directory=row["work_directory"],
-        prompt=row["prompt"],
         priority=TaskPriority.from_rank(row["priority"]),
         tags=tuple(d.unjson(row["tags"])),
         status=TaskStatus(row["status"]),
-        worker_id=row["worker_id"],
-        created_at=d.instant(row["created_at"]),
-        started_at=d.instant(row["started_at"]),
-        completed_at=d.instant(row["completed_at"]),
-        updated_at=d.instant(row["updated_at"]),
         result=None if result is None else d.unjson(result),
-        error_message=row["error_message"],
-        retry_count=row["retry_count"],
-        max_retries=row["max_retries"],
         metadata=d.unjson(row["metadata"]),
-        version=row["version"],
-        lease_expires_at=d.instant(row["lease_expires_at"]),
-        run_after=d.instant(row["run_after"]),
-        idempotency_key=row["idempotency_key"],
+        **{name: row[name] for name in _TASK_PLAIN},
+        **{name: d.instant(row[name]) for name in _TASK_TIMES},
     )
 
 
