@@ -240,6 +240,33 @@ def _attempt_spent(task: Task, now: datetime, error: str, run_after: datetime | 
     return _changed(task, now, status=TaskStatus.FAILED, completed_at=now, error_message=error)
 
 
+def claimable(task: Task, now: datetime) -> bool:
+    return task.status is TaskStatus.WAITING and (task.run_after is None or task.run_after <= now)
+
+
+# claim, heartbeat and complete are the hot path: the stores apply them as one compare-and-set
+# statement each, whose WHERE clause is the condition below (a property test holds them equal).
+def claim(task: Task, worker_id: str, lease_until: datetime, now: datetime) -> Task | None:
+    if not claimable(task, now):
+        return None
+    return replace(
+        task, status=TaskStatus.WORKING, worker_id=worker_id, started_at=now, updated_at=now,
+        lease_expires_at=lease_until, version=task.version + 1,
+    )  # fmt: skip
+
+
+def heartbeat(task: Task, worker_id: str, lease_until: datetime, now: datetime) -> Task | None:
+    if not held_by(task, worker_id):
+        return None
+    return replace(task, lease_expires_at=lease_until, updated_at=now, version=task.version + 1)
+
+
+def complete(task: Task, worker_id: str, result: Any, now: datetime) -> Task | None:
+    if not held_by(task, worker_id):
+        return None
+    return _changed(task, now, status=TaskStatus.COMPLETED, result=result, completed_at=now)
+
+
 def fail(
     task: Task,
     worker_id: str,
