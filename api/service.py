@@ -1,4 +1,4 @@
-"""Task lifecycle: the only place that decides state transitions."""
+"""Task lifecycle: checks each request, has the domain decide the change and the store apply it."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from api import domain
 from api.domain import Outcome, Task, TaskChanges, TaskSpec, TaskStatus
 from api.store import sql
-from api.store.base import Decide
+from api.store.base import Completion, Decide
 from api.store.rows import NotAll, Pending, Row, applied, task_of
 from api.store.sql import Catalogue
 
@@ -77,7 +77,7 @@ def claim(
 
 
 def complete(
-    c: Catalogue, items: Sequence[Any], worker_id: str, now: datetime
+    c: Catalogue, items: Sequence[Completion], worker_id: str, now: datetime
 ) -> Program[list[Task]]:
     d = c.dialect
     tasks: list[Task] = []
