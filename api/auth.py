@@ -159,6 +159,7 @@ class Gate:
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.store = store
+        self.keys = store.keys
         self.database_url = settings.database_url
         self.max_tokens = settings.max_tokens
         self.limiter = RateLimiter(settings.rate_limit, clock=clock)
@@ -167,7 +168,7 @@ class Gate:
         self._touched: dict[str, float] = {}
 
     async def warn_if_protected(self) -> None:
-        if await self.store.count_active_keys() == 0:
+        if await self.keys.count_active_keys() == 0:
             log.warning(
                 "no API key exists, so only loopback clients are served (protected mode). "
                 "Create a key with: %s",
@@ -176,7 +177,7 @@ class Gate:
 
     async def protected(self) -> bool:
         """True while no active key exists."""
-        return await self.store.count_active_keys() == 0
+        return await self.keys.count_active_keys() == 0
 
     async def authenticate(self, authorization: str | None, client: str | None) -> Principal:
         """The principal for this Authorization value and client address, or Unauthenticated."""
@@ -202,13 +203,13 @@ class Gate:
 
     async def by_hash(self, key_hash: str) -> Principal | None:
         now = self.clock()
-        key = await self.store.find_key(key_hash)
+        key = await self.keys.find_key(key_hash)
         principal = None
         if key is not None and key.revoked_at is None:
             principal = Principal(key.name, frozenset(key.scopes), key_hash=key_hash)
             if now - self._touched.get(key_hash, -math.inf) >= TOUCH_SECONDS:
                 self._touched[key_hash] = now
-                await self.store.touch_key(key_hash, self.now())
+                await self.keys.touch_key(key_hash, self.now())
         return principal
 
     def charge(self, principal: Principal | None, client: str | None) -> float:

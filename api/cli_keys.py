@@ -39,7 +39,7 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     try:
         key, raw = _with_store(
-            settings, lambda store: issue_key(store, args.name, scopes, datetime.now(UTC))
+            settings, lambda store: issue_key(store.keys, args.name, scopes, datetime.now(UTC))
         )
     except TaskorchError as exc:
         print(f"taskorch: {exc.message}", file=sys.stderr)
@@ -50,7 +50,7 @@ def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    keys = _with_store(settings, lambda store: store.list_keys())
+    keys = _with_store(settings, lambda store: store.keys.list_keys())
     rows = [("NAME", "SCOPES", "CREATED", "LAST USED", "REVOKED")]
     rows += [_row(key) for key in keys]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -63,7 +63,9 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_revoke(args: argparse.Namespace, settings: Settings) -> int:
     try:
-        key = _with_store(settings, lambda store: revoke_key(store, args.name, datetime.now(UTC)))
+        key = _with_store(
+            settings, lambda store: revoke_key(store.keys, args.name, datetime.now(UTC))
+        )
     except TaskorchError as exc:
         print(f"taskorch: {exc.message}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -110,6 +111,14 @@ class Waiter:
                 del self._bus._waiters[self.work_directory]
         elif self._event.is_set() and not self._used:
             self._bus.wake(self.work_directory, 1)
+
+
+async def cancelled(runner: asyncio.Task[None] | None) -> None:
+    """Cancel a bus's background task and wait until it has ended."""
+    if runner is not None:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
 
 
 class LocalBus:

@@ -11,7 +11,7 @@ from typing import Protocol
 import asyncpg
 
 from api.domain import EventFilter, TaskEvent
-from api.events import LocalBus
+from api.events import LocalBus, cancelled
 
 log = logging.getLogger("taskorch.events")
 
@@ -67,11 +67,8 @@ class PostgresBus(LocalBus):
         self._runner = asyncio.create_task(self._run(), name="taskorch-postgres-bus")
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
-            self._runner = None
+        await cancelled(self._runner)
+        self._runner = None
         await self._disconnect()
         await super().stop()
 

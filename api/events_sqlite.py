@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from api.domain import EventFilter, TaskEvent
-from api.events import LocalBus
+from api.events import LocalBus, cancelled
 from api.store.base import TaskStore
 
 log = logging.getLogger("taskorch.events")
@@ -59,11 +59,8 @@ class SqliteBus(LocalBus):
         self._runner = asyncio.create_task(self._run(), name="taskorch-sqlite-bus")
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
-            self._runner = None
+        await cancelled(self._runner)
+        self._runner = None
         if self._socket is not None:
             asyncio.get_running_loop().remove_reader(self._socket.fileno())
             self._socket.close()

@@ -10,7 +10,7 @@ from datetime import datetime
 
 from api.domain import ApiKey
 from api.errors import Conflict, NotFound, ValidationError
-from api.store.base import TaskStore
+from api.store.base import KeyStore
 
 READ = "read"
 SUBMIT = "submit"
@@ -56,20 +56,20 @@ def hash_key(raw: str) -> str:
 
 
 async def issue_key(
-    store: TaskStore, name: str, scopes: str | Iterable[str], now: datetime
+    keys: KeyStore, name: str, scopes: str | Iterable[str], now: datetime
 ) -> tuple[ApiKey, str]:
     """Create a key; returns what is stored and the raw key, which is shown once and never stored."""
     name = check_key_name(name)
     granted = parse_scopes(scopes)
     raw = new_raw_key()
-    key = await store.create_key(name, hash_key(raw), granted, now)
+    key = await keys.create_key(name, hash_key(raw), granted, now)
     if key is None:
         raise Conflict(f"an active key named {name!r} exists; revoke it first or pick another name")
     return key, raw
 
 
-async def revoke_key(store: TaskStore, name: str, now: datetime) -> ApiKey:
-    key = await store.revoke_key(name, now)
+async def revoke_key(keys: KeyStore, name: str, now: datetime) -> ApiKey:
+    key = await keys.revoke_key(name, now)
     if key is None:
         raise NotFound(f"no active key is named {name!r}")
     return key

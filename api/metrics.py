@@ -30,7 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Mount
 from strawberry.extensions import SchemaExtension
 
-from api.domain import TaskEvent, TaskStatus
+from api.domain import HistoryReason, TaskEvent, TaskStatus
 from api.logs import RequestInfo, Scope, request_info
 
 # The `*_created` timestamp series double the output and no dashboard reads them.
@@ -68,7 +68,7 @@ def observe_commit(events: Sequence[TaskEvent]) -> None:
         elif event.status is TaskStatus.WAITING and event.previous_status is TaskStatus.WORKING:
             if "attempt" in event.details:  # a release gives the task back without an attempt
                 TASK_RETRIED.inc()
-        if event.details.get("reason") == "lease_expired":
+        if event.details.get("reason") == HistoryReason.LEASE_EXPIRED:
             LEASE_EXPIRIES.inc()
 
 

@@ -1,4 +1,4 @@
-"""Task lifecycle: the only place that decides state transitions."""
+"""Task lifecycle: checks each request, has the domain decide the change and the store apply it."""
 
 from __future__ import annotations
 
@@ -120,7 +120,8 @@ class TaskService:
     async def cancel(self, task_id: str, reason: str | None = None) -> Task:
         task_id = domain.check_task_id(task_id)
         reason = domain.check_text(reason, "reason", required=False)
-        task = await self.store.cancel(task_id, reason, self._clock())
+        now = self._clock()
+        task = await self.store.change(task_id, lambda t: domain.cancel(t, reason, now))
         if task is None:
             current = await self.get(task_id)
             raise Conflict(
@@ -131,7 +132,8 @@ class TaskService:
 
     async def retry(self, task_id: str) -> Task:
         task_id = domain.check_task_id(task_id)
-        task = await self.store.retry(task_id, self._clock())
+        now = self._clock()
+        task = await self.store.change(task_id, lambda t: domain.retry(t, now))
         if task is None:
             current = await self.get(task_id)
             raise Conflict(
@@ -257,7 +259,7 @@ class TaskService:
             return tasks
         for task_id in ids:  # find the first one that blocked the batch, to say why
             current = await self.store.get(task_id)
-            if current is None or not self._holds(current, worker_id):
+            if current is None or not domain.held_by(current, worker_id):
                 await self._not_held(task_id, worker_id, "complete")
         raise Conflict("the tasks changed while completing them; nothing was completed, try again")
 
@@ -266,8 +268,9 @@ class TaskService:
         worker_id = domain.check_worker_id(worker_id)
         message = domain.check_text(error, "error")
         assert message is not None
-        task = await self.store.fail(
-            task_id, worker_id, message, retry, self._backoff, self._jitter(), self._clock()
+        backoff, jitter, now = self._backoff, self._jitter(), self._clock()
+        task = await self.store.change(
+            task_id, lambda t: domain.fail(t, worker_id, message, retry, backoff, jitter, now)
         )
         return task or await self._not_held(task_id, worker_id, "fail")
 
@@ -276,10 +279,6 @@ class TaskService:
         worker_id = domain.check_worker_id(worker_id)
         task = await self.store.release(task_id, worker_id, self._clock())
         return task or await self._not_held(task_id, worker_id, "release")
-
-    @staticmethod
-    def _holds(task: Task, worker_id: str) -> bool:
-        return task.status is TaskStatus.WORKING and task.worker_id == worker_id
 
     async def _not_held(self, task_id: str, worker_id: str, action: str) -> Task:
         current = await self.get(task_id)

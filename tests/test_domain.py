@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from api import domain
-from api.domain import Backoff, TaskPriority, task_spec
+from api.domain import Backoff, HistoryReason, Task, TaskPriority, TaskStatus, task_spec
 from api.errors import ValidationError
 
 
@@ -119,3 +122,64 @@ def test_backoff_doubles_with_jitter_and_cap() -> None:
     assert backoff.delay(3, 1.0).total_seconds() == 4
     assert backoff.delay(3, 0.0).total_seconds() == 2
     assert backoff.delay(50, 1.0).total_seconds() == 10
+
+
+@given(st.integers(1, 200), st.floats(0, 1), st.floats(0.001, 50), st.floats(0.001, 5000))
+def test_backoff_grows_and_stays_within_half_and_all_of_the_cap(
+    attempt: int, jitter: float, base: float, cap: float
+) -> None:
+    backoff = Backoff(base_seconds=base, cap_seconds=cap)
+    delay = backoff.delay(attempt, jitter)
+    assert timedelta(0) <= delay <= timedelta(seconds=cap)
+    assert delay <= backoff.delay(attempt + 1, jitter)
+
+
+def test_history_reasons_are_the_stored_words() -> None:
+    # Existing databases and the analytics read these exact strings.
+    assert {r.value for r in HistoryReason} == {"released", "retried", "lease_expired"}
+    assert HistoryReason.LEASE_EXPIRED == "lease_expired"
+
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+HELD = Task(
+    id="t", work_directory="/repo", prompt="p", priority=TaskPriority.MEDIUM, tags=(),
+    status=TaskStatus.WORKING, worker_id="w", created_at=NOW, started_at=NOW, completed_at=None,
+    updated_at=NOW, result=None, error_message=None, retry_count=0, max_retries=1, metadata={},
+    version=2, lease_expires_at=NOW + timedelta(seconds=60), run_after=None, idempotency_key=None,
+)  # fmt: skip
+
+
+def test_fail_requeues_after_backoff_then_fails_for_good_when_retries_are_spent() -> None:
+    first = domain.fail(HELD, "w", "boom", True, Backoff(2, 60), 1.0, NOW)
+    assert first is not None and first.task.status is TaskStatus.WAITING
+    assert first.task.retry_count == 1 and first.task.run_after == NOW + timedelta(seconds=2)
+    assert first.task.worker_id is None and first.task.version == HELD.version + 1
+    assert first.details == {"error": "boom", "retry": True, "runAfter": first.task.run_after,
+                             "attempt": 1}  # fmt: skip
+    spent = domain.fail(replace(HELD, retry_count=1), "w", "boom", True, Backoff(), 1.0, NOW)
+    assert spent is not None and spent.task.status is TaskStatus.FAILED
+    assert spent.task.completed_at == NOW and spent.task.worker_id == "w"
+    assert domain.fail(HELD, "other", "boom", True, Backoff(), 1.0, NOW) is None
+
+
+def test_lease_expiry_counts_an_attempt_and_names_its_reason() -> None:
+    assert domain.expire_lease(HELD, NOW) is None  # the lease still runs
+    later = NOW + timedelta(seconds=61)
+    outcome = domain.expire_lease(HELD, later)
+    assert outcome is not None and outcome.task.status is TaskStatus.WAITING
+    assert outcome.details["reason"] == HistoryReason.LEASE_EXPIRED
+    assert outcome.worker_id == "w" and outcome.task.retry_count == 1
+    assert "worker w sent no heartbeat" in (outcome.task.error_message or "")
+
+
+def test_release_cancel_and_retry_start_only_from_their_statuses() -> None:
+    released = domain.release(HELD, "w", NOW)
+    assert released is not None and released.task.retry_count == 0
+    assert released.details == {"reason": HistoryReason.RELEASED}
+    cancelled = domain.cancel(HELD, "stop", NOW)
+    assert cancelled is not None and cancelled.task.status is TaskStatus.CANCELLED
+    assert domain.cancel(cancelled.task, None, NOW) is None
+    assert domain.retry(HELD, NOW) is None
+    retried = domain.retry(cancelled.task, NOW)
+    assert retried is not None and retried.task.status is TaskStatus.WAITING
+    assert retried.details == {"reason": HistoryReason.RETRIED} and retried.worker_id is None

@@ -34,10 +34,10 @@ async def test_create_prints_only_the_raw_key_and_stores_only_its_hash(database_
     store = open_store(Settings(database_url=database_url))
     await store.open()
     try:
-        key = await store.find_key(hash_key(raw))
+        key = await store.keys.find_key(hash_key(raw))
         assert key is not None and key.name == "ci"
         assert set(key.scopes) == {"read", "submit", "work"}
-        assert await store.find_key(raw) is None  # the raw key itself is not what is stored
+        assert await store.keys.find_key(raw) is None  # the raw key itself is not what is stored
     finally:
         await store.close()
 
@@ -103,7 +103,7 @@ async def test_create_migrates_an_older_database_first(tmp_path: Path) -> None:
     await store.open()
     try:
         assert await store.schema_version() == SCHEMA_VERSION
-        assert [k.name for k in await store.list_keys()] == ["a"]
+        assert [k.name for k in await store.keys.list_keys()] == ["a"]
     finally:
         await store.close()
 

@@ -2,14 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from api.domain import TaskFilter, TaskPriority, TaskStatus, task_changes, task_spec
+from api import domain
+from api.domain import (
+    Backoff,
+    HistoryReason,
+    Outcome,
+    TaskFilter,
+    TaskPriority,
+    TaskStatus,
+    task_changes,
+    task_spec,
+)
 from api.errors import Conflict, NotFound, ValidationError
 from api.service import TaskService
+from api.settings import Settings
+from api.store import open_store
+from api.store.base import Completion, Decide, TaskStore
 from tests.conftest import FakeClock
 
 Submit = Callable[..., Awaitable[Any]]
@@ -359,14 +377,107 @@ async def test_prune_deletes_only_old_finished_tasks(
 
 
 async def test_api_keys_are_stored_by_hash_and_revocable(store: Any, clock: FakeClock) -> None:
-    key = await store.create_key("ci", "hash-1", ["read", "work"], clock.now)
+    key = await store.keys.create_key("ci", "hash-1", ["read", "work"], clock.now)
     assert key.name == "ci" and key.scopes == ("read", "work") and key.revoked_at is None
-    assert await store.create_key("ci", "hash-2", ["read"], clock.now) is None  # name taken
-    assert await store.count_active_keys() == 1
-    await store.touch_key("hash-1", clock.now)
-    assert (await store.find_key("hash-1")).last_used_at == clock.now
-    assert (await store.revoke_key("ci", clock.now)).revoked_at == clock.now
-    assert await store.revoke_key("ci", clock.now) is None
-    assert await store.count_active_keys() == 0
-    assert (await store.create_key("ci", "hash-3", ["admin"], clock.now)) is not None
-    assert [k.name for k in await store.list_keys()] == ["ci", "ci"]
+    assert await store.keys.create_key("ci", "hash-2", ["read"], clock.now) is None  # name taken
+    assert await store.keys.count_active_keys() == 1
+    await store.keys.touch_key("hash-1", clock.now)
+    assert (await store.keys.find_key("hash-1")).last_used_at == clock.now
+    assert (await store.keys.revoke_key("ci", clock.now)).revoked_at == clock.now
+    assert await store.keys.revoke_key("ci", clock.now) is None
+    assert await store.keys.count_active_keys() == 0
+    assert (await store.keys.create_key("ci", "hash-3", ["admin"], clock.now)) is not None
+    assert [k.name for k in await store.keys.list_keys()] == ["ci", "ci"]
+
+
+# --- the stores give the domain's answer: every change, from every reachable state ---
+
+PROPERTY = settings(max_examples=100, deadline=None, database=None,
+                    suppress_health_check=list(HealthCheck))  # fmt: skip
+BACKOFF = Backoff(base_seconds=0.5, cap_seconds=7.0)
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("claim"), st.sampled_from(["w1", "w2"])),
+        st.tuples(st.just("heartbeat"), st.sampled_from(["w1", "w2"])),
+        st.tuples(st.just("complete"), st.sampled_from(["w1", "w2"])),
+        st.tuples(st.just("fail"), st.sampled_from(["w1", "w2"]), st.booleans(), st.floats(0, 1)),
+        st.tuples(st.just("release"), st.sampled_from(["w1", "w2"])),
+        st.tuples(st.just("cancel"), st.sampled_from([None, "not needed"])),
+        st.tuples(st.just("retry")),
+        st.tuples(st.just("expire")),
+    ),
+    min_size=1,
+    max_size=10,
+)
+
+
+def _decider(kind: str, args: list[Any], now: datetime) -> Decide:
+    if kind == "fail":
+        return lambda t: domain.fail(t, args[0], "boom", args[1], BACKOFF, args[2], now)
+    if kind == "release":
+        return lambda t: domain.release(t, args[0], now)
+    if kind == "cancel":
+        return lambda t: domain.cancel(t, args[0], now)
+    return lambda t: domain.retry(t, now)
+
+
+async def _agree(store: TaskStore, max_retries: int, plan: list[Any], pauses: list[int]) -> None:
+    """Run `plan` on the store and on the domain alone, from the same submitted task."""
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    spec = task_spec(work_directory=f"/p/{uuid.uuid4().hex}", prompt="p", max_retries=max_retries)
+    (model,) = await store.submit([spec], now)
+    for step, pause in zip(plan, pauses, strict=False):
+        now += timedelta(seconds=pause)
+        kind, *args = step
+        lease = now + timedelta(seconds=60)
+        outcome: Outcome | None = None
+        if kind == "claim":
+            expected = domain.claim(model, args[0], lease, now)
+            got = await store.claim(model.work_directory, args[0], 1, lease, now)
+            stored = got[0] if got else None
+        elif kind == "heartbeat":
+            expected = domain.heartbeat(model, args[0], lease, now)
+            stored = await store.heartbeat(model.id, args[0], lease, now)
+        elif kind == "complete":
+            expected = domain.complete(model, args[0], {"ok": 1}, now)
+            done = await store.complete([Completion(model.id, {"ok": 1})], args[0], now)
+            stored = done[0] if done else None
+        elif kind == "expire":
+            outcome = domain.expire_lease(model, now)
+            expected = None if outcome is None else outcome.task
+            swept = [t for t in await store.expire_leases(now, 1000) if t.id == model.id]
+            stored = swept[0] if swept else None
+        else:
+            decide = _decider(kind, args, now)
+            outcome = decide(model)
+            expected = None if outcome is None else outcome.task
+            stored = await store.change(model.id, decide)
+        assert stored == expected, (kind, args)
+        assert await store.get(model.id) == (expected or model)
+        if outcome is not None:
+            last = (await store.history(model.id))[-1]
+            assert last.details == domain.history_details(outcome.details)
+            assert (last.previous_status, last.worker_id) == (outcome.previous, outcome.worker_id)
+            reason = last.details.get("reason")
+            assert kind == "cancel" or reason is None or reason in set(HistoryReason)
+        model = expected or model
+
+
+def test_every_change_on_the_store_gives_the_domains_answer(database_url: str) -> None:
+    with asyncio.Runner() as runner:
+        store = open_store(Settings(database_url=database_url, durability="normal"))
+        runner.run(store.open())
+        try:
+
+            @PROPERTY
+            @given(
+                st.integers(0, 3),
+                steps,
+                st.lists(st.sampled_from([0, 1, 30, 61, 400]), min_size=10, max_size=10),
+            )
+            def agrees(max_retries: int, plan: list[Any], pauses: list[int]) -> None:
+                runner.run(_agree(store, max_retries, plan, pauses))
+
+            agrees()
+        finally:
+            runner.run(store.close())

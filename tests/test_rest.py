@@ -293,8 +293,8 @@ async def test_scopes_are_enforced_per_route(database_url: str) -> None:
     store = open_store(Settings(database_url=database_url, durability="normal"))
     await store.open()
     try:
-        _, reader = await issue_key(store, "reader", "read", datetime.now(UTC))
-        _, worker = await issue_key(store, "worker", "work", datetime.now(UTC))
+        _, reader = await issue_key(store.keys, "reader", "read", datetime.now(UTC))
+        _, worker = await issue_key(store.keys, "worker", "work", datetime.now(UTC))
     finally:
         await store.close()
     settings = Settings(database_url=database_url, durability="normal")

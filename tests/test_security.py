@@ -41,7 +41,7 @@ class Harness:
         self.store = app.state.service.store
 
     async def issue(self, name: str, scopes: str) -> str:
-        _, raw = await issue_key(self.store, name, scopes, datetime.now(UTC))
+        _, raw = await issue_key(self.store.keys, name, scopes, datetime.now(UTC))
         return raw
 
     def client(self, key: str | None = None, address: tuple[str, int] = LOCAL) -> httpx.AsyncClient:
@@ -241,7 +241,7 @@ async def test_first_key_ends_protected_mode_at_once(database_url: str) -> None:
     async with secured(database_url) as harness:
         async with harness.client() as local:  # loopback, no key: protected mode serves it
             assert (await post(local, "{ __typename }")).status_code == 200
-            await issue_key(harness.store, "first", "read", datetime.now(UTC))  # as from the CLI
+            await issue_key(harness.store.keys, "first", "read", datetime.now(UTC))  # as from the CLI
             assert (await post(local, "{ __typename }")).status_code == 401
 
 
@@ -251,13 +251,15 @@ async def test_revocation_takes_effect_on_the_next_lookup(database_url: str) -> 
     try:
         now = [0.0]
         gate = Gate(store, Settings(database_url=database_url), clock=lambda: now[0])
-        _, raw = await issue_key(store, "k", "read", datetime.now(UTC))
+        _, raw = await issue_key(store.keys, "k", "read", datetime.now(UTC))
         principal = await gate.authenticate(f"Bearer {raw}", "10.0.0.5")
         assert principal.name == "k" and principal.scopes == frozenset({"read"})
-        await store.revoke_key("k", datetime.now(UTC))  # as the CLI does, from outside the gate
+        await store.keys.revoke_key(
+            "k", datetime.now(UTC)
+        )  # as the CLI does, from outside the gate
         with pytest.raises(Unauthenticated):
             await gate.authenticate(f"Bearer {raw}", "10.0.0.5")
-        key = (await store.list_keys())[0]
+        key = (await store.keys.list_keys())[0]
         assert key.last_used_at is not None  # the first use was recorded
     finally:
         await store.close()
@@ -384,8 +386,8 @@ async def test_introspection_can_be_turned_off(database_url: str) -> None:
 async def test_key_is_stored_as_a_hash(database_url: str) -> None:
     async with secured(database_url) as harness:
         raw = await harness.issue("k", "read")
-        assert await harness.store.find_key(hash_key(raw)) is not None
-        assert await harness.store.find_key(raw) is None
+        assert await harness.store.keys.find_key(hash_key(raw)) is not None
+        assert await harness.store.keys.find_key(raw) is None
 
 
 # --- the subscription WebSocket, against a real server process ---
@@ -397,7 +399,7 @@ async def issue_offline(database_url: str, **scopes: str) -> dict[str, str]:
     await store.open()
     try:
         return {
-            name: (await issue_key(store, name, scope, datetime.now(UTC)))[1]
+            name: (await issue_key(store.keys, name, scope, datetime.now(UTC)))[1]
             for name, scope in scopes.items()
         }
     finally:

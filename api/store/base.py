@@ -7,20 +7,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
+from api import domain
 from api.domain import (
     ApiKey,
-    Backoff,
-    EventFilter,
+    Outcome,
     Task,
     TaskChanges,
     TaskEvent,
-    TaskFilter,
-    TaskSpec,
     TaskStatus,
 )
 
 # Called with the events of each committed transaction, in event-id order.
 CommitListener = Callable[[Sequence[TaskEvent]], None]
+# Decides a lifecycle change from the task as stored; None when the change does not apply.
+Decide = Callable[[Task], Outcome | None]
 
 SCHEMA_VERSION = 2
 
@@ -42,6 +42,10 @@ class TaskStore(Protocol):
     """Each state change is one atomic compare-and-set: it returns the changed task(s), or
     None / an empty list when the task was not in the state the change requires."""
 
+    @property
+    def keys(self) -> KeyStore:
+        """The API keys kept in the same database."""
+
     async def open(self) -> None:
         """Connect and bring the schema up to date."""
 
@@ -59,7 +63,7 @@ class TaskStore(Protocol):
     async def get(self, task_id: str) -> Task | None: ...
 
     async def list_tasks(
-        self, where: TaskFilter, first: int, after_seq: int | None, offset: int = 0
+        self, where: domain.TaskFilter, first: int, after_seq: int | None, offset: int = 0
     ) -> TaskPage:
         """Up to `first` tasks in submission order, after the cursor `after_seq`, skipping
         `offset` more."""
@@ -68,7 +72,9 @@ class TaskStore(Protocol):
 
     async def history(self, task_id: str) -> list[TaskEvent]: ...
 
-    async def events_after(self, after: int, where: EventFilter, limit: int) -> list[TaskEvent]: ...
+    async def events_after(
+        self, after: int, where: domain.EventFilter, limit: int
+    ) -> list[TaskEvent]: ...
 
     async def last_event_id(self) -> int: ...
 
@@ -76,7 +82,7 @@ class TaskStore(Protocol):
         """When the earliest waiting task of this directory that is not yet due becomes due."""
 
     # --- changes ---
-    async def submit(self, specs: Sequence[TaskSpec], now: datetime) -> list[Task]:
+    async def submit(self, specs: Sequence[domain.TaskSpec], now: datetime) -> list[Task]:
         """Insert all or none; an existing idempotency key returns the stored task instead."""
 
     async def claim(
@@ -92,23 +98,13 @@ class TaskStore(Protocol):
     ) -> list[Task] | None:
         """Complete all the items held by `worker_id`, or none (None) if any is not."""
 
-    async def fail(
-        self,
-        task_id: str,
-        worker_id: str,
-        error: str,
-        retry: bool,
-        backoff: Backoff,
-        jitter: float,
-        now: datetime,
-    ) -> Task | None: ...
+    async def change(self, task_id: str, decide: Decide) -> Task | None:
+        """Decide a lifecycle change on the task as stored (read under a lock, in the change's
+        transaction) and apply it as a compare-and-set on the version decided on; None when the
+        task is missing or `decide` found it in no state the change starts from."""
 
     async def release(self, task_id: str, worker_id: str, now: datetime) -> Task | None:
         """Give a held task back to the queue without counting an attempt."""
-
-    async def cancel(self, task_id: str, reason: str | None, now: datetime) -> Task | None: ...
-
-    async def retry(self, task_id: str, now: datetime) -> Task | None: ...
 
     async def update(
         self, task_id: str, expected_version: int, changes: TaskChanges, now: datetime
@@ -120,7 +116,10 @@ class TaskStore(Protocol):
     async def prune(self, finished_before: datetime, limit: int) -> int:
         """Delete up to `limit` finished tasks (and their history) older than the cut-off."""
 
-    # --- API keys ---
+
+class KeyStore(Protocol):
+    """API keys: stored by hash, never raw; a name may be reused once its key is revoked."""
+
     async def create_key(
         self, name: str, key_hash: str, scopes: Sequence[str], now: datetime
     ) -> ApiKey | None:

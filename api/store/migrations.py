@@ -1,33 +1,38 @@
-"""Versioned schema migrations, one list per backend; version N is the Nth entry, applied once."""
+"""Versioned schema migrations: the tables written once, typed per dialect; version N is the Nth
+entry, applied once. `pending` is the one rule of which to apply; each backend runs them."""
 
 from __future__ import annotations
 
+from api.store.base import SCHEMA_VERSION
+from api.store.sql import FINISHED, POSTGRES, SQLITE, Dialect
+
 _STATUSES = "'WAITING', 'WORKING', 'COMPLETED', 'FAILED', 'CANCELLED'"
 
-SQLITE_MIGRATIONS: list[list[str]] = [
+# {seq}, {uuid}, {json}, {time} and {small} are the dialect's column types.
+_MIGRATIONS: list[list[str]] = [
     [
         f"""
         CREATE TABLE tasks (
-            seq INTEGER PRIMARY KEY AUTOINCREMENT,
-            id TEXT NOT NULL UNIQUE,
+            seq {{seq}},
+            id {{uuid}} NOT NULL UNIQUE,
             work_directory TEXT NOT NULL,
             prompt TEXT NOT NULL,
-            priority INTEGER NOT NULL CHECK (priority IN (0, 1, 2)),
-            tags TEXT NOT NULL DEFAULT '[]',
+            priority {{small}} NOT NULL CHECK (priority IN (0, 1, 2)),
+            tags {{json}} NOT NULL DEFAULT '[]',
             status TEXT NOT NULL CHECK (status IN ({_STATUSES})),
             worker_id TEXT,
-            created_at INTEGER NOT NULL,
-            started_at INTEGER,
-            completed_at INTEGER,
-            updated_at INTEGER NOT NULL,
-            result TEXT,
+            created_at {{time}} NOT NULL,
+            started_at {{time}},
+            completed_at {{time}},
+            updated_at {{time}} NOT NULL,
+            result {{json}},
             error_message TEXT,
             retry_count INTEGER NOT NULL DEFAULT 0,
             max_retries INTEGER NOT NULL DEFAULT 3,
-            metadata TEXT NOT NULL DEFAULT '{{}}',
+            metadata {{json}} NOT NULL DEFAULT '{{{{}}}}',
             version INTEGER NOT NULL DEFAULT 1,
-            lease_expires_at INTEGER,
-            run_after INTEGER,
+            lease_expires_at {{time}},
+            run_after {{time}},
             idempotency_key TEXT UNIQUE
         )
         """,
@@ -37,18 +42,18 @@ SQLITE_MIGRATIONS: list[list[str]] = [
         "CREATE INDEX tasks_lease ON tasks (lease_expires_at) WHERE status = 'WORKING'",
         "CREATE INDEX tasks_status ON tasks (status, work_directory)",
         "CREATE INDEX tasks_directory ON tasks (work_directory, seq)",
-        "CREATE INDEX tasks_finished ON tasks (completed_at)"
-        " WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED')",
+        f"CREATE INDEX tasks_finished ON tasks (completed_at) WHERE status IN ({FINISHED})",
+        "{tag_index}",
         f"""
         CREATE TABLE task_history (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            task_id TEXT NOT NULL,
+            id {{seq}},
+            task_id {{uuid}} NOT NULL,
             work_directory TEXT NOT NULL,
             status TEXT NOT NULL CHECK (status IN ({_STATUSES})),
             previous_status TEXT CHECK (previous_status IN ({_STATUSES})),
             worker_id TEXT,
-            at INTEGER NOT NULL,
-            details TEXT NOT NULL DEFAULT '{{}}'
+            at {{time}} NOT NULL,
+            details {{json}} NOT NULL DEFAULT '{{{{}}}}'
         )
         """,
         "CREATE INDEX task_history_task ON task_history (task_id, id)",
@@ -57,13 +62,13 @@ SQLITE_MIGRATIONS: list[list[str]] = [
     [
         """
         CREATE TABLE api_keys (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            id {seq},
             name TEXT NOT NULL,
             key_hash TEXT NOT NULL UNIQUE,
             scopes TEXT NOT NULL,
-            created_at INTEGER NOT NULL,
-            last_used_at INTEGER,
-            revoked_at INTEGER
+            created_at {time} NOT NULL,
+            last_used_at {time},
+            revoked_at {time}
         )
         """,
         # A name may be reused once its key is revoked.
@@ -71,69 +76,30 @@ SQLITE_MIGRATIONS: list[list[str]] = [
     ],
 ]
 
-# PostgreSQL: the same tables and columns; native types (uuid, timestamptz, jsonb).
-POSTGRES_MIGRATIONS: list[list[str]] = [
-    [
-        f"""
-        CREATE TABLE tasks (
-            seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            id UUID NOT NULL UNIQUE,
-            work_directory TEXT NOT NULL,
-            prompt TEXT NOT NULL,
-            priority SMALLINT NOT NULL CHECK (priority IN (0, 1, 2)),
-            tags JSONB NOT NULL DEFAULT '[]',
-            status TEXT NOT NULL CHECK (status IN ({_STATUSES})),
-            worker_id TEXT,
-            created_at TIMESTAMPTZ NOT NULL,
-            started_at TIMESTAMPTZ,
-            completed_at TIMESTAMPTZ,
-            updated_at TIMESTAMPTZ NOT NULL,
-            result JSONB,
-            error_message TEXT,
-            retry_count INTEGER NOT NULL DEFAULT 0,
-            max_retries INTEGER NOT NULL DEFAULT 3,
-            metadata JSONB NOT NULL DEFAULT '{{}}',
-            version INTEGER NOT NULL DEFAULT 1,
-            lease_expires_at TIMESTAMPTZ,
-            run_after TIMESTAMPTZ,
-            idempotency_key TEXT UNIQUE
+# Only PostgreSQL can index a JSON array's members.
+_TAG_INDEX = {SQLITE.name: "", POSTGRES.name: "CREATE INDEX tasks_tags ON tasks USING GIN (tags)"}
+
+
+def migrations(d: Dialect) -> list[list[str]]:
+    types = {**d.types, "tag_index": _TAG_INDEX[d.name]}
+    return [[s.format(**types) for s in script if s.format(**types)] for script in _MIGRATIONS]
+
+
+SQLITE_MIGRATIONS = migrations(SQLITE)
+POSTGRES_MIGRATIONS = migrations(POSTGRES)
+
+CREATE_VERSIONS = (
+    "CREATE TABLE IF NOT EXISTS schema_migrations"
+    " (version INTEGER PRIMARY KEY, applied_at {time} NOT NULL)"
+)
+RECORD_VERSION = "INSERT INTO schema_migrations (version, applied_at) VALUES (:version, :now)"
+
+
+def pending(d: Dialect, current: int) -> list[tuple[int, list[str]]]:
+    """The migrations a database at schema version `current` still needs, in order."""
+    if current > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"the database has schema version {current}, newer than this taskorch"
+            f" ({SCHEMA_VERSION}); upgrade taskorch"
         )
-        """,
-        "CREATE INDEX tasks_claim ON tasks (work_directory, priority DESC, seq)"
-        " WHERE status = 'WAITING'",
-        "CREATE INDEX tasks_lease ON tasks (lease_expires_at) WHERE status = 'WORKING'",
-        "CREATE INDEX tasks_status ON tasks (status, work_directory)",
-        "CREATE INDEX tasks_directory ON tasks (work_directory, seq)",
-        "CREATE INDEX tasks_finished ON tasks (completed_at)"
-        " WHERE status IN ('COMPLETED', 'FAILED', 'CANCELLED')",
-        "CREATE INDEX tasks_tags ON tasks USING GIN (tags)",
-        f"""
-        CREATE TABLE task_history (
-            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            task_id UUID NOT NULL,
-            work_directory TEXT NOT NULL,
-            status TEXT NOT NULL CHECK (status IN ({_STATUSES})),
-            previous_status TEXT CHECK (previous_status IN ({_STATUSES})),
-            worker_id TEXT,
-            at TIMESTAMPTZ NOT NULL,
-            details JSONB NOT NULL DEFAULT '{{}}'
-        )
-        """,
-        "CREATE INDEX task_history_task ON task_history (task_id, id)",
-        "CREATE INDEX task_history_at ON task_history (at)",
-    ],
-    [
-        """
-        CREATE TABLE api_keys (
-            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-            name TEXT NOT NULL,
-            key_hash TEXT NOT NULL UNIQUE,
-            scopes TEXT NOT NULL,
-            created_at TIMESTAMPTZ NOT NULL,
-            last_used_at TIMESTAMPTZ,
-            revoked_at TIMESTAMPTZ
-        )
-        """,
-        "CREATE UNIQUE INDEX api_keys_active_name ON api_keys (name) WHERE revoked_at IS NULL",
-    ],
-]
+    return [(v, script) for v, script in enumerate(migrations(d), start=1) if v > current]

@@ -1,11 +1,17 @@
-"""PostgreSQL schema upgrades, under an advisory lock so replicas starting together are safe."""
+"""What only PostgreSQL does: schema upgrades under an advisory lock, so replicas starting together
+are safe, and history rows written under a global lock, so their ids commit in id order."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
 import asyncpg
 
-from api.store.base import SCHEMA_VERSION
-from api.store.migrations import POSTGRES_MIGRATIONS
+from api.domain import TaskEvent
+from api.store import migrations
+from api.store.rows import Pending, event_of, history_row
+from api.store.sql import EVENT_COLUMNS, POSTGRES, SCHEMA_VERSION_NOW, positional
 
 # Advisory lock classes (first key); the second key is a hash of the schema, so databases that
 # hold several taskorch schemas (one per test run, say) do not serialise on each other.
@@ -26,22 +32,45 @@ async def migrate(conn: asyncpg.Connection) -> int:
     async with conn.transaction():
         # Transaction-scoped: released by the commit that makes the new schema visible.
         await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", MIGRATION_LOCK, key)
-        await conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations"
-            " (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)"
-        )
-        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
-        if current > SCHEMA_VERSION:
-            raise RuntimeError(
-                f"the database has schema version {current}, newer than this taskorch"
-                f" ({SCHEMA_VERSION}); upgrade taskorch"
-            )
-        for version, script in enumerate(POSTGRES_MIGRATIONS, start=1):
-            if version <= current:
-                continue
+        await conn.execute(migrations.CREATE_VERSIONS.format(time="TIMESTAMPTZ"))
+        current = await conn.fetchval(SCHEMA_VERSION_NOW)
+        for version, script in migrations.pending(POSTGRES, current):
             for statement in script:
                 await conn.execute(statement)
-            await conn.execute(
-                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, now())", version
+            text, args = positional(
+                migrations.RECORD_VERSION, {"version": version, "now": datetime.now(UTC)}
             )
+            await conn.execute(text, *args)
     return key
+
+
+# One statement, so the global lock is held for one round trip and the commit. The lock is taken
+# before the first row is produced, hence before any history id is drawn, and after every row
+# lock the transaction took earlier; NOTIFY is delivered by PostgreSQL only if it commits.
+RECORD = f"""
+WITH lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($8, $9)),
+rows AS (
+    INSERT INTO task_history (task_id, work_directory, status, previous_status, worker_id, at,
+        details)
+    SELECT r.task_id, r.work_directory, r.status, r.previous_status, r.worker_id, r.at, r.details
+    FROM lock, unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+        $6::timestamptz[], $7::jsonb[]) WITH ORDINALITY
+        AS r(task_id, work_directory, status, previous_status, worker_id, at, details, n)
+    ORDER BY r.n
+    RETURNING {EVENT_COLUMNS}),
+announced AS (SELECT pg_notify($10, max(id)::text) FROM rows)
+SELECT rows.* FROM rows, announced ORDER BY rows.id
+"""
+_HISTORY_FIELDS = ("task_id", "work_directory", "status", "previous_status", "worker_id", "at",
+                   "details")  # fmt: skip
+
+
+async def insert_history(
+    conn: asyncpg.Connection, pending: Sequence[Pending], lock: tuple[int, int], channel: str
+) -> list[TaskEvent]:
+    """Write the history rows of a change under the history lock and announce the last id;
+    ids are handed out in the order given, and commit in id order across every process."""
+    rows = [history_row(POSTGRES, p) for p in pending]
+    columns = [[row[name] for row in rows] for name in _HISTORY_FIELDS]
+    records = await conn.fetch(RECORD, *columns, lock[0], lock[1], channel)
+    return [event_of(POSTGRES, r) for r in records]

@@ -1,0 +1,98 @@
+"""Rows <-> domain objects for both backends, by column name; the dialect decodes the values."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from api.domain import ApiKey, Task, TaskEvent, TaskPriority, TaskStatus
+from api.store.sql import Dialect
+
+
+class Row(Protocol):
+    """A row as either driver gives it (sqlite3.Row, asyncpg.Record): columns by name."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+# A change and the history row it owes: (task, previous status, details, worker override).
+Pending = tuple[Task, TaskStatus | None, dict[str, Any], str | None]
+
+
+class NotAll(Exception):
+    """Raised inside a batch change to roll back all of it."""
+
+
+# Columns whose stored value is the domain's value as it is.
+_TASK_PLAIN = ("seq", "work_directory", "prompt", "worker_id", "error_message", "retry_count",
+               "max_retries", "version", "idempotency_key")  # fmt: skip
+_TASK_TIMES = ("created_at", "started_at", "completed_at", "updated_at", "lease_expires_at",
+               "run_after")  # fmt: skip
+
+
+def task_of(d: Dialect, row: Row) -> Task:
+    result = row["result"]
+    return Task(
+        id=str(row["id"]),
+        priority=TaskPriority.from_rank(row["priority"]),
+        tags=tuple(d.unjson(row["tags"])),
+        status=TaskStatus(row["status"]),
+        result=None if result is None else d.unjson(result),
+        metadata=d.unjson(row["metadata"]),
+        **{name: row[name] for name in _TASK_PLAIN},
+        **{name: d.instant(row[name]) for name in _TASK_TIMES},
+    )
+
+
+def event_of(d: Dialect, row: Row) -> TaskEvent:
+    previous = row["previous_status"]
+    return TaskEvent(
+        id=row["id"],
+        task_id=str(row["task_id"]),
+        work_directory=row["work_directory"],
+        status=TaskStatus(row["status"]),
+        previous_status=None if previous is None else TaskStatus(previous),
+        worker_id=row["worker_id"],
+        at=d.instant(row["at"]),
+        details=d.unjson(row["details"]),
+    )
+
+
+def key_of(d: Dialect, row: Row) -> ApiKey:
+    return ApiKey(
+        name=row["name"],
+        scopes=tuple(s for s in row["scopes"].split(",") if s),
+        created_at=d.instant(row["created_at"]),
+        last_used_at=d.instant(row["last_used_at"]),
+        revoked_at=d.instant(row["revoked_at"]),
+    )
+
+
+def applied(d: Dialect, task: Task, expected_version: int) -> dict[str, Any]:
+    """Parameters of the APPLY statement: the decided task's lifecycle columns."""
+    return {
+        "seq": task.seq,
+        "expected_version": expected_version,
+        "status": task.status.value,
+        "retry_count": task.retry_count,
+        "worker_id": task.worker_id,
+        "started_at": d.time(task.started_at),
+        "completed_at": d.time(task.completed_at),
+        "run_after": d.time(task.run_after),
+        "error_message": task.error_message,
+        "lease_expires_at": d.time(task.lease_expires_at),
+        "updated_at": d.time(task.updated_at),
+        "version": task.version,
+    }
+
+
+def history_row(d: Dialect, pending: Pending) -> dict[str, Any]:
+    task, previous, details, worker = pending
+    return {
+        "task_id": task.id,
+        "work_directory": task.work_directory,
+        "status": task.status.value,
+        "previous_status": None if previous is None else previous.value,
+        "worker_id": task.worker_id if worker is None else worker,
+        "at": d.time(task.updated_at),
+        "details": d.json(details),
+    }

@@ -1,0 +1,271 @@
+"""The SQL catalogue: every statement of both stores, written once with `:name` placeholders, and
+the small table of what differs between SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from api.domain import EventFilter, TaskFilter, TaskStatus
+
+TASK_FIELDS = (
+    "seq", "id", "work_directory", "prompt", "priority", "tags", "status", "worker_id",
+    "created_at", "started_at", "completed_at", "updated_at", "result", "error_message",
+    "retry_count", "max_retries", "metadata", "version", "lease_expires_at", "run_after",
+    "idempotency_key",
+)  # fmt: skip
+EVENT_FIELDS = ("id", "task_id", "work_directory", "status", "previous_status", "worker_id", "at",
+                "details")  # fmt: skip
+KEY_FIELDS = ("name", "scopes", "created_at", "last_used_at", "revoked_at")
+TASK_COLUMNS = ", ".join(TASK_FIELDS)
+EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
+KEY_COLUMNS = ", ".join(KEY_FIELDS)
+
+WAITING, WORKING = TaskStatus.WAITING.value, TaskStatus.WORKING.value
+FINISHED = ", ".join(f"'{s.value}'" for s in TaskStatus if s.is_final)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_us(value: datetime) -> int:
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(value: int | None) -> datetime | None:
+    return None if value is None else _EPOCH + timedelta(microseconds=value)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _maybe(encode: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else encode(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    """What differs between the backends: value encodings, locking, and a few SQL forms."""
+
+    name: str
+    time: Callable[[Any], Any]  # a datetime (or None) as stored
+    instant: Callable[[Any], Any]  # ... and back
+    json: Callable[[Any], Any]  # a JSON value as stored
+    unjson: Callable[[Any], Any]
+    skip_locked: str  # appended to a SELECT whose rows the change takes, leaving held rows
+    for_update: str  # appended to a SELECT whose row the change decides on
+    has_tag: str  # a clause: the task's tags hold :tag
+    pick: str  # a clause: seq is one of the rows the subquery {} picks
+    types: dict[str, str]  # DDL column types
+
+
+SQLITE = Dialect(
+    name="sqlite",
+    time=_maybe(to_us),
+    instant=from_us,
+    json=dumps,
+    unjson=_maybe(json.loads),
+    skip_locked="",  # the writer holds the database for the whole transaction
+    for_update="",
+    has_tag="EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE value = :tag)",
+    pick="seq IN ({})",
+    types={
+        "seq": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        "uuid": "TEXT",
+        "json": "TEXT",
+        "time": "INTEGER",
+        "small": "INTEGER",
+    },
+)
+POSTGRES = Dialect(
+    name="postgres",
+    time=_same,
+    instant=_same,
+    json=_same,  # the connection's jsonb codec encodes
+    unjson=_same,
+    skip_locked=" FOR UPDATE SKIP LOCKED",
+    for_update=" FOR UPDATE",
+    has_tag="tags ? :tag",
+    # ANY(ARRAY(...)), not IN (...): the planner then reads the picked rows through the primary
+    # key instead of hash-joining a scan of the whole table.
+    pick="seq = ANY(ARRAY({}))",
+    types={
+        "seq": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+        "uuid": "UUID",
+        "json": "JSONB",
+        "time": "TIMESTAMPTZ",
+        "small": "SMALLINT",
+    },
+)
+
+_NAME = re.compile(r"(?<!:):([a-z_][a-z0-9_]*)")
+
+
+@functools.lru_cache(maxsize=1024)
+def numbered(sql: str) -> tuple[str, tuple[str, ...]]:
+    """`:name` placeholders -> `$1`, `$2`, ... (one number per name) and the names in order."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match[1] not in names:
+            names.append(match[1])
+        return f"${names.index(match[1]) + 1}"
+
+    return _NAME.sub(number, sql), tuple(names)
+
+
+def positional(sql: str, params: dict[str, Any]) -> tuple[str, list[Any]]:
+    text, names = numbered(sql)
+    return text, [params[name] for name in names]
+
+
+@dataclass(frozen=True, slots=True)
+class Catalogue:
+    """The statements whose text differs by dialect, for one dialect."""
+
+    dialect: Dialect
+    claim: str
+    task_for_change: str  # the row a lifecycle change decides on
+    expired: str
+    finished: str
+
+
+def catalogue(d: Dialect) -> Catalogue:
+    picked = (
+        f"SELECT seq FROM tasks WHERE status = '{WAITING}' AND work_directory = :work_directory"
+        " AND (run_after IS NULL OR run_after <= :now) ORDER BY priority DESC, seq LIMIT :limit"
+        f"{d.skip_locked}"
+    )
+    return Catalogue(
+        dialect=d,
+        claim=(
+            f"UPDATE tasks SET status = '{WORKING}', worker_id = :worker_id, started_at = :now,"
+            " updated_at = :now, lease_expires_at = :lease, version = version + 1"
+            f" WHERE {d.pick.format(picked)} RETURNING {TASK_COLUMNS}"
+        ),
+        task_for_change=f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = :id{d.for_update}",
+        expired=(
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE status = '{WORKING}'"
+            " AND lease_expires_at < :now ORDER BY lease_expires_at, seq LIMIT :limit"
+            f"{d.skip_locked}"
+        ),
+        finished=(
+            f"SELECT id FROM tasks WHERE status IN ({FINISHED}) AND completed_at < :cutoff"
+            f" LIMIT :limit{d.skip_locked}"
+        ),
+    )
+
+
+SQLITE_SQL = catalogue(SQLITE)
+POSTGRES_SQL = catalogue(POSTGRES)
+
+GET = f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = :id"
+BY_IDEMPOTENCY_KEY = f"SELECT {TASK_COLUMNS} FROM tasks WHERE idempotency_key = :key"
+HISTORY = f"SELECT {EVENT_COLUMNS} FROM task_history WHERE task_id = :task_id ORDER BY id"
+LAST_EVENT_ID = "SELECT coalesce(max(id), 0) AS id FROM task_history"
+SCHEMA_VERSION_NOW = "SELECT coalesce(max(version), 0) AS version FROM schema_migrations"
+NEXT_RUN_AFTER = (
+    f"SELECT min(run_after) AS run_after FROM tasks WHERE status = '{WAITING}'"
+    " AND work_directory = :work_directory AND run_after > :now"
+)
+SUBMIT = (
+    "INSERT INTO tasks (id, work_directory, prompt, priority, tags, status, created_at,"
+    " updated_at, max_retries, metadata, run_after, idempotency_key) VALUES (:id, :work_directory,"
+    f" :prompt, :priority, :tags, '{WAITING}', :now, :now, :max_retries, :metadata, :run_after,"
+    f" :idempotency_key) ON CONFLICT (idempotency_key) DO NOTHING RETURNING {TASK_COLUMNS}"
+)
+# complete and heartbeat stay one compare-and-set statement each: they are the hot path, and
+# what they decide (the holder still holds the task) is the WHERE clause alone.
+HELD = f"id = :id AND status = '{WORKING}' AND worker_id = :worker_id"
+COMPLETE = (
+    "UPDATE tasks SET status = 'COMPLETED', result = :result, completed_at = :now,"
+    f" updated_at = :now, lease_expires_at = NULL, version = version + 1 WHERE {HELD}"
+    f" RETURNING {TASK_COLUMNS}"
+)
+HEARTBEAT = (
+    "UPDATE tasks SET lease_expires_at = :lease, updated_at = :now, version = version + 1"
+    f" WHERE {HELD} RETURNING {TASK_COLUMNS}"
+)
+UPDATE = (
+    "UPDATE tasks SET prompt = coalesce(:prompt, prompt), priority = coalesce(:priority, priority),"
+    " tags = coalesce(:tags, tags), metadata = coalesce(:metadata, metadata),"
+    " max_retries = coalesce(:max_retries, max_retries), updated_at = :now,"
+    f" version = version + 1 WHERE id = :id AND status = '{WAITING}' AND version = :version"
+    f" RETURNING {TASK_COLUMNS}"
+)
+# Writes a decided outcome; the version check makes it a compare-and-set on what was decided on.
+APPLIED_FIELDS = ("status", "retry_count", "worker_id", "started_at", "completed_at", "run_after",
+                  "error_message", "lease_expires_at", "updated_at", "version")  # fmt: skip
+APPLY = (
+    f"UPDATE tasks SET {', '.join(f'{name} = :{name}' for name in APPLIED_FIELDS)}"
+    f" WHERE seq = :seq AND version = :expected_version RETURNING {TASK_COLUMNS}"
+)
+RECORD = (
+    "INSERT INTO task_history (task_id, work_directory, status, previous_status, worker_id, at,"
+    " details) VALUES (:task_id, :work_directory, :status, :previous_status, :worker_id, :at,"
+    f" :details) RETURNING {EVENT_COLUMNS}"
+)
+INSERT_KEY = (
+    "INSERT INTO api_keys (name, key_hash, scopes, created_at) VALUES (:name, :key_hash, :scopes,"
+    f" :now) ON CONFLICT DO NOTHING RETURNING {KEY_COLUMNS}"
+)
+FIND_KEY = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = :key_hash"
+LIST_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id"
+REVOKE_KEY = (
+    "UPDATE api_keys SET revoked_at = :now WHERE name = :name AND revoked_at IS NULL"
+    f" RETURNING {KEY_COLUMNS}"
+)
+TOUCH_KEY = "UPDATE api_keys SET last_used_at = :now WHERE key_hash = :key_hash RETURNING name"
+ACTIVE_KEYS = "SELECT count(*) AS count FROM api_keys WHERE revoked_at IS NULL"
+
+
+def one_of(column: str, name: str, values: Sequence[Any], params: dict[str, Any]) -> str:
+    """`column IN (:name0, :name1, ...)`, adding the values to `params`."""
+    marks = []
+    for index, value in enumerate(values):
+        params[f"{name}{index}"] = value
+        marks.append(f":{name}{index}")
+    return f"{column} IN ({', '.join(marks)})"
+
+
+def where(clauses: Sequence[str]) -> str:
+    return f" WHERE {' AND '.join(clauses)}" if clauses else ""
+
+
+def task_filter(d: Dialect, filter: TaskFilter, params: dict[str, Any]) -> list[str]:
+    clauses: list[str] = []
+    if filter.statuses:
+        clauses.append(one_of("status", "status", [s.value for s in filter.statuses], params))
+    if filter.work_directory is not None:
+        clauses.append("work_directory = :work_directory")
+        params["work_directory"] = filter.work_directory
+    if filter.priority is not None:
+        clauses.append("priority = :priority")
+        params["priority"] = filter.priority.rank
+    if filter.tag is not None:
+        clauses.append(d.has_tag)
+        params["tag"] = filter.tag
+    return clauses
+
+
+def event_filter(filter: EventFilter, params: dict[str, Any]) -> list[str]:
+    clauses = ["id > :after"]
+    if filter.task_id is not None:
+        clauses.append("task_id = :task_id")
+        params["task_id"] = filter.task_id
+    if filter.work_directory is not None:
+        clauses.append("work_directory = :work_directory")
+        params["work_directory"] = filter.work_directory
+    if filter.statuses:
+        clauses.append(one_of("status", "status", [s.value for s in filter.statuses], params))
+    return clauses
