@@ -241,7 +241,9 @@ async def test_first_key_ends_protected_mode_at_once(database_url: str) -> None:
     async with secured(database_url) as harness:
         async with harness.client() as local:  # loopback, no key: protected mode serves it
             assert (await post(local, "{ __typename }")).status_code == 200
-            await issue_key(harness.store.keys, "first", "read", datetime.now(UTC))  # as from the CLI
+            await issue_key(
+                harness.store.keys, "first", "read", datetime.now(UTC)
+            )  # as from the CLI
             assert (await post(local, "{ __typename }")).status_code == 401
 
 

@@ -227,7 +227,12 @@ class SecuredTransportWS(BaseGraphQLTransportWSHandler[Context, None]):
             if first is None:
                 return GraphQLError(CannotGetOperationTypeError(None).as_http_error_reason())
             name = first.name.value if first.name else None
-        return refusal(principal, root_fields(document, name))
+        refused = refusal(principal, root_fields(document, name))
+        return (
+            None
+            if refused is None
+            else GraphQLError(refused.message, extensions=refused.extensions)
+        )
 
     async def _refuse(self, op_id: str, error: GraphQLError) -> None:
         self.schema.process_errors([error])  # the same codes as over HTTP
