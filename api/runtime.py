@@ -1,5 +1,4 @@
-"""What every process that serves the queue runs: store, bus, service and background jobs, opened
-in order and closed in reverse, the same for the server, stdio MCP and the CLI."""
+"""Store, bus, service and background jobs: opened in order, closed in reverse, by every process."""
 
 from __future__ import annotations
 
@@ -24,6 +23,8 @@ log = logging.getLogger("taskorch.runtime")
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
+    """What a process serves from: the server's lifespan, stdio MCP and the one-off commands."""
+
     settings: Settings
     store: TaskStore
     bus: EventBus
