@@ -38,6 +38,9 @@ async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=dumps, decoder=json.loads, schema="pg_catalog")
 
 
+CLOSE_SECONDS = 10.0
+
+
 class PostgresStore(SqlTaskStore):
     sql = POSTGRES_SQL
 
@@ -82,7 +85,13 @@ class PostgresStore(SqlTaskStore):
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await pool.close()
+            # A graceful close waits for every connection to come back; one still held by a
+            # request that shutdown abandoned would make it wait forever, so it is bounded.
+            try:
+                await asyncio.wait_for(pool.close(), CLOSE_SECONDS)
+            except TimeoutError:
+                log.warning("connections still in use after %.0fs; closing them", CLOSE_SECONDS)
+                pool.terminate()
 
     def listen(self, listener: CommitListener) -> None:
         self._listeners.append(listener)
