@@ -30,6 +30,7 @@ lint: install
 	$(BIN)/ruff check api analytics bench tests
 	$(BIN)/ruff format --check api analytics bench tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

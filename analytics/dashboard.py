@@ -32,7 +32,9 @@ def _png(figure: Figure) -> bytes:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, float_format=lambda v: f"{v:,.1f}", na_rep="", max_cols=12)
+    return str(
+        frame.to_html(index=False, float_format=lambda v: f"{v:,.1f}", na_rep="", max_cols=12)
+    )
 
 
 class Dashboard:
@@ -103,7 +105,7 @@ class Dashboard:
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
-        display(self.widget)
+        display(self.widget)  # type: ignore[no-untyped-call]
 
     # --- data ---
 

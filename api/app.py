@@ -19,17 +19,18 @@ from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 
-from api import __version__, rest
-from api.auth import AuthMiddleware, Gate
-from api.gql.context import Context
-from api.gql.ide import graphiql_assets, graphiql_page
-from api.gql.schema import build_schema
-from api.gql.security import SecuredTransportWS, guard_extensions
-from api.health import QueueCounts, health
-from api.logs import AccessLog
-from api.mcp import build_mcp, http_sessions, transport_security
-from api.metrics import metrics, observe_commit, observe_request
+from api import __version__
+from api.interfaces import rest
+from api.interfaces.gql.context import Context
+from api.interfaces.gql.ide import graphiql_assets, graphiql_page
+from api.interfaces.gql.schema import build_schema
+from api.interfaces.gql.security import SecuredTransportWS, guard_extensions
+from api.interfaces.mcp import build_mcp, http_sessions, transport_security
+from api.ops.health import QueueCounts, health
+from api.ops.logs import AccessLog
+from api.ops.metrics import metrics, observe_commit, observe_request
 from api.runtime import runtime
+from api.security.auth import AuthMiddleware, Gate
 from api.settings import Settings
 
 log = logging.getLogger("taskorch.app")

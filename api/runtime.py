@@ -10,10 +10,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from api.domain import Backoff
-from api.events import EventBus, LocalBus
-from api.retention import prune_periodically
-from api.service import TaskService, utc_now
+from api.core.domain import Backoff
+from api.core.service import TaskService, utc_now
+from api.events.bus import EventBus, LocalBus
+from api.ops.retention import prune_periodically
 from api.settings import Settings
 from api.store import open_store
 from api.store.base import TaskStore
@@ -82,11 +82,11 @@ def open_bus(settings: Settings, store: TaskStore) -> EventBus:
     """The event bus for this store. Both tell every server process of every commit, so other
     replicas (PostgreSQL) or other processes on the same file (SQLite) see one ordered stream."""
     if settings.backend == "postgres":
-        from api.events_postgres import PostgresBus
+        from api.events.postgres import PostgresBus
 
         # Not a commit listener as well: every event arrives through the history table, once.
         return PostgresBus(settings.database_url, store)
-    from api.events_sqlite import SqliteBus
+    from api.events.sqlite import SqliteBus
 
     return SqliteBus(store, settings.sqlite_path)
 

@@ -420,7 +420,7 @@ def command_from_args(args: argparse.Namespace) -> WorkerConfig | str:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        from api.cli import command as taskorch
+        from api.invocation import command as taskorch
 
         return f"give the command to run after --, e.g. {taskorch()} work ... -- claude -p"
     if not args.work_directory.startswith("/"):

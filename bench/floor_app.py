@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args()
-    # The same uvicorn settings as api.cli.cmd_serve.
+    # The same uvicorn settings as api.cli.main.cmd_serve.
     uvicorn.Server(
         uvicorn.Config(
             create_app(),

@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 from api.app import create_app
-from api.domain import Backoff, TaskSpec
-from api.events import LocalBus
-from api.service import TaskService
+from api.core.domain import Backoff, TaskSpec
+from api.core.service import TaskService
+from api.events.bus import LocalBus
 from api.settings import Settings
 from api.store import open_store
 from api.store.base import TaskStore
@@ -127,7 +127,7 @@ def submit_task(service: TaskService) -> Callable[..., Awaitable[Any]]:
     async def submit(**fields: Any) -> Any:
         fields.setdefault("work_directory", "/repo")
         fields.setdefault("prompt", "fix the bug")
-        from api.domain import task_spec
+        from api.core.validation import task_spec
 
         spec: TaskSpec = task_spec(**fields)
         return await service.submit(spec)

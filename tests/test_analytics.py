@@ -22,9 +22,9 @@ matplotlib.use("Agg")
 import analytics
 from analytics.load import frames
 from analytics.sources import NO_TIME, STATUSES, Raw
-from api.domain import task_spec
-from api.events import LocalBus
-from api.service import TaskService
+from api.core.service import TaskService
+from api.core.validation import task_spec
+from api.events.bus import LocalBus
 from api.settings import Settings
 from api.store import open_store
 from tests.conftest import FakeClock, GraphQLClient, ServerProcess
@@ -172,7 +172,8 @@ def test_utilisation_sums_claimed_time_per_worker(data: tuple[pd.DataFrame, pd.D
     assert w1["busy_s"] == 60 + 20 + 30
     assert w2["busy_s"] == 980 + 100
     # w1 ran A 10-70, B 30-50 and E 50-80: busy from 10 to 80 s, some of it on two tasks at once.
-    assert w1["held_s"] == 70 and w1["utilisation"] == pytest.approx(70 / 3600)
+    assert w1["held_s"] == 70
+    assert w1["utilisation"] == pytest.approx(70 / 3600)
     assert w1["mean_running"] == pytest.approx(110 / 3600)
     assert w2["held_s"] == 980  # D 20-1000 covers B 100-200
     assert (w1["attempts"], w1["completed"], w1["failed"], w1["lease_expired"]) == (3, 1, 2, 0)
@@ -238,7 +239,8 @@ def test_utilisation_is_the_share_of_the_window_a_worker_is_busy_never_above_one
         for label, bar in zip(ax.get_yticklabels(), ax.patches, strict=True)
     }
     assert bars == pytest.approx({"slots-2": 1.0, "staggered": 2400 / 3600, "half": 0.5})
-    assert "1.0 = never idle" in ax.get_xlabel() and ax.get_xlim() == (0, 1)
+    assert "1.0 = never idle" in ax.get_xlabel()
+    assert ax.get_xlim() == (0, 1)
 
 
 def test_failure_and_retry_rates_overall_and_by_group(
@@ -267,7 +269,8 @@ def test_summary_slowest_and_most_failed(data: tuple[pd.DataFrame, pd.DataFrame]
     tasks, events = data
     figures = analytics.summary(tasks, events, since=T0, until=T0 + pd.Timedelta(hours=2))
     assert (figures["submitted"], figures["completed"], figures["failed"]) == (5, 2, 1)
-    assert figures["waiting"] == 2 and figures["working"] == 0
+    assert figures["waiting"] == 2
+    assert figures["working"] == 0
     assert figures["completed_per_hour"] == pytest.approx(1.0)
     assert analytics.slowest(tasks, 2)["id"].tolist() == ["B", "A"]
     failed = analytics.most_failed(tasks)
@@ -318,22 +321,23 @@ def check_loaded(data: analytics.TaskData, ids: dict[str, str]) -> None:
     assert set(tasks.index) == {ids["done"], ids["failed"], ids["waiting"]}
     done = tasks.loc[ids["done"]]
     assert done["tags"] == ["bug", "ci"]
-    assert done["priority"] == "HIGH" and done["status"] == "COMPLETED"
+    assert done["priority"] == "HIGH"
+    assert done["status"] == "COMPLETED"
     assert (done["wait_s"], done["run_s"], done["attempts"]) == (75.0, 30.0, 2)
     assert tasks.loc[ids["failed"], "status"] == "FAILED"
     assert np.isnan(tasks.loc[ids["waiting"], "wait_s"])
-    assert (
-        str(data.tasks["created_at"].dtype).startswith("datetime64")
-        and str(data.tasks["created_at"].dt.tz) == "UTC"
-    )
+    assert str(data.tasks["created_at"].dtype).startswith("datetime64")
+    assert str(data.tasks["created_at"].dt.tz) == "UTC"
     assert isinstance(data.tasks["status"].dtype, pd.CategoricalDtype)
-    assert data.tasks["priority"].cat.ordered and list(data.tasks["priority"].cat.categories) == [
+    assert data.tasks["priority"].cat.ordered
+    assert list(data.tasks["priority"].cat.categories) == [
         "LOW",
         "MEDIUM",
         "HIGH",
     ]
     events = data.events
-    assert len(events) == 3 + 2 + 2 + 1 + 1 and events["id"].is_monotonic_increasing
+    assert len(events) == 3 + 2 + 2 + 1 + 1
+    assert events["id"].is_monotonic_increasing
     assert events["at"].dt.tz is not None
     assert set(events["worker_id"].dropna()) == {"w1", "w2"}
 
@@ -402,7 +406,9 @@ async def test_load_from_a_live_server_pages_through_graphql(
     assert len(data.tasks) == 1005  # two pages
     assert len(data.events) == 1005 + 2
     done = data.tasks.set_index("id").loc[task_id]
-    assert done["status"] == "COMPLETED" and done["attempts"] == 1 and done["tags"] == ["t"]
+    assert done["status"] == "COMPLETED"
+    assert done["attempts"] == 1
+    assert done["tags"] == ["t"]
     assert data.tasks["created_at"].dt.tz is not None
 
 
@@ -430,18 +436,21 @@ async def test_dashboard_builds_filters_and_refreshes(tmp_path: Path) -> None:
             assert board.error is None, board.error
             assert "submitted" in board.figures.value
             assert all(bytes(i.value).startswith(b"\x89PNG") for i in board.images.values())
-            assert "/docs" in board.directory.options and "bug" in board.tag.options
+            assert "/docs" in board.directory.options
+            assert "bug" in board.tag.options
             before = board.images["throughput"].value
             board.directory.value = "/docs"
             assert set(board.filtered()[0]["work_directory"]) == {"/docs"}
             assert board.images["throughput"].value != before
             board.tag.value = "bug"  # no /docs task has it: empty, still drawn
-            assert board.filtered()[0].empty and board.error is None
+            assert board.filtered()[0].empty
+            assert board.error is None
 
             await service.submit(task_spec(work_directory="/new", prompt="new one"))
             refreshes = board.refreshes
             board.refresh_button.click()
-            assert board.refreshes == refreshes + 1 and "/new" in board.directory.options
+            assert board.refreshes == refreshes + 1
+            assert "/new" in board.directory.options
             assert board.directory.value == "/docs"  # filters survive a refresh
             board.every.value = 1
             board.auto.value = True
@@ -455,5 +464,6 @@ async def test_dashboard_builds_filters_and_refreshes(tmp_path: Path) -> None:
 
 def test_dashboard_shows_a_load_error_instead_of_raising(tmp_path: Path) -> None:
     board = analytics.dashboard(f"sqlite:///{tmp_path / 'none.db'}")
-    assert board.data is None and "no SQLite database" in board.status.value
+    assert board.data is None
+    assert "no SQLite database" in board.status.value
     board.close()

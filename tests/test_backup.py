@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.domain import TaskStatus, task_spec
-from api.events import LocalBus
-from api.service import TaskService
+from api.core.domain import TaskStatus
+from api.core.service import TaskService
+from api.core.validation import task_spec
+from api.events.bus import LocalBus
 from api.settings import Settings
 from api.store import open_store
 from api.store.base import SCHEMA_VERSION
@@ -157,7 +158,8 @@ def refuse(source: Path, current: Path, reason: str) -> None:
     result = taskorch("restore", str(source), "--database", f"sqlite:///{current}")
     assert result.returncode == 1
     assert reason in result.stderr, result.stderr
-    assert "nothing was changed" in result.stderr and "Traceback" not in result.stderr
+    assert "nothing was changed" in result.stderr
+    assert "Traceback" not in result.stderr
     assert digest(current) == before
     assert consistency(current) == (3, 3)
     assert not list(current.parent.glob(".current.db.*"))  # no temp file left behind
@@ -197,7 +199,8 @@ def test_restore_refuses_while_a_server_uses_the_database(
     assert taskorch("backup", "--database", f"sqlite:///{current}", str(backup)).returncode == 0
     server = start_server(f"sqlite:///{current}")
     result = taskorch("restore", str(backup), "--database", f"sqlite:///{current}")
-    assert result.returncode == 1 and "stop the server" in result.stderr, result.stderr
+    assert result.returncode == 1, result.stderr
+    assert "stop the server" in result.stderr, result.stderr
     assert httpx.get(f"{server.url}/health").json()["queue"]["waiting"] == 3
 
 
@@ -213,9 +216,11 @@ def test_restore_replaces_the_database_and_its_stale_wal(tmp_path: Path, current
 def test_backup_and_restore_point_postgresql_users_to_pg_tools(tmp_path: Path) -> None:
     url = "postgresql://postgres@127.0.0.1:5432/test"
     result = taskorch("backup", "--database", url, str(tmp_path / "x.db"))
-    assert result.returncode == 1 and "pg_dump" in result.stderr
+    assert result.returncode == 1
+    assert "pg_dump" in result.stderr
     result = taskorch("restore", str(tmp_path / "x.db"), "--database", url)
-    assert result.returncode == 1 and "pg_restore" in result.stderr
+    assert result.returncode == 1
+    assert "pg_restore" in result.stderr
 
 
 # --- retention ---
@@ -252,11 +257,13 @@ async def test_prune_deletes_finished_tasks_past_the_cutoff_with_their_history(
         assert (await store.get(old_waiting.id)) is not None  # unfinished tasks are kept
         assert (await store.get(recent.id)) is not None
         counts = await store.count_by_status(None)
-        assert counts.get(TaskStatus.COMPLETED, 0) == 0 and counts[TaskStatus.CANCELLED] == 1
+        assert counts.get(TaskStatus.COMPLETED, 0) == 0
+        assert counts[TaskStatus.CANCELLED] == 1
     finally:
         await store.close()
     bad = await taskorch_async("prune", "--older-than", "soon", "--database", database_url)
-    assert bad[0] == 2 and "--older-than" in bad[2]
+    assert bad[0] == 2
+    assert "--older-than" in bad[2]
 
 
 async def test_automatic_retention_prunes_in_the_background(database_url: str) -> None:
@@ -296,7 +303,8 @@ def test_backup_to_a_missing_folder_names_the_destination_and_the_cause(
     folder = tmp_path / "taken"
     folder.mkdir()
     result = taskorch("backup", "--database", f"sqlite:///{current}", str(folder))
-    assert result.returncode == 1 and f"{folder}: it is a folder" in result.stderr
+    assert result.returncode == 1
+    assert f"{folder}: it is a folder" in result.stderr
 
 
 def test_backup_to_a_read_only_folder_names_the_destination_and_the_cause(

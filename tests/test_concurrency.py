@@ -9,9 +9,10 @@ from typing import Any
 
 import httpx
 
-from api.domain import TaskStatus, task_spec
-from api.errors import Conflict
-from api.service import TaskService
+from api.core.domain import TaskStatus
+from api.core.errors import Conflict
+from api.core.service import TaskService
+from api.core.validation import task_spec
 from tests.conftest import FakeClock, GraphQLClient, ServerProcess
 
 Submit = Callable[..., Awaitable[Any]]
@@ -42,7 +43,8 @@ async def test_fifty_claimers_over_five_hundred_tasks_claim_each_exactly_once(
     ids = await fill(service, 500)
     results = await asyncio.gather(*(claim_until_empty(service, f"w{i}") for i in range(50)))
     claimed = [task_id for worker in results for task_id in worker]
-    assert len(claimed) == 500 and set(claimed) == set(ids)
+    assert len(claimed) == 500
+    assert set(claimed) == set(ids)
     stats = await service.statistics()
     assert stats[TaskStatus.WORKING] == 500
     for task_id in ids[:20]:  # exactly one claim in each history
@@ -96,7 +98,8 @@ async def test_sweep_racing_completions_settles_each_task_once(
         if task.status is TaskStatus.COMPLETED:
             assert task_id not in swept
         else:
-            assert task.status is TaskStatus.WAITING and task.retry_count == 1
+            assert task.status is TaskStatus.WAITING
+            assert task.retry_count == 1
 
 
 async def test_concurrent_fail_and_cancel_leave_one_outcome(service: TaskService) -> None:
@@ -175,4 +178,5 @@ async def test_fifty_http_claimers_against_a_server_process(
 
         results = await asyncio.gather(*(worker(f"w{i}") for i in range(50)))
     claimed = [t for r in results for t in r]
-    assert len(claimed) == 500 and set(claimed) == ids
+    assert len(claimed) == 500
+    assert set(claimed) == ids

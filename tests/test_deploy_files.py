@@ -61,7 +61,8 @@ def test_compose_runs_postgres_the_server_and_jupyter_on_the_same_data() -> None
     assert server["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert any("8080" in str(port) for port in server["ports"])
     grace = str(server["stop_grace_period"])
-    assert grace.endswith("s") and int(grace[:-1]) > Settings().shutdown_timeout
+    assert grace.endswith("s")
+    assert int(grace[:-1]) > Settings().shutdown_timeout
 
     jupyter = services["jupyter"]
     jupyter_env = environment_of(jupyter)
@@ -92,7 +93,8 @@ def test_k8s_deployment_probes_health_and_keeps_sqlite_on_one_replica() -> None:
     assert {"Deployment", "Service", "PersistentVolumeClaim", "Kustomization"} <= set(objects)
     deployment = objects["Deployment"]
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    assert spec["replicas"] == 1
+    assert spec["strategy"]["type"] == "Recreate"
     pod = spec["template"]["spec"]
     assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -148,18 +150,19 @@ def test_dockerfile_is_slim_non_root_with_a_health_check() -> None:
     instructions = dict(final)
     assert instructions["USER"] not in ("root", "0")
     assert "/health" in instructions["HEALTHCHECK"]
-    assert "8080" in instructions["EXPOSE"] and "/data" in instructions["VOLUME"]
+    assert "8080" in instructions["EXPOSE"]
+    assert "/data" in instructions["VOLUME"]
     assert instructions["STOPSIGNAL"] == "SIGTERM"
     env = dict(
         re.findall(r"(TASKORCH_\w+)=(\S+)", " ".join(v for k, v in stages["base"] if k == "ENV"))
     )
     check_settings(env)
-    assert env["TASKORCH_HOST"] == "0.0.0.0" and env["TASKORCH_DATABASE_URL"].startswith(
-        "sqlite:////data/"
-    )
+    assert env["TASKORCH_HOST"] == "0.0.0.0"
+    assert env["TASKORCH_DATABASE_URL"].startswith("sqlite:////data/")
     assert "jupyter" in stages
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert ".venv" in ignored and "*.db" in ignored
+    assert ".venv" in ignored
+    assert "*.db" in ignored
 
 
 def test_systemd_unit_runs_serve_as_its_own_user_and_stops_gracefully() -> None:
@@ -168,7 +171,8 @@ def test_systemd_unit_runs_serve_as_its_own_user_and_stops_gracefully() -> None:
     unit.read(ROOT / "deploy" / "taskorch.service")
     service = unit["Service"]
     assert service["ExecStart"].endswith("taskorch serve")
-    assert service["User"] not in ("root", "") and service["KillSignal"] == "SIGTERM"
+    assert service["User"] not in ("root", "")
+    assert service["KillSignal"] == "SIGTERM"
     assert int(service["TimeoutStopSec"]) > Settings().shutdown_timeout
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     lines = (ROOT / "deploy" / "taskorch.service").read_text().splitlines()

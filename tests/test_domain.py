@@ -10,9 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from api import domain
-from api.domain import Backoff, HistoryReason, Task, TaskPriority, TaskStatus, task_spec
-from api.errors import ValidationError
+from api.core import lifecycle, validation
+from api.core.domain import Backoff, Task, TaskPriority, TaskStatus
+from api.core.errors import ValidationError
+from api.core.lifecycle import HistoryReason
+from api.core.validation import task_spec
 
 
 def refused(field: str, **fields: Any) -> None:
@@ -93,16 +95,16 @@ def test_batch_items_name_their_position() -> None:
 @pytest.mark.parametrize(
     ("check", "value"),
     [
-        (domain.check_lease_seconds, 0),
-        (domain.check_lease_seconds, 86_401),
-        (domain.check_wait_seconds, -1),
-        (domain.check_wait_seconds, 61),
-        (domain.check_wait_seconds, float("nan")),
-        (domain.check_worker_id, ""),
-        (domain.check_worker_id, "w" * 256),
-        (domain.check_task_id, "nope"),
-        (domain.check_idempotency_key, ""),
-        (domain.check_result, {1, 2}),
+        (validation.check_lease_seconds, 0),
+        (validation.check_lease_seconds, 86_401),
+        (validation.check_wait_seconds, -1),
+        (validation.check_wait_seconds, 61),
+        (validation.check_wait_seconds, float("nan")),
+        (validation.check_worker_id, ""),
+        (validation.check_worker_id, "w" * 256),
+        (validation.check_task_id, "nope"),
+        (validation.check_idempotency_key, ""),
+        (validation.check_result, {1, 2}),
     ],
 )
 def test_operation_arguments_are_checked(check: Any, value: Any) -> None:
@@ -112,7 +114,7 @@ def test_operation_arguments_are_checked(check: Any, value: Any) -> None:
 
 def test_empty_update_is_refused() -> None:
     with pytest.raises(ValidationError) as caught:
-        domain.task_changes()
+        validation.task_changes()
     assert caught.value.field == "input"
 
 
@@ -150,36 +152,47 @@ HELD = Task(
 
 
 def test_fail_requeues_after_backoff_then_fails_for_good_when_retries_are_spent() -> None:
-    first = domain.fail(HELD, "w", "boom", True, Backoff(2, 60), 1.0, NOW)
-    assert first is not None and first.task.status is TaskStatus.WAITING
-    assert first.task.retry_count == 1 and first.task.run_after == NOW + timedelta(seconds=2)
-    assert first.task.worker_id is None and first.task.version == HELD.version + 1
+    first = lifecycle.fail(HELD, "w", "boom", True, Backoff(2, 60), 1.0, NOW)
+    assert first is not None
+    assert first.task.status is TaskStatus.WAITING
+    assert first.task.retry_count == 1
+    assert first.task.run_after == NOW + timedelta(seconds=2)
+    assert first.task.worker_id is None
+    assert first.task.version == HELD.version + 1
     assert first.details == {"error": "boom", "retry": True, "runAfter": first.task.run_after,
                              "attempt": 1}  # fmt: skip
-    spent = domain.fail(replace(HELD, retry_count=1), "w", "boom", True, Backoff(), 1.0, NOW)
-    assert spent is not None and spent.task.status is TaskStatus.FAILED
-    assert spent.task.completed_at == NOW and spent.task.worker_id == "w"
-    assert domain.fail(HELD, "other", "boom", True, Backoff(), 1.0, NOW) is None
+    spent = lifecycle.fail(replace(HELD, retry_count=1), "w", "boom", True, Backoff(), 1.0, NOW)
+    assert spent is not None
+    assert spent.task.status is TaskStatus.FAILED
+    assert spent.task.completed_at == NOW
+    assert spent.task.worker_id == "w"
+    assert lifecycle.fail(HELD, "other", "boom", True, Backoff(), 1.0, NOW) is None
 
 
 def test_lease_expiry_counts_an_attempt_and_names_its_reason() -> None:
-    assert domain.expire_lease(HELD, NOW) is None  # the lease still runs
+    assert lifecycle.expire_lease(HELD, NOW) is None  # the lease still runs
     later = NOW + timedelta(seconds=61)
-    outcome = domain.expire_lease(HELD, later)
-    assert outcome is not None and outcome.task.status is TaskStatus.WAITING
+    outcome = lifecycle.expire_lease(HELD, later)
+    assert outcome is not None
+    assert outcome.task.status is TaskStatus.WAITING
     assert outcome.details["reason"] == HistoryReason.LEASE_EXPIRED
-    assert outcome.worker_id == "w" and outcome.task.retry_count == 1
+    assert outcome.worker_id == "w"
+    assert outcome.task.retry_count == 1
     assert "worker w sent no heartbeat" in (outcome.task.error_message or "")
 
 
 def test_release_cancel_and_retry_start_only_from_their_statuses() -> None:
-    released = domain.release(HELD, "w", NOW)
-    assert released is not None and released.task.retry_count == 0
+    released = lifecycle.release(HELD, "w", NOW)
+    assert released is not None
+    assert released.task.retry_count == 0
     assert released.details == {"reason": HistoryReason.RELEASED}
-    cancelled = domain.cancel(HELD, "stop", NOW)
-    assert cancelled is not None and cancelled.task.status is TaskStatus.CANCELLED
-    assert domain.cancel(cancelled.task, None, NOW) is None
-    assert domain.retry(HELD, NOW) is None
-    retried = domain.retry(cancelled.task, NOW)
-    assert retried is not None and retried.task.status is TaskStatus.WAITING
-    assert retried.details == {"reason": HistoryReason.RETRIED} and retried.worker_id is None
+    cancelled = lifecycle.cancel(HELD, "stop", NOW)
+    assert cancelled is not None
+    assert cancelled.task.status is TaskStatus.CANCELLED
+    assert lifecycle.cancel(cancelled.task, None, NOW) is None
+    assert lifecycle.retry(HELD, NOW) is None
+    retried = lifecycle.retry(cancelled.task, NOW)
+    assert retried is not None
+    assert retried.task.status is TaskStatus.WAITING
+    assert retried.details == {"reason": HistoryReason.RETRIED}
+    assert retried.worker_id is None

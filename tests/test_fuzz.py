@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis_graphql import Mode, from_schema, nodes
 
-from api.gql.schema import build_schema
+from api.interfaces.gql.schema import build_schema
 from tests.conftest import ServerProcess
 
 # Anything that betrays the inside of the server.

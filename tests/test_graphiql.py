@@ -23,7 +23,7 @@ import httpx
 import pytest
 import websockets
 
-from api.gql.ide import STATIC, graphiql_page
+from api.interfaces.gql.ide import STATIC, graphiql_page
 from tests.conftest import ServerProcess, free_port
 
 REQUIRE_CHROMIUM = os.environ.get("TASKORCH_REQUIRE_CHROMIUM", "") not in ("", "0", "false")
@@ -167,7 +167,8 @@ async def test_graphiql_renders_and_runs_a_query_offline(
             " && document.querySelector('.result-window').innerText"
         )
         # The marker exists only in the server's database: the page asked, the server answered.
-        assert '"prompt"' in result and marker in result
+        assert '"prompt"' in result
+        assert marker in result
         shot = await tab.call("Page.captureScreenshot", format="png")
         (tmp_path / "graphiql.png").write_bytes(base64.b64decode(shot["data"]))
 
@@ -190,7 +191,8 @@ async def test_graphiql_renders_and_runs_a_query_offline(
                 if any(i in shown for i in submitted_ids):
                     break
         live = await tab.evaluate(result_text)
-        assert any(i in live for i in submitted_ids) and "WAITING" in live, live
+        assert any(i in live for i in submitted_ids), live
+        assert "WAITING" in live, live
         sockets = [e for e in tab.events if e.get("method") == "Network.webSocketCreated"]
         assert [e["params"]["url"] for e in sockets] == [server.ws_url]
 
@@ -204,7 +206,8 @@ async def test_graphiql_renders_and_runs_a_query_offline(
 
 def test_the_page_refers_to_local_assets_only() -> None:
     html = graphiql_page()
-    assert "https://" not in html and "http://" not in html
+    assert "https://" not in html
+    assert "http://" not in html
     for reference in ("react-18.2.0/react.production.min.js", "graphiql-3.8.3/graphiql.min.js"):
         assert f"graphiql/static/{reference}" in html
 
@@ -244,8 +247,10 @@ def test_the_wheel_carries_the_page_and_its_assets(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("taskorch-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     package = STATIC.parent
-    expected = {"api/gql/graphiql.html"} | {
-        f"api/gql/{p.relative_to(package).as_posix()}" for p in STATIC.rglob("*") if p.is_file()
+    expected = {"api/interfaces/gql/graphiql.html"} | {
+        f"api/interfaces/gql/{p.relative_to(package).as_posix()}"
+        for p in STATIC.rglob("*")
+        if p.is_file()
     }
     assert len(expected) > 10
     assert expected <= names, sorted(expected - names)

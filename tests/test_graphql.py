@@ -34,27 +34,36 @@ async def submit(gql: GraphQLClient, **fields: Any) -> dict[str, Any]:
 
 async def test_submit_returns_every_contract_field(gql: GraphQLClient) -> None:
     task = await submit(gql, tags=["a"], metadata={"k": [1, 2]}, idempotencyKey="k1")
-    assert task["status"] == "WAITING" and task["priority"] == "MEDIUM"
-    assert task["maxRetries"] == 3 and task["retryCount"] == 0 and task["version"] == 1
-    assert task["metadata"] == {"k": [1, 2]} and task["tags"] == ["a"]
-    assert task["idempotencyKey"] == "k1" and task["result"] is None
+    assert task["status"] == "WAITING"
+    assert task["priority"] == "MEDIUM"
+    assert task["maxRetries"] == 3
+    assert task["retryCount"] == 0
+    assert task["version"] == 1
+    assert task["metadata"] == {"k": [1, 2]}
+    assert task["tags"] == ["a"]
+    assert task["idempotencyKey"] == "k1"
+    assert task["result"] is None
     assert task["createdAt"].endswith("+00:00")
     (event,) = task["history"]
-    assert event["status"] == "WAITING" and event["previousStatus"] is None
-    assert event["taskId"] == task["id"] and event["task"]["id"] == task["id"]
+    assert event["status"] == "WAITING"
+    assert event["previousStatus"] is None
+    assert event["taskId"] == task["id"]
+    assert event["task"]["id"] == task["id"]
 
 
 async def test_full_lifecycle_over_graphql(gql: GraphQLClient) -> None:
     task = await submit(gql)
     claimed = (await gql.ok(CLAIM, dir="/repo", worker="w1", lease=60))["claimTask"]
-    assert claimed["id"] == task["id"] and claimed["status"] == "WORKING"
+    assert claimed["id"] == task["id"]
+    assert claimed["status"] == "WORKING"
     beat = await gql.ok(
         'mutation($id: ID!) { heartbeat(id: $id, workerId: "w1", leaseSeconds: 120) { version } }',
         id=task["id"],
     )
     assert beat["heartbeat"]["version"] == claimed["version"] + 1
     done = (await gql.ok(COMPLETE, id=task["id"], worker="w1", result={"ok": True}))["completeTask"]
-    assert done["status"] == "COMPLETED" and done["result"] == {"ok": True}
+    assert done["status"] == "COMPLETED"
+    assert done["result"] == {"ok": True}
     stats = await gql.ok("{ statistics { total waiting working completed failed cancelled } }")
     assert stats["statistics"] == {
         "total": 1, "waiting": 0, "working": 0, "completed": 1, "failed": 0, "cancelled": 0,
@@ -69,7 +78,8 @@ async def test_fail_retry_cancel_update_over_graphql(gql: GraphQLClient) -> None
     task = await submit(gql, maxRetries=0)
     await gql.ok(CLAIM, dir="/repo", worker="w1")
     failed = (await gql.ok(FAIL, id=task["id"], worker="w1", error="boom"))["failTask"]
-    assert failed["status"] == "FAILED" and failed["errorMessage"] == "boom"
+    assert failed["status"] == "FAILED"
+    assert failed["errorMessage"] == "boom"
     retried = await gql.ok(
         "mutation($id: ID!) { retryTask(id: $id) { status version } }", id=task["id"]
     )
@@ -80,7 +90,8 @@ async def test_fail_retry_cancel_update_over_graphql(gql: GraphQLClient) -> None
         id=task["id"],
         v=retried["retryTask"]["version"],
     )
-    assert updated["updateTask"]["prompt"] == "new" and updated["updateTask"]["priority"] == "LOW"
+    assert updated["updateTask"]["prompt"] == "new"
+    assert updated["updateTask"]["priority"] == "LOW"
     cancelled = await gql.ok(
         'mutation($id: ID!) { cancelTask(id: $id, reason: "dup") { status history { details } } }',
         id=task["id"],
@@ -93,7 +104,9 @@ async def test_fail_with_retries_left_requeues_with_run_after(gql: GraphQLClient
     task = await submit(gql)
     await gql.ok(CLAIM, dir="/repo", worker="w1")
     failed = (await gql.ok(FAIL, id=task["id"], worker="w1", error="flaky"))["failTask"]
-    assert failed["status"] == "WAITING" and failed["retryCount"] == 1 and failed["runAfter"]
+    assert failed["status"] == "WAITING"
+    assert failed["retryCount"] == 1
+    assert failed["runAfter"]
 
 
 @pytest.mark.parametrize(
@@ -148,7 +161,8 @@ async def test_error_codes_for_missing_and_conflicting(gql: GraphQLClient) -> No
     assert error["extensions"]["code"] == "NOT_FOUND"
     task = await submit(gql)
     error = await gql.error(COMPLETE, id=task["id"], worker="w")
-    assert error["extensions"]["code"] == "CONFLICT" and "WAITING" in error["message"]
+    assert error["extensions"]["code"] == "CONFLICT"
+    assert "WAITING" in error["message"]
     assert (await gql.ok("query($id: ID!) { task(id: $id) { id } }", id=missing))["task"] is None
 
 
@@ -158,7 +172,8 @@ async def test_stale_version_update_is_a_conflict(gql: GraphQLClient) -> None:
       updateTask(id: $id, expectedVersion: $v, input: {prompt: "x"}) { version } }"""
     await gql.ok(query, id=task["id"], v=1)
     error = await gql.error(query, id=task["id"], v=1)
-    assert error["extensions"]["code"] == "CONFLICT" and error["extensions"]["currentVersion"] == 2
+    assert error["extensions"]["code"] == "CONFLICT"
+    assert error["extensions"]["currentVersion"] == 2
 
 
 async def test_tasks_connection_filters_and_pages(gql: GraphQLClient) -> None:
@@ -196,7 +211,8 @@ async def test_malformed_documents_get_client_errors(gql: GraphQLClient, documen
     response = await gql.http.post("/graphql", json={"query": document})
     assert 200 <= response.status_code < 500
     body = response.json()
-    assert body["errors"] and body["errors"][0]["extensions"]["code"] == "VALIDATION_ERROR"
+    assert body["errors"]
+    assert body["errors"][0]["extensions"]["code"] == "VALIDATION_ERROR"
     assert (await gql.ok("{ statistics { total } }"))["statistics"]["total"] == 0
 
 
@@ -212,7 +228,7 @@ async def test_malformed_json_is_a_4xx(gql: GraphQLClient, body: bytes) -> None:
 async def test_internal_errors_are_masked(
     gql: GraphQLClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from api.service import TaskService
+    from api.core.service import TaskService
 
     async def broken(self: TaskService, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("SELECT secret FROM tasks -- boom")
@@ -220,7 +236,8 @@ async def test_internal_errors_are_masked(
     monkeypatch.setattr(TaskService, "statistics", broken)
     error = await gql.error("{ statistics { total } }")
     assert error["extensions"] == {"code": "INTERNAL_ERROR"}
-    assert "SELECT" not in error["message"] and "Traceback" not in str(error)
+    assert "SELECT" not in error["message"]
+    assert "Traceback" not in str(error)
 
 
 ANY_ID = "7b0f5c1e-0000-4000-8000-000000000000"

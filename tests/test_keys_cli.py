@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from api.keys import hash_key
+from api.security.keys import hash_key
 from api.settings import Settings
 from api.store import open_store
 from api.store.base import SCHEMA_VERSION
@@ -28,14 +28,17 @@ async def test_create_prints_only_the_raw_key_and_stores_only_its_hash(database_
     )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tko_") and len(lines[0]) > 40
+    assert len(lines) == 1
+    assert lines[0].startswith("tko_")
+    assert len(lines[0]) > 40
     raw = lines[0]
 
     store = open_store(Settings(database_url=database_url))
     await store.open()
     try:
         key = await store.keys.find_key(hash_key(raw))
-        assert key is not None and key.name == "ci"
+        assert key is not None
+        assert key.name == "ci"
         assert set(key.scopes) == {"read", "submit", "work"}
         assert await store.keys.find_key(raw) is None  # the raw key itself is not what is stored
     finally:
@@ -57,12 +60,15 @@ def test_list_and_revoke(database_url: str) -> None:
     header, *rows = listed.stdout.splitlines()
     assert header.split() == ["NAME", "SCOPES", "CREATED", "LAST", "USED", "REVOKED"]
     by_name = {row.split()[0]: row.split() for row in rows}
-    assert by_name["reader"][1] == "read" and by_name["reader"][-1] != "-"  # revoked at
-    assert by_name["boss"][1] == "admin" and by_name["boss"][-1] == "-"
+    assert by_name["reader"][1] == "read"
+    assert by_name["reader"][-1] != "-"
+    assert by_name["boss"][1] == "admin"
+    assert by_name["boss"][-1] == "-"
     assert "tko_" not in listed.stdout
 
     again = taskorch("keys", "revoke", "reader", "--database", database_url)
-    assert again.returncode == 1 and "reader" in again.stderr
+    assert again.returncode == 1
+    assert "reader" in again.stderr
 
 
 def test_unknown_scope_exits_2_naming_it(tmp_path: Path) -> None:
@@ -71,19 +77,22 @@ def test_unknown_scope_exits_2_naming_it(tmp_path: Path) -> None:
         "keys", "create", "--name", "x", "--scopes", "read,superuser", "--database", url
     )
     assert done.returncode == 2
-    assert "superuser" in done.stderr and done.stdout == ""
+    assert "superuser" in done.stderr
+    assert done.stdout == ""
 
 
 def test_bad_name_exits_2_and_duplicate_active_name_exits_1(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'keys.db'}"
     bad = taskorch("keys", "create", "--name", "has space", "--scopes", "read", "--database", url)
-    assert bad.returncode == 2 and "name" in bad.stderr
+    assert bad.returncode == 2
+    assert "name" in bad.stderr
     assert (
         taskorch("keys", "create", "--name", "a", "--scopes", "read", "--database", url).returncode
         == 0
     )
     dup = taskorch("keys", "create", "--name", "a", "--scopes", "read", "--database", url)
-    assert dup.returncode == 1 and "'a'" in dup.stderr
+    assert dup.returncode == 1
+    assert "'a'" in dup.stderr
 
 
 async def test_create_migrates_an_older_database_first(tmp_path: Path) -> None:
@@ -112,4 +121,5 @@ async def test_create_migrates_an_older_database_first(tmp_path: Path) -> None:
 def test_empty_scopes_are_refused(tmp_path: Path, scopes: str) -> None:
     url = f"sqlite:///{tmp_path / 'keys.db'}"
     done = taskorch("keys", "create", "--name", "a", "--scopes", scopes, "--database", url)
-    assert done.returncode == 2 and "scope" in done.stderr
+    assert done.returncode == 2
+    assert "scope" in done.stderr

@@ -12,22 +12,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from api import domain
-from api.domain import (
-    Backoff,
-    HistoryReason,
-    Outcome,
-    TaskFilter,
-    TaskPriority,
-    TaskStatus,
-    task_changes,
-    task_spec,
-)
-from api.errors import Conflict, NotFound, ValidationError
-from api.service import TaskService
+from api.core import lifecycle
+from api.core.domain import Backoff, Completion, TaskFilter, TaskPriority, TaskStatus
+from api.core.errors import Conflict, NotFound, ValidationError
+from api.core.lifecycle import HistoryReason, Outcome
+from api.core.service import TaskService
+from api.core.validation import task_changes, task_spec
 from api.settings import Settings
 from api.store import open_store
-from api.store.base import Completion, Decide, TaskStore
+from api.store.base import Decide, TaskStore
 from tests.conftest import FakeClock
 
 Submit = Callable[..., Awaitable[Any]]
@@ -46,11 +39,16 @@ async def test_submit_creates_waiting_task_with_defaults_and_history(
     task = await submit_task(prompt="write tests", tags=["ci", "py:3.11"], metadata={"ticket": 7})
     assert task.status is TaskStatus.WAITING
     assert task.priority is TaskPriority.MEDIUM
-    assert task.max_retries == 3 and task.retry_count == 0 and task.version == 1
-    assert task.tags == ("ci", "py:3.11") and task.metadata == {"ticket": 7}
-    assert task.created_at.tzinfo is not None and task.updated_at == task.created_at
+    assert task.max_retries == 3
+    assert task.retry_count == 0
+    assert task.version == 1
+    assert task.tags == ("ci", "py:3.11")
+    assert task.metadata == {"ticket": 7}
+    assert task.created_at.tzinfo is not None
+    assert task.updated_at == task.created_at
     (event,) = await service.history(task.id)
-    assert event.previous_status is None and event.status is TaskStatus.WAITING
+    assert event.previous_status is None
+    assert event.status is TaskStatus.WAITING
     assert (await service.get(task.id)) == task
 
 
@@ -59,8 +57,10 @@ async def test_claim_sets_worker_lease_and_start(
 ) -> None:
     task = await submit_task()
     claimed = await claim_one(service, lease_seconds=60)
-    assert claimed.id == task.id and claimed.status is TaskStatus.WORKING
-    assert claimed.worker_id == "w1" and claimed.started_at == clock.now
+    assert claimed.id == task.id
+    assert claimed.status is TaskStatus.WORKING
+    assert claimed.worker_id == "w1"
+    assert claimed.started_at == clock.now
     assert (claimed.lease_expires_at - clock.now).total_seconds() == 60
     assert claimed.version == task.version + 1
     assert await claim_one(service) is None  # nothing left
@@ -117,8 +117,10 @@ async def test_complete_by_holder_records_result(
     await claim_one(service)
     clock.advance(5)
     done = await service.complete(task.id, "w1", {"answer": 42})
-    assert done.status is TaskStatus.COMPLETED and done.result == {"answer": 42}
-    assert done.completed_at == clock.now and done.lease_expires_at is None
+    assert done.status is TaskStatus.COMPLETED
+    assert done.result == {"answer": 42}
+    assert done.completed_at == clock.now
+    assert done.lease_expires_at is None
     statuses = [(e.previous_status, e.status) for e in await service.history(task.id)]
     assert statuses == [
         (None, TaskStatus.WAITING),
@@ -176,15 +178,18 @@ async def test_fail_requeues_with_backoff_until_max_retries(
     for attempt in (1, 2):
         await claim_one(service)
         failed = await service.fail(task.id, "w1", f"boom {attempt}")
-        assert failed.status is TaskStatus.WAITING and failed.retry_count == attempt
-        assert failed.worker_id is None and failed.error_message == f"boom {attempt}"
+        assert failed.status is TaskStatus.WAITING
+        assert failed.retry_count == attempt
+        assert failed.worker_id is None
+        assert failed.error_message == f"boom {attempt}"
         delays.append((failed.run_after - clock.now).total_seconds())
         assert await claim_one(service) is None  # not before its backoff
         clock.advance(delays[-1])
     assert delays == [1.0, 2.0]  # jitter fixed at 1.0: base * 2**(n-1)
     await claim_one(service)
     final = await service.fail(task.id, "w1", "boom 3")
-    assert final.status is TaskStatus.FAILED and final.retry_count == 2
+    assert final.status is TaskStatus.FAILED
+    assert final.retry_count == 2
     assert final.completed_at == clock.now
 
 
@@ -203,7 +208,8 @@ async def test_fail_without_retry_is_final(service: TaskService, submit_task: Su
     task = await submit_task()
     await claim_one(service)
     failed = await service.fail(task.id, "w1", "bad prompt", retry=False)
-    assert failed.status is TaskStatus.FAILED and failed.retry_count == 0
+    assert failed.status is TaskStatus.FAILED
+    assert failed.retry_count == 0
 
 
 async def test_lease_expiry_requeues_and_counts_an_attempt(
@@ -213,10 +219,13 @@ async def test_lease_expiry_requeues_and_counts_an_attempt(
     await claim_one(service, lease_seconds=30)
     clock.advance(31)
     (expired,) = await service.expire_leases()
-    assert expired.status is TaskStatus.WAITING and expired.retry_count == 1
-    assert expired.worker_id is None and "lease expired" in expired.error_message
+    assert expired.status is TaskStatus.WAITING
+    assert expired.retry_count == 1
+    assert expired.worker_id is None
+    assert "lease expired" in expired.error_message
     event = (await service.history(task.id))[-1]
-    assert event.details["reason"] == "lease_expired" and event.worker_id == "w1"
+    assert event.details["reason"] == "lease_expired"
+    assert event.worker_id == "w1"
     with pytest.raises(Conflict):
         await service.complete(task.id, "w1")  # the dead worker lost it
     await claim_one(service, worker="w2", lease_seconds=30)
@@ -242,7 +251,8 @@ async def test_cancel_waiting_and_working(service: TaskService, submit_task: Sub
     cancelled = await service.cancel(working.id, "not needed")
     assert cancelled.status is TaskStatus.CANCELLED
     event = (await service.history(working.id))[-1]
-    assert event.previous_status is TaskStatus.WAITING and event.details == {"reason": "not needed"}
+    assert event.previous_status is TaskStatus.WAITING
+    assert event.details == {"reason": "not needed"}
     cancelled = await service.cancel(waiting.id)
     assert (await service.history(waiting.id))[-1].previous_status is TaskStatus.WORKING
     with pytest.raises(Conflict):
@@ -256,7 +266,8 @@ async def test_retry_requeues_failed_and_cancelled(
     await claim_one(service)
     await service.fail(task.id, "w1", "boom")
     again = await service.retry(task.id)
-    assert again.status is TaskStatus.WAITING and again.retry_count == 0
+    assert again.status is TaskStatus.WAITING
+    assert again.retry_count == 0
     await service.cancel(task.id)
     assert (await service.retry(task.id)).status is TaskStatus.WAITING
     with pytest.raises(Conflict, match="only FAILED or CANCELLED"):
@@ -269,7 +280,8 @@ async def test_release_gives_the_task_back_without_an_attempt(
     task = await submit_task()
     await claim_one(service)
     released = await service.release(task.id, "w1")
-    assert released.status is TaskStatus.WAITING and released.retry_count == 0
+    assert released.status is TaskStatus.WAITING
+    assert released.retry_count == 0
     assert (await claim_one(service, worker="w2")).id == task.id
 
 
@@ -280,8 +292,10 @@ async def test_update_needs_waiting_and_matching_version(
     updated = await service.update(
         task.id, task.version, task_changes(prompt="new", priority="HIGH")
     )
-    assert updated.prompt == "new" and updated.priority is TaskPriority.HIGH
-    assert updated.version == task.version + 1 and updated.tags == task.tags
+    assert updated.prompt == "new"
+    assert updated.priority is TaskPriority.HIGH
+    assert updated.version == task.version + 1
+    assert updated.tags == task.tags
     with pytest.raises(Conflict, match="version"):
         await service.update(task.id, task.version, task_changes(prompt="stale"))
     await claim_one(service)
@@ -295,7 +309,8 @@ async def test_idempotency_key_returns_the_existing_task(
 ) -> None:
     first = await submit_task(idempotency_key="job-1")
     second = await submit_task(idempotency_key="job-1", prompt="different")
-    assert second.id == first.id and second.prompt == first.prompt
+    assert second.id == first.id
+    assert second.prompt == first.prompt
     page = await service.list_tasks(TaskFilter())
     assert page.total == 1
     assert len(await service.history(first.id)) == 1
@@ -332,7 +347,7 @@ async def test_list_filters_and_paginates(service: TaskService, submit_task: Sub
         seen.extend(page.tasks)
         if not page.has_next:
             break
-        from api.service import encode_cursor
+        from api.core.service import encode_cursor
 
         after = encode_cursor(page.tasks[-1].seq)
     assert len({t.id for t in seen}) == 7
@@ -358,7 +373,8 @@ async def test_event_ids_increase_in_commit_order(
     await claim_one(service)
     await service.complete(task.id, "w1")
     ids = [e.id for e in await service.history(task.id)]
-    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 3
 
 
 async def test_prune_deletes_only_old_finished_tasks(
@@ -372,13 +388,16 @@ async def test_prune_deletes_only_old_finished_tasks(
     await service.complete(old.id, "w1")
     clock.advance(40 * 86400)
     assert await service.prune(timedelta(days=30)) == 1
-    assert await service.find(old.id) is None and await service.history(old.id) == []
+    assert await service.find(old.id) is None
+    assert await service.history(old.id) == []
     assert (await service.get(keep.id)).status is TaskStatus.WAITING
 
 
 async def test_api_keys_are_stored_by_hash_and_revocable(store: Any, clock: FakeClock) -> None:
     key = await store.keys.create_key("ci", "hash-1", ["read", "work"], clock.now)
-    assert key.name == "ci" and key.scopes == ("read", "work") and key.revoked_at is None
+    assert key.name == "ci"
+    assert key.scopes == ("read", "work")
+    assert key.revoked_at is None
     assert await store.keys.create_key("ci", "hash-2", ["read"], clock.now) is None  # name taken
     assert await store.keys.count_active_keys() == 1
     await store.keys.touch_key("hash-1", clock.now)
@@ -413,12 +432,12 @@ steps = st.lists(
 
 def _decider(kind: str, args: list[Any], now: datetime) -> Decide:
     if kind == "fail":
-        return lambda t: domain.fail(t, args[0], "boom", args[1], BACKOFF, args[2], now)
+        return lambda t: lifecycle.fail(t, args[0], "boom", args[1], BACKOFF, args[2], now)
     if kind == "release":
-        return lambda t: domain.release(t, args[0], now)
+        return lambda t: lifecycle.release(t, args[0], now)
     if kind == "cancel":
-        return lambda t: domain.cancel(t, args[0], now)
-    return lambda t: domain.retry(t, now)
+        return lambda t: lifecycle.cancel(t, args[0], now)
+    return lambda t: lifecycle.retry(t, now)
 
 
 async def _agree(store: TaskStore, max_retries: int, plan: list[Any], pauses: list[int]) -> None:
@@ -432,18 +451,18 @@ async def _agree(store: TaskStore, max_retries: int, plan: list[Any], pauses: li
         lease = now + timedelta(seconds=60)
         outcome: Outcome | None = None
         if kind == "claim":
-            expected = domain.claim(model, args[0], lease, now)
+            expected = lifecycle.claim(model, args[0], lease, now)
             got = await store.claim(model.work_directory, args[0], 1, lease, now)
             stored = got[0] if got else None
         elif kind == "heartbeat":
-            expected = domain.heartbeat(model, args[0], lease, now)
+            expected = lifecycle.heartbeat(model, args[0], lease, now)
             stored = await store.heartbeat(model.id, args[0], lease, now)
         elif kind == "complete":
-            expected = domain.complete(model, args[0], {"ok": 1}, now)
+            expected = lifecycle.complete(model, args[0], {"ok": 1}, now)
             done = await store.complete([Completion(model.id, {"ok": 1})], args[0], now)
             stored = done[0] if done else None
         elif kind == "expire":
-            outcome = domain.expire_lease(model, now)
+            outcome = lifecycle.expire_lease(model, now)
             expected = None if outcome is None else outcome.task
             swept = [t for t in await store.expire_leases(now, 1000) if t.id == model.id]
             stored = swept[0] if swept else None
@@ -456,7 +475,7 @@ async def _agree(store: TaskStore, max_retries: int, plan: list[Any], pauses: li
         assert await store.get(model.id) == (expected or model)
         if outcome is not None:
             last = (await store.history(model.id))[-1]
-            assert last.details == domain.history_details(outcome.details)
+            assert last.details == lifecycle.history_details(outcome.details)
             assert (last.previous_status, last.worker_id) == (outcome.previous, outcome.worker_id)
             reason = last.details.get("reason")
             assert kind == "cancel" or reason is None or reason in set(HistoryReason)

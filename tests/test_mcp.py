@@ -11,8 +11,8 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.server.mcpserver import MCPServer
 
-from api.mcp import build_mcp
-from api.service import TaskService
+from api.core.service import TaskService
+from api.interfaces.mcp import build_mcp
 from tests.conftest import FakeClock, GraphQLClient, ServerProcess, eventually
 
 TOOLS = {
@@ -50,7 +50,8 @@ async def test_tools_are_listed_with_descriptions_and_snake_case_arguments(
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
         assert set(tools) == TOOLS
         for tool in tools.values():
-            assert tool.description and len(tool.description) > 60
+            assert tool.description
+            assert len(tool.description) > 60
             assert tool.output_schema is not None
             assert all(name == name.lower() for name in tool.input_schema.get("properties", {}))
         assert tools["get_next_task"].input_schema["required"] == ["work_directory", "worker_id"]
@@ -63,16 +64,20 @@ async def test_a_task_through_its_whole_life(tools: MCPServer, clock: FakeClock)
             client, "create_task", work_directory="/repo", prompt="fix it", priority="HIGH",
             tags=["ci"], max_retries=1, metadata={"ticket": 7}, idempotency_key="k",
         )  # fmt: skip
-        assert created["status"] == "WAITING" and created["work_directory"] == "/repo"
-        assert created["priority"] == "HIGH" and created["tags"] == ["ci"]
-        assert created["metadata"] == {"ticket": 7} and created["max_retries"] == 1
+        assert created["status"] == "WAITING"
+        assert created["work_directory"] == "/repo"
+        assert created["priority"] == "HIGH"
+        assert created["tags"] == ["ci"]
+        assert created["metadata"] == {"ticket": 7}
+        assert created["max_retries"] == 1
         again = await call(
             client, "create_task", work_directory="/repo", prompt="x", idempotency_key="k"
         )
         assert again["id"] == created["id"]
 
         claimed = await call(client, "get_next_task", work_directory="/repo", worker_id="agent")
-        assert claimed["id"] == created["id"] and claimed["status"] == "WORKING"
+        assert claimed["id"] == created["id"]
+        assert claimed["status"] == "WORKING"
         assert claimed["worker_id"] == "agent"
         clock.advance(10)
         beat = await call(
@@ -82,7 +87,8 @@ async def test_a_task_through_its_whole_life(tools: MCPServer, clock: FakeClock)
         done = await call(
             client, "complete_task", task_id=created["id"], worker_id="agent", result={"ok": 1}
         )
-        assert done["status"] == "COMPLETED" and done["result"] == {"ok": 1}
+        assert done["status"] == "COMPLETED"
+        assert done["result"] == {"ok": 1}
         assert await call(client, "get_task", task_id=created["id"]) == done
 
 
@@ -98,7 +104,8 @@ async def test_get_next_task_returns_the_task_like_every_other_tool(tools: MCPSe
         assert listed["get_next_task"].output_schema["type"] == "object"  # type: ignore[index]
         created = await call(client, "create_task", work_directory="/repo", prompt="p")
         claimed = await call(client, "get_next_task", work_directory="/repo", worker_id="w")
-        assert set(claimed) == set(created) and claimed["id"] == created["id"]
+        assert set(claimed) == set(created)
+        assert claimed["id"] == created["id"]
         assert claimed == await call(client, "get_task", task_id=created["id"])
 
 
@@ -109,7 +116,8 @@ async def test_fail_cancel_retry_list_and_statistics(tools: MCPServer) -> None:
         await call(client, "create_task", work_directory="/other", prompt="c")
         await call(client, "get_next_task", work_directory="/repo", worker_id="w")
         failed = await call(client, "fail_task", task_id=first["id"], worker_id="w", error="boom")
-        assert failed["status"] == "FAILED" and failed["error_message"] == "boom"
+        assert failed["status"] == "FAILED"
+        assert failed["error_message"] == "boom"
         retried = await call(client, "retry_task", task_id=first["id"])
         assert retried["status"] == "WAITING"
         cancelled = await call(client, "cancel_task", task_id=second["id"], reason="not needed")
@@ -117,9 +125,11 @@ async def test_fail_cancel_retry_list_and_statistics(tools: MCPServer) -> None:
 
         page = await call(client, "list_tasks", work_directory="/repo", limit=1)
         assert [t["id"] for t in page["tasks"]] == [first["id"]]
-        assert page["total"] == 2 and page["has_more"] is True
+        assert page["total"] == 2
+        assert page["has_more"] is True
         page = await call(client, "list_tasks", work_directory="/repo", limit=1, offset=1)
-        assert [t["id"] for t in page["tasks"]] == [second["id"]] and page["has_more"] is False
+        assert [t["id"] for t in page["tasks"]] == [second["id"]]
+        assert page["has_more"] is False
         assert (await call(client, "list_tasks", status="CANCELLED"))["total"] == 1
         assert (await call(client, "list_tasks", tag="x"))["tasks"][0]["id"] == second["id"]
 
@@ -166,7 +176,8 @@ async def test_tools_over_http_on_a_real_server(server: ServerProcess) -> None:
         claimed = await call(
             client, "get_next_task", work_directory="/srv", worker_id="w", wait_seconds=1
         )
-        assert claimed["id"] == created["id"] and claimed["status"] == "WORKING"
+        assert claimed["id"] == created["id"]
+        assert claimed["status"] == "WORKING"
         assert await call(client, "get_next_task", work_directory="/srv", worker_id="w") == {
             "task": None
         }
@@ -186,7 +197,8 @@ async def test_stdio_command_serves_the_same_tools(database_url: str) -> None:
         listed = await call(client, "list_tasks", work_directory="/local")
         assert [t["id"] for t in listed["tasks"]] == [created["id"]]
         claimed = await call(client, "get_next_task", work_directory="/local", worker_id="w")
-        assert claimed["id"] == created["id"] and claimed["status"] == "WORKING"
+        assert claimed["id"] == created["id"]
+        assert claimed["status"] == "WORKING"
         nothing = await call(client, "get_next_task", work_directory="/local", worker_id="w")
         assert nothing == {"task": None}
 
@@ -230,8 +242,10 @@ async def test_http_tools_need_a_key_with_their_scope(
     headers = {"Authorization": f"Bearer {reader}"}
     from mcp.client.streamable_http import streamable_http_client
 
-    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
-        async with Client(streamable_http_client(f"{server.url}/mcp", http_client=http)) as client:
-            assert (await call(client, "get_statistics"))["total"] == 0
-            refused = await error(client, "create_task", work_directory="/srv", prompt="p")
-            assert "lacks the 'submit' scope" in refused
+    async with (
+        httpx2.AsyncClient(headers=headers, timeout=30) as http,
+        Client(streamable_http_client(f"{server.url}/mcp", http_client=http)) as client,
+    ):
+        assert (await call(client, "get_statistics"))["total"] == 0
+        refused = await error(client, "create_task", work_directory="/srv", prompt="p")
+        assert "lacks the 'submit' scope" in refused

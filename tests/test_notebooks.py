@@ -10,7 +10,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from api.demo import run_demo
+from api.cli.demo import run_demo
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 

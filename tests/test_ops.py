@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from api import __version__
-from api.logs import JsonFormatter, TextFormatter
+from api.ops.logs import JsonFormatter, TextFormatter
 from api.settings import Settings
 from tests.conftest import (
     POSTGRES_URL,
@@ -242,7 +242,8 @@ async def check_metrics_move(app_http: httpx.AsyncClient) -> None:
         ("task_retried_total", 1),
     ]:
         assert after(name) - before(name) == delta, name
-    assert after("active_tasks") == 0 and after("waiting_tasks") == 2
+    assert after("active_tasks") == 0
+    assert after("waiting_tasks") == 2
     assert after("tasks", {"status": "completed"}) == 1
     submits = {"operation": "graphql:submitTask"}
     count = "response_time_seconds_count"
@@ -307,14 +308,18 @@ async def test_each_request_is_one_json_line_with_its_request_id(
     await eventually(lambda: asyncio.sleep(0, len(access()) >= 2))
     lines = {line["request_id"]: line for line in access()}
     submit_line = lines["req-42"]
-    assert submit_line["method"] == "POST" and submit_line["path"] == "/graphql"
-    assert submit_line["operation"] == "Submit" and submit_line["status"] == 200
+    assert submit_line["method"] == "POST"
+    assert submit_line["path"] == "/graphql"
+    assert submit_line["operation"] == "Submit"
+    assert submit_line["status"] == 200
     assert 0 < submit_line["duration_ms"] <= round_trip_ms + 0.0005
     assert submit_line["client"].startswith("127.0.0.1:")
-    assert submit_line["level"] == "INFO" and "ts" in submit_line
+    assert submit_line["level"] == "INFO"
+    assert "ts" in submit_line
     assert "prompt" not in json.dumps(submit_line)  # bodies are never logged
     health_line = lines[generated_id]
-    assert health_line["path"] == "/health" and "operation" not in health_line
+    assert health_line["path"] == "/health"
+    assert "operation" not in health_line
     assert sum(1 for line in access() if line["request_id"] == "req-42") == 1
     assert not any(line["logger"] == "uvicorn.access" for line in log_lines(server))
 
@@ -370,10 +375,13 @@ def test_log_formatters_redact_secrets() -> None:
     text = json.dumps(line)
     for secret in ("tko_live_abcdef123", "hunter2", "tko_other", "xyz"):
         assert secret not in text
-    assert line["headers"]["accept"] == "json" and line["level"] == "WARNING"
+    assert line["headers"]["accept"] == "json"
+    assert line["level"] == "WARNING"
     assert "admin:[REDACTED]@db" in line["message"]
     human = TextFormatter().format(entry)
-    assert "WARNING" in human and "hunter2" not in human and "tko_other" not in human
+    assert "WARNING" in human
+    assert "hunter2" not in human
+    assert "tko_other" not in human
 
 
 def test_redactor_masks_keys_but_not_the_placeholder_in_our_own_hints() -> None:
@@ -415,7 +423,7 @@ def test_serve_exits_non_zero_naming_a_bad_setting(
 
 
 async def test_response_time_labels_are_route_templates_never_raw_paths(tmp_path: Path) -> None:
-    from api.rest import PREFIX
+    from api.interfaces.rest import PREFIX
 
     async with running_app(app_settings(f"sqlite:///{tmp_path / 'labels.db'}")) as http:
         before = scrape((await http.get("/metrics")).text)
@@ -439,7 +447,7 @@ async def test_response_time_labels_are_route_templates_never_raw_paths(tmp_path
 @pytest.mark.parametrize(("fmt", "is_json"), [("json", True), ("text", False)])
 def test_log_level_and_format_apply_to_every_logger(fmt: str, is_json: bool) -> None:
     script = (
-        f"import logging; from api import logs; logs.configure('WARNING', {fmt!r});"
+        f"import logging; from api.ops import logs; logs.configure('WARNING', {fmt!r});"
         "logging.getLogger('taskorch.x').info('hidden');"
         "logging.getLogger('uvicorn.error').warning('from uvicorn');"
         "logging.getLogger('taskorch.x').error('shown', extra={'task_id': 't1'})"
@@ -448,10 +456,14 @@ def test_log_level_and_format_apply_to_every_logger(fmt: str, is_json: bool) -> 
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
     )
     lines = result.stderr.splitlines()
-    assert len(lines) == 2 and "hidden" not in result.stderr, result.stderr
+    assert len(lines) == 2, result.stderr
+    assert "hidden" not in result.stderr, result.stderr
     if is_json:
         first, second = (json.loads(line) for line in lines)
-        assert first["logger"] == "uvicorn.error" and first["level"] == "WARNING"
-        assert second["message"] == "shown" and second["task_id"] == "t1"
+        assert first["logger"] == "uvicorn.error"
+        assert first["level"] == "WARNING"
+        assert second["message"] == "shown"
+        assert second["task_id"] == "t1"
     else:
-        assert lines[1].endswith("shown task_id=t1") and "ERROR" in lines[1]
+        assert lines[1].endswith("shown task_id=t1")
+        assert "ERROR" in lines[1]

@@ -10,10 +10,11 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 
-from api.domain import EventFilter, TaskEvent, TaskStatus, task_spec
-from api.events import Subscription
-from api.events_postgres import PostgresBus
-from api.service import TaskService
+from api.core.domain import EventFilter, TaskEvent, TaskStatus
+from api.core.service import TaskService
+from api.core.validation import task_spec
+from api.events.bus import Subscription
+from api.events.postgres import PostgresBus
 from api.store.base import SCHEMA_VERSION
 from api.store.postgres import CLAIM, PostgresStore
 from tests.conftest import eventually
@@ -62,7 +63,8 @@ async def test_claimers_on_two_replicas_claim_each_task_exactly_once(postgres_ur
             *(claimer(a, f"a{i}", 1 + i % 3) for i in range(20)),
             *(claimer(b, f"b{i}", 1 + i % 3) for i in range(20)),
         )
-        assert len(claimed) == 600 and len(set(claimed)) == 600
+        assert len(claimed) == 600
+        assert len(set(claimed)) == 600
         counts = await a.count_by_status("/race")
         assert counts == {TaskStatus.WORKING: 600}
         claims = await a.events_after(0, EventFilter(statuses=(TaskStatus.WORKING,)), 10_000)
@@ -110,7 +112,8 @@ async def test_lost_listener_reconnects_and_fills_the_gap(postgres_url: str) -> 
         stored = await store.events_after(first.id, EventFilter(), 100)
         assert [e.id for e in missed] == [e.id for e in stored]
         assert [e.status for e in missed] == [TaskStatus.WAITING] * 5 + [TaskStatus.WORKING] * 2
-        assert bus.connected and bus.listener_pid != old_pid
+        assert bus.connected
+        assert bus.listener_pid != old_pid
         subscription.close()
 
 
@@ -125,7 +128,8 @@ async def test_waiting_claim_is_woken_by_a_submit_on_another_replica(postgres_ur
         task = await producer.submit(task_spec(work_directory="/wake", prompt="go"))
         # Far sooner than the 30 s the claim may wait: the submit on the other replica woke it.
         (claimed,) = await asyncio.wait_for(waiting, 10)
-        assert claimed.id == task.id and claimed.worker_id == "w1"
+        assert claimed.id == task.id
+        assert claimed.worker_id == "w1"
 
 
 async def test_migrations_are_safe_when_replicas_start_together(postgres_url: str) -> None:
@@ -156,7 +160,8 @@ async def test_lease_sweeps_on_every_replica_expire_each_lease_once(postgres_url
         )
         swept = [t.id for batch in results for t in batch]
         swept += [t.id for t in await a.expire_leases(later, 1000)]
-        assert len(swept) == 300 and len(set(swept)) == 300
+        assert len(swept) == 300
+        assert len(set(swept)) == 300
         expiries = await a.events_after(0, EventFilter(statuses=(TaskStatus.WAITING,)), 10_000)
         assert sum(e.details.get("reason") == "lease_expired" for e in expiries) == 300
 
@@ -196,6 +201,7 @@ async def test_claim_reads_the_claim_index_after_the_table_grew_from_empty(
             rows = await conn.fetch(f"EXPLAIN {probe}")  # no ANALYZE has run since
             plan = "\n".join(row[0] for row in rows)
             await conn.execute("DEALLOCATE claim_probe")
-        assert "Index Scan using tasks_claim" in plan and "Seq Scan" not in plan, plan
+        assert "Index Scan using tasks_claim" in plan, plan
+        assert "Seq Scan" not in plan, plan
     finally:
         await store.close()

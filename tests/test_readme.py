@@ -180,7 +180,8 @@ class Walk:
             for key in keys:
                 self.match(shown[key], actual[key], f"{where}.{key}")
         elif isinstance(shown, list):
-            assert isinstance(actual, list) and len(actual) == len(shown), f"{where}: {actual!r}"
+            assert isinstance(actual, list), f"{where}: {actual!r}"
+            assert len(actual) == len(shown), f"{where}: {actual!r}"
             for i, (s, a) in enumerate(zip(shown, actual, strict=True)):
                 self.match(s, a, f"{where}[{i}]")
         elif isinstance(shown, str) and "..." in shown:
@@ -189,9 +190,11 @@ class Walk:
                 assert self.seen[shown] == actual, f"{where}: {actual!r} is not {shown}"
             self.seen[shown] = actual
         elif isinstance(shown, str) and is_datetime(shown):
-            assert isinstance(actual, str) and is_datetime(actual), f"{where}: {actual!r}"
+            assert isinstance(actual, str), f"{where}: {actual!r}"
+            assert is_datetime(actual), f"{where}: {actual!r}"
         else:
-            assert type(shown) is type(actual) and shown == actual, f"{where}: {actual!r}"
+            assert type(shown) is type(actual), f"{where}: {actual!r}"
+            assert shown == actual, f"{where}: {actual!r}"
 
     def graphql(self, snippet: Snippet) -> None:
         body = {"query": self.fill_text(snippet.text), "variables": self.fill(snippet.variables)}
@@ -214,7 +217,8 @@ class Walk:
             output = self.run(line, name)
             if name == "curl":
                 answer = json.loads(output)
-                assert not answer.get("errors") and answer.get("success", True), answer
+                assert not answer.get("errors"), answer
+                assert answer.get("success", True), answer
                 if snippet.answer is not None:
                     self.match(snippet.answer, answer, f"README line {snippet.line}")
 
@@ -291,7 +295,8 @@ def test_every_readme_snippet_runs_in_order_against_a_real_server(
         else:
             walk.shell(snippet, ran)
     # The walk covered what a newcomer does first: every kind of snippet ran at least once.
-    assert operations >= 3 and schema_fields >= 10, (operations, schema_fields)
+    assert operations >= 3, (operations, schema_fields)
+    assert schema_fields >= 10, (operations, schema_fields)
     assert {"curl", f"{TASKORCH} keys", f"{TASKORCH} backup", f"{TASKORCH} prune"} <= set(ran)
     assert "4f7b1c9e-..." in walk.seen  # the submitted task's id chained through the snippets
 
@@ -316,4 +321,5 @@ def test_readme_and_hints_never_say_a_bare_taskorch_command() -> None:
         timeout=30,
         cwd=ROOT,
     )
-    assert refused.returncode == 2 and f"e.g. {TASKORCH} work ..." in refused.stderr
+    assert refused.returncode == 2
+    assert f"e.g. {TASKORCH} work ..." in refused.stderr

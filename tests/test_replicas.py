@@ -29,7 +29,8 @@ WATCHED = "/replicas/watched"
 async def claim_until_empty(client: GraphQLClient, worker: str) -> list[str]:
     claimed: list[str] = []
     while (task := (await client.ok(CLAIM, dir=WORK, w=worker))["claimTask"]) is not None:
-        assert task["workerId"] == worker and task["status"] == "WORKING"
+        assert task["workerId"] == worker
+        assert task["status"] == "WORKING"
         claimed.append(task["id"])
     return claimed
 
@@ -78,14 +79,16 @@ async def test_two_replicas_claim_exactly_once_and_share_events(
             print(f"\n{TASKS} claims by {CLAIMERS} claimers over 2 replicas in {elapsed:.2f}s")
 
             ids = [task_id for claimed in claims for task_id in claimed]
-            assert len(ids) == TASKS and len(set(ids)) == TASKS
+            assert len(ids) == TASKS
+            assert len(set(ids)) == TASKS
             for client in (a, b):
                 stats = (await client.ok(STATS, dir=WORK))["statistics"]
                 assert stats == {"waiting": 0, "working": TASKS, "total": TASKS}
 
             events = await subscriber.events(30, timeout=20)
             event_ids = [int(e["id"]) for e in events]
-            assert event_ids == sorted(event_ids) and len(set(event_ids)) == 30
+            assert event_ids == sorted(event_ids)
+            assert len(set(event_ids)) == 30
             for index, task_id in enumerate(watched):
                 mine = events[index * 3 : index * 3 + 3]
                 assert [e["taskId"] for e in mine] == [task_id] * 3

@@ -27,7 +27,8 @@ def ok(response: httpx.Response, status: int = 200) -> Any:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"success", "data", "error", "timestamp"}
-    assert body["success"] is True and body["error"] is None
+    assert body["success"] is True
+    assert body["error"] is None
     assert datetime.fromisoformat(body["timestamp"]).tzinfo is not None
     return body["data"]
 
@@ -35,7 +36,8 @@ def ok(response: httpx.Response, status: int = 200) -> Any:
 def failed(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()
-    assert body["success"] is False and body["data"] is None
+    assert body["success"] is False
+    assert body["data"] is None
     assert body["error"]["code"] == code
     assert set(body["error"]) == {"code", "message", "details"}
     error: dict[str, Any] = body["error"]
@@ -62,9 +64,13 @@ async def test_create_returns_201_with_snake_case_task(http: httpx.AsyncClient) 
         max_retries=1,
         idempotency_key="k1",
     )
-    assert task["status"] == "WAITING" and task["priority"] == "HIGH"
-    assert task["work_directory"] == "/repo" and task["tags"] == ["ci"]
-    assert task["metadata"] == {"ticket": 7} and task["max_retries"] == 1 and task["version"] == 1
+    assert task["status"] == "WAITING"
+    assert task["priority"] == "HIGH"
+    assert task["work_directory"] == "/repo"
+    assert task["tags"] == ["ci"]
+    assert task["metadata"] == {"ticket": 7}
+    assert task["max_retries"] == 1
+    assert task["version"] == 1
     uuid.UUID(task["id"])
     again = await submit(http, idempotency_key="k1", prompt="other")
     assert again["id"] == task["id"]
@@ -114,10 +120,12 @@ async def test_list_filters_and_pages_by_offset(http: httpx.AsyncClient) -> None
         await http.get(f"{API}/tasks", params={"work_directory": "/repo", "limit": 2, "offset": 2})
     )
     assert [t["id"] for t in page["tasks"]] == ids[2:4]
-    assert page["total"] == 5 and page["has_more"] is True
+    assert page["total"] == 5
+    assert page["has_more"] is True
     assert (page["limit"], page["offset"]) == (2, 2)
     last = ok(await http.get(f"{API}/tasks", params={"work_directory": "/repo", "offset": 4}))
-    assert [t["id"] for t in last["tasks"]] == ids[4:] and last["has_more"] is False
+    assert [t["id"] for t in last["tasks"]] == ids[4:]
+    assert last["has_more"] is False
     even = ok(await http.get(f"{API}/tasks", params={"tag": "even"}))
     assert [t["id"] for t in even["tasks"]] == ids[0::2]
     low = ok(await http.get(f"{API}/tasks", params={"priority": "LOW"}))
@@ -135,14 +143,17 @@ async def test_next_claims_or_returns_null(http: httpx.AsyncClient) -> None:
     assert await claim(http) is None
     task = await submit(http)
     claimed = await claim(http)
-    assert claimed["id"] == task["id"] and claimed["status"] == "WORKING"
-    assert claimed["worker_id"] == "w1" and claimed["lease_expires_at"] is not None
+    assert claimed["id"] == task["id"]
+    assert claimed["status"] == "WORKING"
+    assert claimed["worker_id"] == "w1"
+    assert claimed["lease_expires_at"] is not None
     assert await claim(http) is None
     error = failed(
         await http.get(f"{API}/tasks/next", params={"worker_id": "w"}), 400, "VALIDATION_ERROR"
     )
     assert error["details"]["field"] == "work_directory"
-    assert "work_directory" in error["message"] and "work_path" in error["message"]
+    assert "work_directory" in error["message"]
+    assert "work_path" in error["message"]
 
 
 async def test_next_takes_work_directory_as_well_as_work_path(http: httpx.AsyncClient) -> None:
@@ -185,7 +196,9 @@ async def test_put_updates_with_expected_version(http: httpx.AsyncClient) -> Non
     updated = ok(
         await http.put(url, json={"expected_version": 1, "prompt": "new", "priority": "LOW"})
     )
-    assert updated["prompt"] == "new" and updated["priority"] == "LOW" and updated["version"] == 2
+    assert updated["prompt"] == "new"
+    assert updated["priority"] == "LOW"
+    assert updated["version"] == 2
     stale = failed(
         await http.put(url, json={"expected_version": 1, "prompt": "x"}), 409, "CONFLICT"
     )
@@ -208,7 +221,8 @@ async def test_complete_with_original_prompt(http: httpx.AsyncClient) -> None:
         "CONFLICT",
     )
     done = ok(await http.post(url, json={**body, "original_prompt": "the prompt"}))
-    assert done["status"] == "COMPLETED" and done["result"] == {"ok": True}
+    assert done["status"] == "COMPLETED"
+    assert done["result"] == {"ok": True}
     failed(await http.post(url, json={"worker_id": "w1"}), 409, "CONFLICT")
     other = await submit(http)
     await claim(http)
@@ -231,7 +245,8 @@ async def test_fail_requeues_then_fails(http: httpx.AsyncClient) -> None:
         "VALIDATION_ERROR",
     )
     result = ok(await http.post(url, json={"worker_id": "w1", "error": "boom"}))
-    assert result["status"] == "FAILED" and result["error_message"] == "boom"
+    assert result["status"] == "FAILED"
+    assert result["error_message"] == "boom"
 
 
 async def test_cancel_and_retry(http: httpx.AsyncClient) -> None:
@@ -287,7 +302,7 @@ async def test_openapi_lists_every_route(http: httpx.AsyncClient) -> None:
 async def test_scopes_are_enforced_per_route(database_url: str) -> None:
     from datetime import UTC, datetime
 
-    from api.keys import issue_key
+    from api.security.keys import issue_key
     from api.store import open_store
 
     store = open_store(Settings(database_url=database_url, durability="normal"))

@@ -6,9 +6,10 @@ import asyncio
 
 import pytest
 
-from api.domain import EventFilter, task_spec
-from api.errors import NotFound
-from api.events import SlowSubscriber
+from api.core.domain import EventFilter
+from api.core.errors import NotFound
+from api.core.validation import task_spec
+from api.events.bus import SlowSubscriber
 from api.runtime import runtime
 from api.settings import Settings
 from tests.conftest import FakeClock, eventually

@@ -18,13 +18,13 @@ from websockets.asyncio.client import ClientConnection
 from websockets.typing import Subprotocol
 
 from api.app import create_app
-from api.auth import Gate, Principal, require_scope
-from api.cli import main as taskorch
-from api.errors import Forbidden, Unauthenticated
-from api.gql.security import field_scope
-from api.keys import hash_key, issue_key
-from api.ratelimit import RateLimiter
-from api.redact import redact
+from api.cli.main import main as taskorch
+from api.core.errors import Forbidden, Unauthenticated
+from api.interfaces.gql.security import field_scope
+from api.security.auth import Gate, Principal, require_scope
+from api.security.keys import hash_key, issue_key
+from api.security.ratelimit import RateLimiter
+from api.security.redact import redact
 from api.settings import Settings
 from api.store import open_store
 from tests.conftest import ServerProcess, eventually
@@ -177,7 +177,8 @@ def test_require_scope_for_other_interfaces() -> None:
     assert require_scope(worker, "work") is worker
     with pytest.raises(Forbidden) as refused:
         require_scope(worker, "submit")
-    assert refused.value.code == "FORBIDDEN" and "submit" in refused.value.message
+    assert refused.value.code == "FORBIDDEN"
+    assert "submit" in refused.value.message
     assert require_scope(Principal("a", frozenset({"admin"})), "submit")
     with pytest.raises(Unauthenticated):
         require_scope(None, "read")
@@ -187,7 +188,8 @@ async def test_protected_mode_serves_only_loopback_until_a_key_exists(database_u
     async with secured(database_url) as harness:
         async with harness.client(address=REMOTE) as remote:
             refused = await post(remote, "{ statistics { total } }")
-            assert refused.status_code == 401 and code_of(refused) == "UNAUTHENTICATED"
+            assert refused.status_code == 401
+            assert code_of(refused) == "UNAUTHENTICATED"
             assert "taskorch keys create" in refused.json()["errors"][0]["message"]
             assert (await remote.get("/health")).status_code == 200
             rest = await remote.get("/api/v1/tasks")
@@ -200,7 +202,8 @@ async def test_protected_mode_serves_only_loopback_until_a_key_exists(database_u
         key = await harness.issue("ops", "read")
         async with harness.client() as local:
             response = await post(local, "{ statistics { total } }")
-            assert response.status_code == 401 and code_of(response) == "UNAUTHENTICATED"
+            assert response.status_code == 401
+            assert code_of(response) == "UNAUTHENTICATED"
             assert response.headers["www-authenticate"].startswith("Bearer")
         async with harness.client(key, address=REMOTE) as remote:
             assert (await post(remote, "{ statistics { total } }")).status_code == 200
@@ -220,7 +223,8 @@ async def test_bad_credentials_get_401(database_url: str, authorization: str) ->
             )
             assert response.status_code == 401
             body = response.json()
-            assert body["data"] is None and code_of(response) == "UNAUTHENTICATED"
+            assert body["data"] is None
+            assert code_of(response) == "UNAUTHENTICATED"
 
 
 async def test_revoked_key_stops_working_at_once(database_url: str) -> None:
@@ -238,13 +242,11 @@ async def test_revoked_key_stops_working_at_once(database_url: str) -> None:
 
 
 async def test_first_key_ends_protected_mode_at_once(database_url: str) -> None:
-    async with secured(database_url) as harness:
-        async with harness.client() as local:  # loopback, no key: protected mode serves it
-            assert (await post(local, "{ __typename }")).status_code == 200
-            await issue_key(
-                harness.store.keys, "first", "read", datetime.now(UTC)
-            )  # as from the CLI
-            assert (await post(local, "{ __typename }")).status_code == 401
+    # loopback, no key: protected mode serves it
+    async with secured(database_url) as harness, harness.client() as local:
+        assert (await post(local, "{ __typename }")).status_code == 200
+        await issue_key(harness.store.keys, "first", "read", datetime.now(UTC))  # as from the CLI
+        assert (await post(local, "{ __typename }")).status_code == 401
 
 
 async def test_revocation_takes_effect_on_the_next_lookup(database_url: str) -> None:
@@ -255,7 +257,8 @@ async def test_revocation_takes_effect_on_the_next_lookup(database_url: str) -> 
         gate = Gate(store, Settings(database_url=database_url), clock=lambda: now[0])
         _, raw = await issue_key(store.keys, "k", "read", datetime.now(UTC))
         principal = await gate.authenticate(f"Bearer {raw}", "10.0.0.5")
-        assert principal.name == "k" and principal.scopes == frozenset({"read"})
+        assert principal.name == "k"
+        assert principal.scopes == frozenset({"read"})
         await store.keys.revoke_key(
             "k", datetime.now(UTC)
         )  # as the CLI does, from outside the gate
@@ -268,7 +271,7 @@ async def test_revocation_takes_effect_on_the_next_lookup(database_url: str) -> 
 
 
 async def test_rate_limit_answers_429_with_retry_after(database_url: str) -> None:
-    from api.metrics import RATE_LIMITED
+    from api.ops.metrics import RATE_LIMITED
 
     refused_before = RATE_LIMITED._value.get()
     async with secured(database_url, rate_limit=5) as harness:
@@ -277,11 +280,13 @@ async def test_rate_limit_answers_429_with_retry_after(database_url: str) -> Non
             statuses = [(await post(client, "{ __typename }")).status_code for _ in range(5)]
             assert statuses == [200] * 5
             limited = await post(client, "{ __typename }")
-            assert limited.status_code == 429 and code_of(limited) == "RATE_LIMITED"
+            assert limited.status_code == 429
+            assert code_of(limited) == "RATE_LIMITED"
             retry_after = int(limited.headers["retry-after"])
             assert 1 <= retry_after <= 12  # one token refills in 60 s / 5
             rest = await client.get("/api/v1/tasks")
-            assert rest.status_code == 429 and rest.json()["error"]["code"] == "RATE_LIMITED"
+            assert rest.status_code == 429
+            assert rest.json()["error"]["code"] == "RATE_LIMITED"
         async with harness.client(second) as client:  # each key has its own bucket
             assert (await post(client, "{ __typename }")).status_code == 200
         async with harness.client(address=REMOTE) as anonymous:  # no key: a bucket per address
@@ -304,7 +309,8 @@ def test_token_bucket_refills_and_says_how_long_to_wait() -> None:
     assert all(limiter.take("a") == 0.0 for _ in range(60))
     assert limiter.take("a") == pytest.approx(1.0)
     now[0] = 2.5
-    assert limiter.take("a") == 0.0 and limiter.take("a") == 0.0
+    assert limiter.take("a") == 0.0
+    assert limiter.take("a") == 0.0
     assert limiter.take("a") == pytest.approx(0.5)
     assert limiter.take("b") == 0.0
     small = RateLimiter(1, clock=lambda: now[0], max_buckets=3)
@@ -341,7 +347,8 @@ async def test_tokens_are_limited(database_url: str) -> None:
         huge = "{ " + "__typename " * 10_001 + "}"
         response = await post(client, huge)
         # a GraphQL validation error: answered 200, the refusal in `errors`
-        assert response.status_code == 200 and code_of(response) == "VALIDATION_ERROR"
+        assert response.status_code == 200
+        assert code_of(response) == "VALIDATION_ERROR"
         assert "tokens" in response.json()["errors"][0]["message"]
 
 
@@ -349,7 +356,8 @@ async def test_request_body_is_limited_before_it_is_read(database_url: str) -> N
     async with secured(database_url, max_body_bytes=10_000) as harness, harness.client() as client:
         declared = await client.post("/graphql", content=b"{" + b" " * 20_000 + b"}",
                                      headers={"content-type": "application/json"})  # fmt: skip
-        assert declared.status_code == 413 and code_of(declared) == "PAYLOAD_TOO_LARGE"
+        assert declared.status_code == 413
+        assert code_of(declared) == "PAYLOAD_TOO_LARGE"
 
         async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: counted as it arrives
             for _ in range(10):
@@ -358,7 +366,8 @@ async def test_request_body_is_limited_before_it_is_read(database_url: str) -> N
         streamed = await client.post(
             "/graphql", content=chunks(), headers={"content-type": "application/json"}
         )
-        assert streamed.status_code == 413 and code_of(streamed) == "PAYLOAD_TOO_LARGE"
+        assert streamed.status_code == 413
+        assert code_of(streamed) == "PAYLOAD_TOO_LARGE"
         assert (await post(client, "{ __typename }")).status_code == 200
 
 
@@ -449,7 +458,8 @@ async def test_websocket_needs_a_valid_key_and_the_read_scope(
     assert (await ws_next(worker))["type"] == "connection_ack"
     await worker.send(subscribe("1"))
     refused = await ws_next(worker)
-    assert refused["type"] == "error" and refused["payload"][0]["extensions"]["code"] == "FORBIDDEN"
+    assert refused["type"] == "error"
+    assert refused["payload"][0]["extensions"]["code"] == "FORBIDDEN"
     await worker.close()
 
     reader = await ws_connect(server.ws_url, {"Authorization": f"Bearer {keys['reader']}"})
@@ -464,10 +474,8 @@ async def test_websocket_needs_a_valid_key_and_the_read_scope(
         assert submitted.status_code == 200, submitted.text
     for socket in (reader, by_header):
         event = await ws_next(socket)
-        assert (
-            event["type"] == "next"
-            and event["payload"]["data"]["taskEvents"]["status"] == "WAITING"
-        )
+        assert event["type"] == "next"
+        assert event["payload"]["data"]["taskEvents"]["status"] == "WAITING"
         await socket.close()
 
 
@@ -510,7 +518,8 @@ async def test_websocket_subscribe_messages_spend_the_rate_limit(
     for op_id in "1234":
         await socket.send(subscribe(op_id))
     refused = await ws_next(socket)
-    assert refused["type"] == "error" and refused["id"] == "4"
+    assert refused["type"] == "error"
+    assert refused["id"] == "4"
     assert refused["payload"][0]["extensions"]["code"] == "RATE_LIMITED"
     assert refused["payload"][0]["extensions"]["retryAfter"] >= 1
     await socket.close()
@@ -518,7 +527,8 @@ async def test_websocket_subscribe_messages_spend_the_rate_limit(
         base_url=server.url, headers={"Authorization": f"Bearer {keys['reader']}"}
     ) as http:
         limited = await post(http, "{ __typename }")
-        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        assert limited.status_code == 429
+        assert int(limited.headers["retry-after"]) >= 1
 
 
 # --- secrets stay out of logs ---

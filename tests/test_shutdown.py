@@ -13,8 +13,8 @@ import httpx
 import pytest
 import websockets
 
-from api.domain import task_spec
-from api.service import TaskService
+from api.core.service import TaskService
+from api.core.validation import task_spec
 from tests.conftest import ServerProcess
 from tests.ws import Subscriber
 
@@ -48,7 +48,7 @@ async def test_sigterm_finishes_in_flight_requests_closes_subscriptions_and_exit
         code = await wait_exit(server)
     assert response.status_code == 200
     assert response.json() == {"data": {"claimTask": None}}  # answered normally, not cut off
-    with pytest.raises(websockets.ConnectionClosed) as closed:
+    with pytest.raises(websockets.ConnectionClosed) as closed:  # noqa: PT012 (a loop, not a call)
         while True:  # pings may arrive before the close frame
             await subscriber.message(timeout=BOUND)
     assert closed.value.rcvd is not None  # the server closed the socket with a close frame

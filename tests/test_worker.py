@@ -99,8 +99,10 @@ def test_completes_and_fails_real_tasks_and_heartbeats_past_the_lease(
     wait_for(finished(server, ok, broken, long))
 
     done = get(server, ok)
-    assert done["status"] == "COMPLETED" and done["worker_id"] == "w1"
-    assert done["result"]["exit_code"] == 0 and done["result"]["stdout_tail"] == "out:hello world\n"
+    assert done["status"] == "COMPLETED"
+    assert done["worker_id"] == "w1"
+    assert done["result"]["exit_code"] == 0
+    assert done["result"]["stdout_tail"] == "out:hello world\n"
     assert done["result"]["duration_seconds"] >= 0
     assert (workdir / f"ran-{ok}").read_text() == "hello world"  # ran in the work directory
 
@@ -110,7 +112,8 @@ def test_completes_and_fails_real_tasks_and_heartbeats_past_the_lease(
     assert "something broke" in failed["error_message"]
 
     survived = get(server, long)
-    assert survived["status"] == "COMPLETED" and survived["retry_count"] == 0
+    assert survived["status"] == "COMPLETED"
+    assert survived["retry_count"] == 0
     history = httpx.post(
         f"{server.url}/graphql",
         json={
@@ -129,7 +132,8 @@ def test_a_command_past_its_timeout_is_killed_and_failed(
     start_worker("--timeout", "1")
     wait_for(finished(server, slow))
     task = get(server, slow)
-    assert task["status"] == "FAILED" and "timed out after 1 s" in task["error_message"]
+    assert task["status"] == "FAILED"
+    assert "timed out after 1 s" in task["error_message"]
 
 
 @on_sqlite
@@ -145,7 +149,8 @@ def test_sigterm_finishes_short_work_and_releases_the_rest(
 
     assert get(server, short)["status"] == "COMPLETED"  # finished within the grace period
     released = get(server, endless)
-    assert released["status"] == "WAITING" and released["worker_id"] is None
+    assert released["status"] == "WAITING"
+    assert released["worker_id"] is None
     assert released["retry_count"] == 0  # a release is not a failed attempt
     working = httpx.get(f"{server.url}/api/v1/tasks", params={"status": "WORKING"}).json()
     assert working["data"]["total"] == 0
@@ -157,7 +162,8 @@ def test_bad_flags_are_refused_before_starting() -> None:
         capture_output=True,
         timeout=30,
     )
-    assert result.returncode == 2 and b"absolute" in result.stderr
+    assert result.returncode == 2
+    assert b"absolute" in result.stderr
 
 
 @on_sqlite

@@ -69,7 +69,8 @@ async def test_unstartable_subscription_gets_the_errors_http_gives(
             subscribe_frame("2", payload_of(document, name))  # raw: clients refuse some of these
         )
         message = await subscriber.message()
-        assert message["type"] == "error" and message["id"] == "2", message
+        assert message["type"] == "error", message
+        assert message["id"] == "2", message
         assert [e["extensions"]["code"] for e in message["payload"]] == ["VALIDATION_ERROR"]
         assert [e["message"] for e in message["payload"]] == await http_messages(
             server, payload_of(document, name)
@@ -82,7 +83,8 @@ async def test_unstartable_subscription_gets_the_errors_http_gives(
                 json={"query": 'mutation { submitTask(input: {workDirectory: "/r", prompt: "p"}) { id } }'},
             )  # fmt: skip
         event = await subscriber.message()
-        assert event["type"] == "next" and event["id"] == op_id, event
+        assert event["type"] == "next", event
+        assert event["id"] == op_id, event
     finally:
         await subscriber.close()
 
@@ -98,7 +100,8 @@ async def test_subscription_without_the_scope_is_an_error_and_the_socket_stays_o
     try:
         op_id = await subscriber.subscribe()
         message = await subscriber.message()
-        assert message["type"] == "error" and message["id"] == op_id, message
+        assert message["type"] == "error", message
+        assert message["id"] == op_id, message
         error = message["payload"][0]
         assert error["extensions"] == {
             "code": "FORBIDDEN",

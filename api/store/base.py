@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 
-from api import domain
-from api.domain import (
-    ApiKey,
-    Outcome,
-    Task,
-    TaskChanges,
-    TaskEvent,
-    TaskStatus,
-)
+from api.core import domain
+from api.core.domain import ApiKey, Completion, Task, TaskChanges, TaskEvent, TaskPage, TaskStatus
+from api.core.lifecycle import Outcome
 
 # Called with the events of each committed transaction, in event-id order.
 CommitListener = Callable[[Sequence[TaskEvent]], None]
@@ -23,19 +16,6 @@ CommitListener = Callable[[Sequence[TaskEvent]], None]
 Decide = Callable[[Task], Outcome | None]
 
 SCHEMA_VERSION = 2
-
-
-@dataclass(frozen=True, slots=True)
-class TaskPage:
-    tasks: list[Task]
-    has_next: bool
-    total: int
-
-
-@dataclass(frozen=True, slots=True)
-class Completion:
-    task_id: str
-    result: Any
 
 
 class TaskStore(Protocol):

@@ -12,10 +12,11 @@ from collections.abc import Generator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from api import domain
-from api.domain import Outcome, Task, TaskChanges, TaskSpec, TaskStatus
+from api.core import lifecycle
+from api.core.domain import Completion, Task, TaskChanges, TaskSpec, TaskStatus
+from api.core.lifecycle import Outcome
 from api.store import sql
-from api.store.base import Completion, Decide
+from api.store.base import Decide
 from api.store.rows import NotAll, Pending, Row, applied, task_of
 from api.store.sql import Catalogue
 
@@ -51,7 +52,7 @@ def submit(c: Catalogue, specs: Sequence[TaskSpec], now: datetime) -> Program[li
             continue
         task = task_of(d, rows[0])
         details = {} if task.run_after is None else {"runAfter": task.run_after}
-        pending.append((task, None, domain.history_details(details), None))
+        pending.append((task, None, lifecycle.history_details(details), None))
         tasks.append(task)
     return tasks, pending
 
@@ -120,7 +121,7 @@ def apply(c: Catalogue, outcome: Outcome) -> Program[Task | None]:
     if not rows:
         return None, []
     task = task_of(c.dialect, rows[0])
-    details = domain.history_details(outcome.details)
+    details = lifecycle.history_details(outcome.details)
     return task, [(task, outcome.previous, details, outcome.worker_id)]
 
 
@@ -140,7 +141,7 @@ def expire_leases(c: Catalogue, now: datetime, limit: int) -> Program[list[Task]
     tasks: list[Task] = []
     pending: list[Pending] = []
     for row in rows:
-        outcome = domain.expire_lease(task_of(c.dialect, row), now)
+        outcome = lifecycle.expire_lease(task_of(c.dialect, row), now)
         if outcome is None:
             continue
         task, owed = yield from apply(c, outcome)

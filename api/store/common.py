@@ -7,12 +7,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from api import domain
-from api.domain import Task, TaskStatus
+from api.core import domain, lifecycle
+from api.core.domain import Completion, Task, TaskPage, TaskStatus
 from api.store import changes as programs
 from api.store import sql
-from api.store.base import Completion, KeyStore, TaskPage
-from api.store.changes import Decide, Program, Query
+from api.store.base import Decide, KeyStore
+from api.store.changes import Program, Query
 from api.store.rows import NotAll, Row, event_of, task_of
 from api.store.sql import Catalogue
 
@@ -133,7 +133,7 @@ class SqlTaskStore:
         return await self._run(programs.decided(self.sql, task_id, decide))
 
     async def release(self, task_id: str, worker_id: str, now: datetime) -> Task | None:
-        return await self.change(task_id, lambda task: domain.release(task, worker_id, now))
+        return await self.change(task_id, lambda task: lifecycle.release(task, worker_id, now))
 
     async def update(
         self, task_id: str, expected_version: int, changes: domain.TaskChanges, now: datetime

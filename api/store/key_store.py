@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
-from api.domain import ApiKey
+from api.core.domain import ApiKey
 from api.store import sql
 from api.store.changes import Query
 from api.store.rows import Row, key_of

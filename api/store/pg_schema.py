@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from api.domain import TaskEvent
+from api.core.domain import TaskEvent
 from api.store import migrations
 from api.store.rows import Pending, event_of, history_row
 from api.store.sql import EVENT_COLUMNS, POSTGRES, SCHEMA_VERSION_NOW, positional

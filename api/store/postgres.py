@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import asyncpg
 
-from api.domain import TaskEvent
+from api.core.domain import TaskEvent
 from api.store.base import CommitListener
 from api.store.changes import Program, Query
 from api.store.common import SqlTaskStore
@@ -127,7 +127,8 @@ class PostgresStore(SqlTaskStore):
                         text, args = positional(*program.send(rows))  # type: ignore[arg-type]
                         rows = await conn.fetch(text, *args)
                 except StopIteration as stop:
-                    value, pending = stop.value
+                    value: T = stop.value[0]
+                    pending = stop.value[1]
                 if not pending:
                     await tx.commit()
                     return value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from api.domain import ApiKey, Task, TaskEvent, TaskPriority, TaskStatus
+from api.core.domain import ApiKey, Task, TaskEvent, TaskPriority, TaskStatus
 from api.store.sql import Dialect
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from api.domain import EventFilter, TaskFilter, TaskStatus
+from api.core.domain import EventFilter, TaskFilter, TaskStatus
 
 TASK_FIELDS = (
     "seq", "id", "work_directory", "prompt", "priority", "tags", "status", "worker_id",

@@ -11,8 +11,8 @@ from typing import TypeVar
 
 import aiosqlite
 
+from api.core.domain import TaskEvent
 from api.database_url import sqlite_path
-from api.domain import TaskEvent
 from api.store import migrations
 from api.store.base import CommitListener
 from api.store.changes import Program, Query

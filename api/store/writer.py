@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from api.domain import TaskEvent
+from api.core.domain import TaskEvent
 
 log = logging.getLogger("taskorch.store")
 

@@ -1,0 +1,1 @@
+"""The `taskorch` command: serve, migrate, keys, backup, work, demo and the rest."""

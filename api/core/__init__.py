@@ -1,0 +1,1 @@
+"""The core: the domain's rules and types, its errors, and the service that applies them."""

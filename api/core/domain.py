@@ -1,0 +1,199 @@
+"""The task model: statuses, priorities, tasks, events, specs, filters and limits. Pure, no I/O."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+MAX_WORK_DIRECTORY = 512
+MAX_PROMPT = 100_000
+MAX_TAGS = 20
+MAX_TAG = 64
+MAX_RETRIES = 100
+DEFAULT_MAX_RETRIES = 3
+MAX_METADATA_BYTES = 64 * 1024
+MAX_RESULT_BYTES = 1024 * 1024
+MAX_TEXT = 100_000  # error messages and cancel reasons
+MAX_WORKER_ID = 255
+MAX_IDEMPOTENCY_KEY = 255
+MAX_LEASE_SECONDS = 24 * 3600
+DEFAULT_LEASE_SECONDS = 300
+MAX_WAIT_SECONDS = 60.0
+MAX_BATCH = 1000
+MAX_PAGE = 1000
+MAX_INT32 = 2**31 - 1
+MAX_INT64 = 2**63 - 1
+
+
+class TaskStatus(enum.Enum):
+    WAITING = "WAITING"
+    WORKING = "WORKING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+class TaskPriority(enum.Enum):
+    LOW = "LOW"
+    MEDIUM = "MEDIUM"
+    HIGH = "HIGH"
+
+    @property
+    def rank(self) -> int:
+        """Stored form: a larger rank is claimed first."""
+        return _RANKS[self]
+
+    @classmethod
+    def from_rank(cls, rank: int) -> TaskPriority:
+        return _BY_RANK[rank]
+
+
+_RANKS = {TaskPriority.LOW: 0, TaskPriority.MEDIUM: 1, TaskPriority.HIGH: 2}
+_BY_RANK = {rank: priority for priority, rank in _RANKS.items()}
+
+# Which statuses each operation may start from.
+CANCELLABLE = (TaskStatus.WAITING, TaskStatus.WORKING)
+RETRYABLE = (TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    id: str
+    work_directory: str
+    prompt: str
+    priority: TaskPriority
+    tags: tuple[str, ...]
+    status: TaskStatus
+    worker_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    updated_at: datetime
+    result: Any
+    error_message: str | None
+    retry_count: int
+    max_retries: int
+    metadata: dict[str, Any]
+    version: int
+    lease_expires_at: datetime | None
+    run_after: datetime | None
+    idempotency_key: str | None
+    seq: int = 0  # submission order: ties in priority are claimed first-in first-out
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEvent:
+    """One row of the history table: a status change of one task."""
+
+    id: int
+    task_id: str
+    work_directory: str
+    status: TaskStatus
+    previous_status: TaskStatus | None
+    worker_id: str | None
+    at: datetime
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    """A stored API key; the raw key is never stored, only its hash."""
+
+    name: str
+    scopes: tuple[str, ...]
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """A validated request to submit one task."""
+
+    work_directory: str
+    prompt: str
+    priority: TaskPriority = TaskPriority.MEDIUM
+    tags: tuple[str, ...] = ()
+    max_retries: int = DEFAULT_MAX_RETRIES
+    metadata: dict[str, Any] = field(default_factory=dict)
+    idempotency_key: str | None = None
+    run_after: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskChanges:
+    """A validated edit of a waiting task; None leaves a field as it is."""
+
+    prompt: str | None = None
+    priority: TaskPriority | None = None
+    tags: tuple[str, ...] | None = None
+    metadata: dict[str, Any] | None = None
+    max_retries: int | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return all(
+            value is None
+            for value in (self.prompt, self.priority, self.tags, self.metadata, self.max_retries)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFilter:
+    statuses: tuple[TaskStatus, ...] = ()
+    work_directory: str | None = None
+    priority: TaskPriority | None = None
+    tag: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    task_id: str | None = None
+    work_directory: str | None = None
+    statuses: tuple[TaskStatus, ...] = ()
+
+    def matches(self, event: TaskEvent) -> bool:
+        return (
+            (self.task_id is None or event.task_id == self.task_id)
+            and (self.work_directory is None or event.work_directory == self.work_directory)
+            and (not self.statuses or event.status in self.statuses)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Exponential backoff with jitter: attempt n waits between half and all of base * 2**(n-1)."""
+
+    base_seconds: float = 1.0
+    cap_seconds: float = 300.0
+
+    def delay(self, attempt: int, jitter: float) -> timedelta:
+        # Whole microseconds, truncated: the resolution both stores keep.
+        doublings = min(max(attempt - 1, 0), 30)
+        full = min(
+            int(self.cap_seconds * 1_000_000), int(self.base_seconds * 1_000_000) << doublings
+        )
+        return timedelta(microseconds=int(full * (0.5 + 0.5 * jitter)))
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    """One page of a task listing, with the total the filter matches."""
+
+    tasks: list[Task]
+    has_next: bool
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """One task of a batch completion and its result."""
+
+    task_id: str
+    result: Any

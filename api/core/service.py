@@ -1,0 +1,390 @@
+"""Task lifecycle: checks each request, has the domain decide the change and the store apply it."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import random
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from api.core import domain, lifecycle, validation
+from api.core.domain import (
+    Backoff,
+    Completion,
+    EventFilter,
+    Task,
+    TaskChanges,
+    TaskEvent,
+    TaskFilter,
+    TaskPage,
+    TaskSpec,
+    TaskStatus,
+)
+from api.core.errors import Conflict, NotFound, ValidationError
+from api.events.bus import EventBus, Waiter
+from api.store.base import TaskStore
+
+log = logging.getLogger("taskorch.service")
+
+REPLAY_PAGE = 500
+SWEEP_BATCH = 500
+MAX_OFFSET = 10_000  # offset paging reads the skipped rows; cursors (`list_tasks`) do not
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Statistics:
+    counts: dict[TaskStatus, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __getitem__(self, status: TaskStatus) -> int:
+        return self.counts.get(status, 0)
+
+    def summary(self) -> dict[str, int]:
+        """`total` and one count per status, by the lower-case names every interface uses."""
+        return {"total": self.total, **{s.value.lower(): self[s] for s in TaskStatus}}
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode()
+
+
+def decode_cursor(cursor: str, field: str = "after") -> int:
+    try:
+        kind, _, value = base64.urlsafe_b64decode(cursor.encode()).decode().partition(":")
+        if kind == "seq" and 0 <= int(value) <= domain.MAX_INT64:
+            return int(value)
+    except (ValueError, UnicodeDecodeError):
+        pass
+    raise ValidationError(field, f"{field} must be a cursor returned by a previous page")
+
+
+class TaskService:
+    def __init__(
+        self,
+        store: TaskStore,
+        bus: EventBus,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        backoff: Backoff | None = None,
+        subscriber_buffer: int = 10_000,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self._clock = clock
+        self._backoff = backoff or Backoff()
+        self._subscriber_buffer = subscriber_buffer
+        self._jitter = jitter
+        self._background: set[asyncio.Task[Any]] = set()
+        self._waiting: set[Waiter] = set()
+        self._stopping = False
+
+    # --- producers ---
+
+    async def submit(self, spec: TaskSpec) -> Task:
+        (task,) = await self.store.submit([spec], self._clock())
+        return task
+
+    async def submit_many(self, specs: Sequence[TaskSpec]) -> list[Task]:
+        validation.check_batch(specs, "inputs")
+        return await self.store.submit(specs, self._clock())
+
+    async def update(self, task_id: str, expected_version: int, changes: TaskChanges) -> Task:
+        task_id = validation.check_task_id(task_id)
+        expected_version = validation.check_version(expected_version)
+        task = await self.store.update(task_id, expected_version, changes, self._clock())
+        if task is not None:
+            return task
+        current = await self.get(task_id)
+        if current.status is not TaskStatus.WAITING:
+            raise Conflict(
+                f"task {task_id} is {current.status.value}; only WAITING tasks can be updated"
+            )
+        raise Conflict(
+            f"task {task_id} is at version {current.version}, not {expected_version}:"
+            " read it again and resend the update with expectedVersion"
+            f" {current.version}",
+            details={"currentVersion": current.version},
+        )
+
+    async def cancel(self, task_id: str, reason: str | None = None) -> Task:
+        task_id = validation.check_task_id(task_id)
+        reason = validation.check_text(reason, "reason", required=False)
+        now = self._clock()
+        task = await self.store.change(task_id, lambda t: lifecycle.cancel(t, reason, now))
+        if task is None:
+            current = await self.get(task_id)
+            raise Conflict(
+                f"task {task_id} is {current.status.value}; only WAITING or WORKING tasks can be"
+                " cancelled"
+            )
+        return task
+
+    async def retry(self, task_id: str) -> Task:
+        task_id = validation.check_task_id(task_id)
+        now = self._clock()
+        task = await self.store.change(task_id, lambda t: lifecycle.retry(t, now))
+        if task is None:
+            current = await self.get(task_id)
+            raise Conflict(
+                f"task {task_id} is {current.status.value}; only FAILED or CANCELLED tasks can be"
+                " retried"
+            )
+        return task
+
+    # --- workers ---
+
+    async def claim(
+        self,
+        work_directory: str,
+        worker_id: str,
+        *,
+        limit: int = 1,
+        lease_seconds: int | None = None,
+        wait_seconds: float | None = None,
+    ) -> list[Task]:
+        """Claim up to `limit` tasks, waiting up to `wait_seconds` for the first one to appear."""
+        work_directory = validation.check_work_directory(work_directory)
+        worker_id = validation.check_worker_id(worker_id)
+        limit = validation.check_page_size(limit, "limit", domain.MAX_BATCH)
+        lease = validation.check_lease_seconds(lease_seconds)
+        wait = validation.check_wait_seconds(wait_seconds)
+        if wait == 0 or self._stopping:
+            return await self._claim_now(work_directory, worker_id, limit, lease)
+        deadline = time.monotonic() + wait
+        while True:
+            # Register before trying, so a submit between the try and the wait still wakes us.
+            waiter = self.bus.waiter(work_directory)
+            self._waiting.add(waiter)
+            try:
+                tasks = await self._claim_now(work_directory, worker_id, limit, lease)
+                remaining = deadline - time.monotonic()
+                if tasks or remaining <= 0 or self._stopping:
+                    return tasks
+                due = await self.store.next_run_after(work_directory, self._clock())
+                if due is not None:
+                    remaining = min(remaining, max(0.0, (due - self._clock()).total_seconds()))
+                await waiter.wait(remaining)
+            finally:
+                self._waiting.discard(waiter)
+                waiter.close()
+
+    def stop_waiting(self) -> None:
+        """The server is shutting down: waiting claims answer now with what they have (usually
+        nothing), and later ones do not wait, so in-flight requests finish within the grace period."""
+        self._stopping = True
+        for waiter in list(self._waiting):
+            waiter.wake()
+
+    async def _claim_now(
+        self, work_directory: str, worker_id: str, limit: int, lease: int
+    ) -> list[Task]:
+        now = self._clock()
+        pending = asyncio.ensure_future(
+            self.store.claim(work_directory, worker_id, limit, now + timedelta(seconds=lease), now)
+        )
+        try:
+            # Shielded: if the caller goes away mid-claim, the claim still finishes and is released.
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            self._spawn(self._release_abandoned(pending, worker_id))
+            raise
+
+    async def _release_abandoned(self, pending: asyncio.Future[list[Task]], worker_id: str) -> None:
+        try:
+            tasks = await pending
+        except Exception:
+            return
+        for task in tasks:
+            log.info("releasing task %s: its claimer went away", task.id)
+            await self.store.release(task.id, worker_id, self._clock())
+
+    async def heartbeat(self, task_id: str, worker_id: str, lease_seconds: int | None) -> Task:
+        task_id = validation.check_task_id(task_id)
+        worker_id = validation.check_worker_id(worker_id)
+        lease = validation.check_lease_seconds(lease_seconds)
+        now = self._clock()
+        task = await self.store.heartbeat(task_id, worker_id, now + timedelta(seconds=lease), now)
+        return task or await self._not_held(task_id, worker_id, "heartbeat")
+
+    async def complete(
+        self,
+        task_id: str,
+        worker_id: str,
+        result: Any = None,
+        *,
+        expected_prompt: str | None = None,
+    ) -> Task:
+        """Complete a held task; with `expected_prompt`, only if the task still has that prompt."""
+        task_id = validation.check_task_id(task_id)
+        if expected_prompt is not None:
+            # A prompt can only change while the task is WAITING, so the prompt read here is the
+            # one of the claim being completed (the store's compare-and-set still checks the holder).
+            current = await self.get(task_id)
+            if current.prompt != expected_prompt:
+                raise Conflict(
+                    f"task {task_id} has a different prompt from the one sent with the"
+                    " completion: it was edited or this is another task; nothing was completed"
+                )
+        (task,) = await self.complete_many(worker_id, [Completion(task_id, result)])
+        return task
+
+    async def complete_many(self, worker_id: str, items: Sequence[Completion]) -> list[Task]:
+        worker_id = validation.check_worker_id(worker_id)
+        validation.check_batch(items, "items")
+        checked = []
+        for index, item in enumerate(items):
+            field = "result" if len(items) == 1 else f"items[{index}].result"
+            checked.append(
+                Completion(
+                    validation.check_task_id(item.task_id),
+                    validation.check_result(item.result, field),
+                )
+            )
+        ids = [item.task_id for item in checked]
+        if len(set(ids)) != len(ids):
+            raise ValidationError("items", "items must not name the same task twice")
+        tasks = await self.store.complete(checked, worker_id, self._clock())
+        if tasks is not None:
+            return tasks
+        for task_id in ids:  # find the first one that blocked the batch, to say why
+            current = await self.store.get(task_id)
+            if current is None or not lifecycle.held_by(current, worker_id):
+                await self._not_held(task_id, worker_id, "complete")
+        raise Conflict("the tasks changed while completing them; nothing was completed, try again")
+
+    async def fail(self, task_id: str, worker_id: str, error: str, retry: bool = True) -> Task:
+        task_id = validation.check_task_id(task_id)
+        worker_id = validation.check_worker_id(worker_id)
+        message = validation.check_text(error, "error")
+        assert message is not None
+        backoff, jitter, now = self._backoff, self._jitter(), self._clock()
+        task = await self.store.change(
+            task_id, lambda t: lifecycle.fail(t, worker_id, message, retry, backoff, jitter, now)
+        )
+        return task or await self._not_held(task_id, worker_id, "fail")
+
+    async def release(self, task_id: str, worker_id: str) -> Task:
+        task_id = validation.check_task_id(task_id)
+        worker_id = validation.check_worker_id(worker_id)
+        task = await self.store.release(task_id, worker_id, self._clock())
+        return task or await self._not_held(task_id, worker_id, "release")
+
+    async def _not_held(self, task_id: str, worker_id: str, action: str) -> Task:
+        current = await self.get(task_id)
+        if current.status is not TaskStatus.WORKING:
+            raise Conflict(
+                f"cannot {action} task {task_id}: it is {current.status.value}, not WORKING"
+                " (a task whose lease expired goes back to the queue; claim again)"
+            )
+        raise Conflict(
+            f"cannot {action} task {task_id}: it is held by another worker, not {worker_id!r};"
+            " only the worker that claimed it may do this"
+        )
+
+    # --- leases and retention ---
+
+    async def expire_leases(self) -> list[Task]:
+        """Requeue tasks whose lease ran out; safe to run in every replica at once."""
+        expired: list[Task] = []
+        while True:
+            batch = await self.store.expire_leases(self._clock(), SWEEP_BATCH)
+            expired.extend(batch)
+            if len(batch) < SWEEP_BATCH:
+                return expired
+
+    async def prune(self, older_than: timedelta, batch: int = 1000) -> int:
+        cutoff = self._clock() - older_than
+        deleted = 0
+        while True:
+            count = await self.store.prune(cutoff, batch)
+            deleted += count
+            if count < batch:
+                return deleted
+            await asyncio.sleep(0)  # let other writes in between batches
+
+    # --- reads ---
+
+    async def find(self, task_id: str) -> Task | None:
+        try:
+            task_id = validation.check_task_id(task_id)
+        except ValidationError:
+            return None
+        return await self.store.get(task_id)
+
+    async def get(self, task_id: str) -> Task:
+        task_id = validation.check_task_id(task_id)
+        task = await self.store.get(task_id)
+        if task is None:
+            raise NotFound(f"no task with id {task_id}; check the id, or list tasks to find it")
+        return task
+
+    async def list_tasks(
+        self, where: TaskFilter, first: int = 50, after: str | None = None
+    ) -> TaskPage:
+        first = validation.check_page_size(first)
+        after_seq = None if after is None else decode_cursor(after)
+        return await self.store.list_tasks(where, first, after_seq)
+
+    async def list_page(self, where: TaskFilter, limit: int = 50, offset: int = 0) -> TaskPage:
+        """Tasks by position (`offset`) instead of cursor, for clients that page that way."""
+        limit = validation.check_page_size(limit, "limit")
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
+            raise ValidationError("offset", f"offset must be from 0 to {MAX_OFFSET:,}")
+        return await self.store.list_tasks(where, limit, None, offset)
+
+    async def statistics(self, work_directory: str | None = None) -> Statistics:
+        if work_directory is not None:
+            work_directory = validation.check_work_directory(work_directory)
+        return Statistics(await self.store.count_by_status(work_directory))
+
+    async def history(self, task_id: str) -> list[TaskEvent]:
+        return await self.store.history(task_id)
+
+    async def events(
+        self, where: EventFilter, after: int | None = None
+    ) -> AsyncGenerator[TaskEvent, None]:
+        """Replay stored events after `after`, then continue live: no gap, no duplicate."""
+        subscription = self.bus.subscribe(where, self._subscriber_buffer)
+        last = after
+        try:
+            if after is not None:
+                while True:
+                    replay = await self.store.events_after(last or 0, where, REPLAY_PAGE)
+                    for event in replay:
+                        last = event.id
+                        yield event
+                    if len(replay) < REPLAY_PAGE:
+                        break
+            while True:
+                event = await subscription.next()
+                if last is not None and event.id <= last:
+                    continue  # already replayed from the table
+                last = event.id
+                yield event
+        finally:
+            subscription.close()
+
+    # --- plumbing ---
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background work (releases of abandoned claims) before shutting down."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,297 @@
+"""Validation of what clients send: each function returns the clean value or raises ValidationError
+naming the field in snake_case; each interface shows the name as its clients spell it. Pure."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from api.core.domain import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_RETRIES,
+    MAX_BATCH,
+    MAX_IDEMPOTENCY_KEY,
+    MAX_INT32,
+    MAX_INT64,
+    MAX_LEASE_SECONDS,
+    MAX_METADATA_BYTES,
+    MAX_PAGE,
+    MAX_PROMPT,
+    MAX_RESULT_BYTES,
+    MAX_RETRIES,
+    MAX_TAG,
+    MAX_TAGS,
+    MAX_TEXT,
+    MAX_WAIT_SECONDS,
+    MAX_WORK_DIRECTORY,
+    MAX_WORKER_ID,
+    TaskChanges,
+    TaskFilter,
+    TaskPriority,
+    TaskSpec,
+    TaskStatus,
+)
+from api.core.errors import ValidationError
+
+_TAG = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+
+
+def check_work_directory(value: object, field: str = "work_directory") -> str:
+    if not isinstance(value, str) or not value:
+        raise ValidationError(field, f"{field} is required: give an absolute path such as /repo")
+    if "\x00" in value:
+        raise ValidationError(field, f"{field} must not contain a NUL character")
+    if not value.startswith("/"):
+        raise ValidationError(field, f"{field} must be an absolute POSIX path starting with '/'")
+    if ".." in value.split("/"):
+        raise ValidationError(field, f"{field} must not contain a '..' segment")
+    normalised = posixpath.normpath(value)
+    if normalised.startswith("//"):  # POSIX keeps a leading double slash; we do not
+        normalised = "/" + normalised.lstrip("/")
+    if len(normalised) > MAX_WORK_DIRECTORY:
+        raise ValidationError(field, f"{field} must be at most {MAX_WORK_DIRECTORY} characters")
+    return normalised
+
+
+def check_prompt(value: object, field: str = "prompt") -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValidationError(field, f"{field} must be a non-empty string")
+    if len(value) > MAX_PROMPT:
+        raise ValidationError(field, f"{field} must be at most {MAX_PROMPT:,} characters")
+    if "\x00" in value:
+        raise ValidationError(field, f"{field} must not contain a NUL character")
+    return value
+
+
+def check_priority(value: object, field: str = "priority") -> TaskPriority:
+    if isinstance(value, TaskPriority):
+        return value
+    try:
+        return TaskPriority(str(value).upper())
+    except ValueError:
+        raise ValidationError(field, f"{field} must be one of LOW, MEDIUM, HIGH") from None
+
+
+def check_status(value: object, field: str = "status") -> TaskStatus:
+    if isinstance(value, TaskStatus):
+        return value
+    try:
+        return TaskStatus(str(value).upper())
+    except ValueError:
+        names = ", ".join(s.value for s in TaskStatus)
+        raise ValidationError(field, f"{field} must be one of {names}") from None
+
+
+def check_tags(value: object, field: str = "tags") -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValidationError(field, f"{field} must be a list of strings")
+    if len(value) > MAX_TAGS:
+        raise ValidationError(field, f"{field} may hold at most {MAX_TAGS} tags")
+    seen: dict[str, None] = {}
+    for item in value:
+        seen[check_tag(item, field)] = None
+    return tuple(seen)
+
+
+def check_tag(value: object, field: str = "tag") -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_TAG or not _TAG.match(value):
+        raise ValidationError(
+            field,
+            f"{field}: each tag must be 1 to {MAX_TAG} characters of letters, digits and _.:-",
+        )
+    return value
+
+
+def check_max_retries(value: object, field: str = "max_retries") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES:
+        raise ValidationError(field, f"{field} must be a whole number from 0 to {MAX_RETRIES}")
+    return value
+
+
+def check_json_size(value: object) -> int:
+    try:
+        return len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+    except (TypeError, ValueError):
+        return -1
+
+
+def check_metadata(value: object, field: str = "metadata") -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ValidationError(field, f'{field} must be a JSON object such as {{"ticket": 42}}')
+    size = check_json_size(value)
+    if size < 0:
+        raise ValidationError(field, f"{field} must hold only JSON values")
+    if size > MAX_METADATA_BYTES:
+        raise ValidationError(field, f"{field} must be at most 64 KiB of JSON (got {size:,} bytes)")
+    return dict(value)
+
+
+def check_result(value: object, field: str = "result") -> Any:
+    size = check_json_size(value)
+    if size < 0:
+        raise ValidationError(field, f"{field} must be a JSON value")
+    if size > MAX_RESULT_BYTES:
+        raise ValidationError(field, f"{field} must be at most 1 MiB of JSON (got {size:,} bytes)")
+    return value
+
+
+def check_text(value: object, field: str, *, required: bool = True) -> str | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise ValidationError(field, f"{field} must be a non-empty string")
+    if len(value) > MAX_TEXT:
+        raise ValidationError(field, f"{field} must be at most {MAX_TEXT:,} characters")
+    return value
+
+
+def check_worker_id(value: object, field: str = "worker_id") -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_WORKER_ID:
+        raise ValidationError(field, f"{field} must be 1 to {MAX_WORKER_ID} characters")
+    if "\x00" in value:
+        raise ValidationError(field, f"{field} must not contain a NUL character")
+    return value
+
+
+def check_idempotency_key(value: object, field: str = "idempotency_key") -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_IDEMPOTENCY_KEY:
+        raise ValidationError(field, f"{field} must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    return value
+
+
+def check_task_id(value: object, field: str = "id") -> str:
+    try:
+        return str(uuid.UUID(str(value)))
+    except ValueError:
+        raise ValidationError(field, f"{field} must be a task id (a UUID)") from None
+
+
+def check_lease_seconds(value: object, field: str = "lease_seconds") -> int:
+    if value is None:
+        return DEFAULT_LEASE_SECONDS
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(field, f"{field} must be a whole number of seconds")
+    if not 1 <= value <= MAX_LEASE_SECONDS:
+        raise ValidationError(field, f"{field} must be from 1 to {MAX_LEASE_SECONDS} seconds")
+    return value
+
+
+def check_wait_seconds(value: object, field: str = "wait_seconds") -> float:
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValidationError(field, f"{field} must be a number of seconds")
+    if not 0 <= value <= MAX_WAIT_SECONDS:
+        raise ValidationError(field, f"{field} must be from 0 to {MAX_WAIT_SECONDS:g} seconds")
+    return float(value)
+
+
+def check_version(value: object, field: str = "expected_version") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT32:
+        raise ValidationError(field, f"{field} must be a task version: a whole number >= 0")
+    return value
+
+
+def check_event_id(value: object, field: str = "after") -> int:
+    """An event id as clients send it: a whole number (or its decimal string) >= 0."""
+    try:
+        number = int(value) if isinstance(value, int | str) and not isinstance(value, bool) else -1
+    except ValueError:
+        number = -1
+    if not 0 <= number <= MAX_INT64:
+        raise ValidationError(field, f"{field} must be an event id (a whole number >= 0)")
+    return number
+
+
+def check_page_size(value: object, field: str = "first", maximum: int = MAX_PAGE) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise ValidationError(field, f"{field} must be from 1 to {maximum}")
+    return value
+
+
+def check_batch(items: Sequence[Any], field: str, maximum: int = MAX_BATCH) -> Sequence[Any]:
+    if not 1 <= len(items) <= maximum:
+        raise ValidationError(field, f"{field} must hold 1 to {maximum:,} items")
+    return items
+
+
+def check_aware(value: datetime, field: str) -> datetime:
+    if value.tzinfo is None:
+        raise ValidationError(field, f"{field} must include a timezone, e.g. 2030-01-01T00:00:00Z")
+    return value
+
+
+def task_spec(
+    *,
+    work_directory: object,
+    prompt: object,
+    priority: object = None,
+    tags: object = None,
+    max_retries: object = None,
+    metadata: object = None,
+    idempotency_key: object = None,
+    run_after: datetime | None = None,
+    prefix: str = "",
+) -> TaskSpec:
+    """Validate one submission; `prefix` names its place in a batch, e.g. `inputs[3].`."""
+    return TaskSpec(
+        work_directory=check_work_directory(work_directory, f"{prefix}work_directory"),
+        prompt=check_prompt(prompt, f"{prefix}prompt"),
+        priority=TaskPriority.MEDIUM
+        if priority is None
+        else check_priority(priority, f"{prefix}priority"),
+        tags=check_tags(tags, f"{prefix}tags"),
+        max_retries=DEFAULT_MAX_RETRIES
+        if max_retries is None
+        else check_max_retries(max_retries, f"{prefix}max_retries"),
+        metadata=check_metadata(metadata, f"{prefix}metadata"),
+        idempotency_key=check_idempotency_key(idempotency_key, f"{prefix}idempotency_key"),
+        run_after=None if run_after is None else check_aware(run_after, f"{prefix}run_after"),
+    )
+
+
+def task_filter(
+    *,
+    statuses: Iterable[object] = (),
+    work_directory: object = None,
+    priority: object = None,
+    tag: object = None,
+) -> TaskFilter:
+    """Validate the filters of a task listing; None (or no status) leaves that filter out."""
+    return TaskFilter(
+        statuses=tuple(check_status(status) for status in statuses),
+        work_directory=None if work_directory is None else check_work_directory(work_directory),
+        priority=None if priority is None else check_priority(priority),
+        tag=None if tag is None else check_tag(tag),
+    )
+
+
+def task_changes(
+    *,
+    prompt: object = None,
+    priority: object = None,
+    tags: object = None,
+    metadata: object = None,
+    max_retries: object = None,
+) -> TaskChanges:
+    changes = TaskChanges(
+        prompt=None if prompt is None else check_prompt(prompt),
+        priority=None if priority is None else check_priority(priority),
+        tags=None if tags is None else check_tags(tags),
+        metadata=None if metadata is None else check_metadata(metadata),
+        max_retries=None if max_retries is None else check_max_retries(max_retries),
+    )
+    if changes.is_empty:
+        raise ValidationError("input", "input must change at least one field")
+    return changes

@@ -1,0 +1,199 @@
+"""The event bus: committed status changes fanned out to subscribers, and wake-ups for waiting claims.
+
+`LocalBus` serves one process. A cross-process bus (PostgreSQL LISTEN/NOTIFY) subclasses it and feeds
+`dispatch` with events committed anywhere, so callers never assume they share a process."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Protocol
+
+from api.core.domain import EventFilter, TaskEvent, TaskStatus
+from api.core.errors import TaskorchError
+
+log = logging.getLogger("taskorch.events")
+
+
+class SlowSubscriber(TaskorchError):
+    code = "SLOW_SUBSCRIBER"
+    http_status = 409
+
+
+class EventBus(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def subscribe(self, where: EventFilter, buffer: int) -> Subscription: ...
+
+    def waiter(self, work_directory: str) -> Waiter: ...
+
+    @property
+    def subscriber_count(self) -> int: ...
+
+
+class Subscription:
+    """One subscriber's live events: a bounded buffer. Overflow closes it instead of slowing anyone."""
+
+    def __init__(self, bus: LocalBus, where: EventFilter, buffer: int) -> None:
+        self._bus = bus
+        self.where = where
+        self._buffer = buffer
+        self._events: collections.deque[TaskEvent] = collections.deque()
+        self._ready = asyncio.Event()
+        self.overflowed = False
+        self.resume_after: int | None = None
+        self.closed = False
+
+    def push(self, event: TaskEvent) -> None:
+        if self.overflowed or not self.where.matches(event):
+            return
+        if len(self._events) >= self._buffer:
+            self.overflowed = True
+            # Everything before the oldest undelivered event reached the subscriber.
+            self.resume_after = (self._events[0].id if self._events else event.id) - 1
+            self._events.clear()  # free the memory now; the subscriber resumes from the history table
+        else:
+            self._events.append(event)
+        self._ready.set()
+
+    async def next(self) -> TaskEvent:
+        while not self._events:
+            if self.overflowed:
+                raise SlowSubscriber(
+                    f"this subscription fell more than {self._buffer} events behind and was closed;"
+                    f' subscribe again with after: "{self.resume_after}" to resume without missing'
+                    " events",
+                    details={"resumeAfter": str(self.resume_after)},
+                )
+            self._ready.clear()
+            await self._ready.wait()
+        return self._events.popleft()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._bus._subscriptions.discard(self)
+            self._events.clear()
+
+
+class Waiter:
+    """A claim waiting for work in one directory. Woken at most once; a wake it did not use (it
+    claimed something else, timed out or went away at that moment) is handed to the next waiter."""
+
+    def __init__(self, bus: LocalBus, work_directory: str) -> None:
+        self._bus = bus
+        self.work_directory = work_directory
+        self._event = asyncio.Event()
+        self._used = False
+
+    def wake(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            return False
+        self._used = True
+        return True
+
+    def close(self) -> None:
+        queue = self._bus._waiters.get(self.work_directory)
+        if queue is not None and self in queue:
+            queue.remove(self)
+            if not queue:
+                del self._bus._waiters[self.work_directory]
+        elif self._event.is_set() and not self._used:
+            self._bus.wake(self.work_directory, 1)
+
+
+async def cancelled(runner: asyncio.Task[None] | None) -> None:
+    """Cancel a bus's background task and wait until it has ended."""
+    if runner is not None:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+
+
+class LocalBus:
+    """In-process bus. `dispatch` must be called with committed events in event-id order."""
+
+    def __init__(self) -> None:
+        self._subscriptions: set[Subscription] = set()
+        self._waiters: dict[str, collections.deque[Waiter]] = {}
+        self._stopped = False
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        self._stopped = True
+        for queue in self._waiters.values():
+            for waiter in queue:
+                waiter.wake()
+        self._waiters.clear()
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscriptions)
+
+    def subscribe(self, where: EventFilter, buffer: int) -> Subscription:
+        subscription = Subscription(self, where, buffer)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def waiter(self, work_directory: str) -> Waiter:
+        waiter = Waiter(self, work_directory)
+        self._waiters.setdefault(work_directory, collections.deque()).append(waiter)
+        return waiter
+
+    def wake(self, work_directory: str, count: int) -> None:
+        queue = self._waiters.get(work_directory)
+        while queue and count > 0:
+            queue.popleft().wake()
+            count -= 1
+        if queue is not None and not queue:
+            del self._waiters[work_directory]
+
+    def dispatch(self, events: Sequence[TaskEvent]) -> None:
+        for subscription in list(self._subscriptions):
+            for event in events:
+                subscription.push(event)
+        self._wake_for(events)
+
+    def _wake_for(self, events: Sequence[TaskEvent]) -> None:
+        ready: collections.Counter[str] = collections.Counter()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for event in events:
+            if event.status is not TaskStatus.WAITING:
+                continue
+            due = _due_in(event)
+            if due > 0:
+                loop.call_at(now + due, self._wake_later, event.work_directory)
+            else:
+                ready[event.work_directory] += 1
+        for directory, count in ready.items():
+            self.wake(directory, count)
+
+    def _wake_later(self, work_directory: str) -> None:
+        if not self._stopped:
+            self.wake(work_directory, 1)
+
+
+def _due_in(event: TaskEvent) -> float:
+    """Seconds until a task that just became WAITING may be claimed (0 when it may be now)."""
+    raw = event.details.get("runAfter")
+    if not isinstance(raw, str):
+        return 0.0
+    try:
+        due = datetime.fromisoformat(raw)
+    except ValueError:
+        return 0.0
+    return max(0.0, (due - event.at).total_seconds())

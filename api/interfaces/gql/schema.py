@@ -1,0 +1,240 @@
+"""The GraphQL schema: thin resolvers that call one service method each and map the result."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Awaitable, Iterable
+from typing import Any, TypeVar
+
+import strawberry
+from graphql import GraphQLError
+from starlette.requests import Request
+from strawberry.extensions import ParserCache, ValidationCache
+from strawberry.scalars import JSON
+
+from api.core import validation
+from api.core.domain import Completion, EventFilter, TaskPriority, TaskStatus
+from api.core.service import encode_cursor
+from api.interfaces.disconnect import unless_disconnected
+from api.interfaces.gql.context import Info
+from api.interfaces.gql.errors import classify
+from api.interfaces.gql.security import ScopeCheck
+from api.interfaces.gql.types import (
+    CompleteItem,
+    PageInfo,
+    Statistics,
+    SubmitTaskInput,
+    TaskConnection,
+    TaskEdge,
+    TaskEventType,
+    TaskType,
+    UpdateTaskInput,
+    as_event,
+    as_task,
+)
+from api.ops.metrics import OperationName
+
+T = TypeVar("T")
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(description="One task by id, or null when there is none.")
+    async def task(self, info: Info, id: strawberry.ID) -> TaskType | None:
+        task = await info.context.service.find(id)
+        return None if task is None else as_task(task)
+
+    @strawberry.field(description="Tasks in submission order, filtered; page with first/after.")
+    async def tasks(
+        self,
+        info: Info,
+        status: list[TaskStatus] | None = None,
+        work_directory: str | None = None,
+        priority: TaskPriority | None = None,
+        tag: str | None = None,
+        first: int = 50,
+        after: str | None = None,
+    ) -> TaskConnection:
+        where = validation.task_filter(
+            statuses=status or (), work_directory=work_directory, priority=priority, tag=tag
+        )
+        page = await info.context.service.list_tasks(where, first, after)
+        edges = [TaskEdge(node=as_task(t), cursor=encode_cursor(t.seq)) for t in page.tasks]
+        return TaskConnection(
+            edges=edges,
+            page_info=PageInfo(
+                has_next_page=page.has_next, end_cursor=edges[-1].cursor if edges else None
+            ),
+            total_count=page.total,
+        )
+
+    @strawberry.field(description="How many tasks are in each status.")
+    async def statistics(self, info: Info, work_directory: str | None = None) -> Statistics:
+        stats = await info.context.service.statistics(work_directory)
+        return Statistics(**stats.summary())
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation(description="Queue one task. An existing idempotencyKey returns its task.")
+    async def submit_task(self, info: Info, input: SubmitTaskInput) -> TaskType:
+        return as_task(await info.context.service.submit(input.to_spec()))
+
+    @strawberry.mutation(description="Queue up to 1,000 tasks in one transaction: all or none.")
+    async def submit_tasks(self, info: Info, inputs: list[SubmitTaskInput]) -> list[TaskType]:
+        validation.check_batch(inputs, "inputs")
+        specs = [item.to_spec(f"inputs[{i}].") for i, item in enumerate(inputs)]
+        return [as_task(t) for t in await info.context.service.submit_many(specs)]
+
+    @strawberry.mutation(
+        description="Claim the next task of a work directory, or null when none is claimable. "
+        "waitSeconds (at most 60) waits for one to arrive."
+    )
+    async def claim_task(
+        self,
+        info: Info,
+        work_directory: str,
+        worker_id: str,
+        lease_seconds: int | None = None,
+        wait_seconds: float | None = None,
+    ) -> TaskType | None:
+        tasks = await _unless_disconnected(
+            info,
+            info.context.service.claim(
+                work_directory, worker_id, lease_seconds=lease_seconds, wait_seconds=wait_seconds
+            ),
+            bool(wait_seconds),
+        )
+        return as_task(tasks[0]) if tasks else None
+
+    @strawberry.mutation(description="Claim up to `limit` (at most 1,000) tasks at once.")
+    async def claim_tasks(
+        self,
+        info: Info,
+        work_directory: str,
+        worker_id: str,
+        limit: int,
+        lease_seconds: int | None = None,
+        wait_seconds: float | None = None,
+    ) -> list[TaskType]:
+        tasks = await _unless_disconnected(
+            info,
+            info.context.service.claim(
+                work_directory,
+                worker_id,
+                limit=limit,
+                lease_seconds=lease_seconds,
+                wait_seconds=wait_seconds,
+            ),
+            bool(wait_seconds),
+        )
+        return [as_task(t) for t in tasks or []]
+
+    @strawberry.mutation(description="Extend the lease of a task you hold.")
+    async def heartbeat(
+        self, info: Info, id: strawberry.ID, worker_id: str, lease_seconds: int | None = None
+    ) -> TaskType:
+        return as_task(await info.context.service.heartbeat(id, worker_id, lease_seconds))
+
+    @strawberry.mutation(description="Mark a task you hold as done, with its result.")
+    async def complete_task(
+        self, info: Info, id: strawberry.ID, worker_id: str, result: JSON | None = None
+    ) -> TaskType:
+        return as_task(await info.context.service.complete(id, worker_id, result))
+
+    @strawberry.mutation(description="Complete several tasks you hold: all or none.")
+    async def complete_tasks(
+        self, info: Info, worker_id: str, items: list[CompleteItem]
+    ) -> list[TaskType]:
+        completions = [Completion(str(item.id), item.result) for item in items]
+        return [
+            as_task(t) for t in await info.context.service.complete_many(worker_id, completions)
+        ]
+
+    @strawberry.mutation(
+        description="Report that a task you hold failed. It is retried with backoff while retries "
+        "remain, unless retry is false."
+    )
+    async def fail_task(
+        self, info: Info, id: strawberry.ID, worker_id: str, error: str, retry: bool = True
+    ) -> TaskType:
+        return as_task(await info.context.service.fail(id, worker_id, error, retry))
+
+    @strawberry.mutation(description="Give a task you hold back to the queue, counting no attempt.")
+    async def release_task(self, info: Info, id: strawberry.ID, worker_id: str) -> TaskType:
+        return as_task(await info.context.service.release(id, worker_id))
+
+    @strawberry.mutation(description="Cancel a WAITING or WORKING task.")
+    async def cancel_task(
+        self, info: Info, id: strawberry.ID, reason: str | None = None
+    ) -> TaskType:
+        return as_task(await info.context.service.cancel(id, reason))
+
+    @strawberry.mutation(description="Queue a FAILED or CANCELLED task again, with fresh retries.")
+    async def retry_task(self, info: Info, id: strawberry.ID) -> TaskType:
+        return as_task(await info.context.service.retry(id))
+
+    @strawberry.mutation(description="Edit a WAITING task whose version is still expectedVersion.")
+    async def update_task(
+        self, info: Info, id: strawberry.ID, expected_version: int, input: UpdateTaskInput
+    ) -> TaskType:
+        changes = input.to_changes()
+        return as_task(await info.context.service.update(id, expected_version, changes))
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription(
+        description="Status changes as they happen, in event-id order. `after` replays stored "
+        "events with a greater id first, so a client that reconnects with the last id it saw "
+        "misses nothing."
+    )
+    async def task_events(
+        self,
+        info: Info,
+        task_id: strawberry.ID | None = None,
+        work_directory: str | None = None,
+        statuses: list[TaskStatus] | None = None,
+        after: strawberry.ID | None = None,
+    ) -> AsyncGenerator[TaskEventType, None]:
+        where = EventFilter(
+            task_id=None if task_id is None else validation.check_task_id(task_id, "task_id"),
+            work_directory=None
+            if work_directory is None
+            else validation.check_work_directory(work_directory),
+            statuses=tuple(statuses or ()),
+        )
+        stream = info.context.service.events(where, _event_id(after))
+        try:
+            async for event in stream:
+                yield as_event(event)
+        finally:
+            await stream.aclose()
+
+
+def _event_id(value: str | None) -> int | None:
+    return None if value is None else validation.check_event_id(value, "after")
+
+
+async def _unless_disconnected(info: Info, work: Awaitable[T], waits: bool) -> T | None:
+    """Waiting claims over HTTP end when their client goes away; other calls just run."""
+    request = info.context.request
+    if not waits or not isinstance(request, Request):
+        return await work
+    return await unless_disconnected(request, work)
+
+
+class Schema(strawberry.Schema):
+    def process_errors(self, errors: list[GraphQLError], execution_context: Any = None) -> None:
+        # Every error path (parse, validation, execution, subscriptions) passes through here.
+        for error in errors:
+            classify(error)
+
+
+def build_schema(guards: Iterable[Any] = ()) -> strawberry.Schema:
+    """The schema; every operation's root fields are checked against the caller's scopes."""
+    return Schema(
+        query=Query,
+        mutation=Mutation,
+        subscription=Subscription,
+        extensions=[ParserCache, ValidationCache, OperationName, ScopeCheck, *guards],
+    )

@@ -1,0 +1,107 @@
+"""The snake_case shapes that REST and MCP return for tasks, pages and statistics."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel
+
+from api.core.domain import Task
+from api.core.service import Statistics
+
+
+class TaskOut(BaseModel):
+    """A task as REST and MCP clients see it."""
+
+    id: str = Field(description="The task id (a UUID): pass it to every other task operation.")
+    work_directory: str
+    prompt: str
+    priority: str = Field(description="LOW, MEDIUM or HIGH")
+    tags: list[str]
+    status: str = Field(description="WAITING, WORKING, COMPLETED, FAILED or CANCELLED")
+    worker_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    updated_at: datetime
+    result: Any = None
+    error_message: str | None
+    retry_count: int
+    max_retries: int
+    metadata: dict[str, Any]
+    version: int = Field(description="Increases on every change; send it back to edit the task.")
+    lease_expires_at: datetime | None
+    run_after: datetime | None
+    idempotency_key: str | None
+
+    @classmethod
+    def of(cls, task: Task) -> TaskOut:
+        return cls(
+            id=task.id,
+            work_directory=task.work_directory,
+            prompt=task.prompt,
+            priority=task.priority.value,
+            tags=list(task.tags),
+            status=task.status.value,
+            worker_id=task.worker_id,
+            created_at=task.created_at,
+            started_at=task.started_at,
+            completed_at=task.completed_at,
+            updated_at=task.updated_at,
+            result=task.result,
+            error_message=task.error_message,
+            retry_count=task.retry_count,
+            max_retries=task.max_retries,
+            metadata=task.metadata,
+            version=task.version,
+            lease_expires_at=task.lease_expires_at,
+            run_after=task.run_after,
+            idempotency_key=task.idempotency_key,
+        )
+
+
+class NoTask(BaseModel):
+    """What a claim answers when nothing is claimable: an object whose `task` is null."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: None = Field(default=None, description="Always null: no task was claimable.")
+
+
+class NextTask(RootModel[TaskOut | NoTask]):
+    """A claim's answer: the claimed task (with `id` at the top level), or `{"task": null}`."""
+
+    # MCP requires an object at the root of a tool's output schema.
+    model_config = ConfigDict(json_schema_extra={"type": "object"})
+
+    @classmethod
+    def of(cls, task: Task | None) -> NextTask:
+        return cls(NoTask() if task is None else TaskOut.of(task))
+
+
+class TaskList(BaseModel):
+    """One page of tasks in submission order."""
+
+    tasks: list[TaskOut]
+    total: int = Field(description="How many tasks match the filters, over all pages.")
+    limit: int
+    offset: int
+    has_more: bool = Field(
+        description="True when a next page exists: ask again with offset + limit."
+    )
+
+
+class StatisticsOut(BaseModel):
+    """How many tasks are in each status."""
+
+    total: int
+    waiting: int
+    working: int
+    completed: int
+    failed: int
+    cancelled: int
+
+    @classmethod
+    def of(cls, stats: Statistics) -> StatisticsOut:
+        return cls(**stats.summary())

@@ -1,0 +1,1 @@
+"""Operations: health, metrics, logs, backup and restore, retention and graceful shutdown."""

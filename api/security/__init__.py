@@ -1,0 +1,1 @@
+"""Who may do what: API keys, scopes, rate limits and the redaction of secrets in logs."""
