@@ -22,7 +22,7 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from api import __version__
 from api.interfaces import rest
 from api.interfaces.gql.context import Context
-from api.interfaces.gql.ide import graphiql_assets, graphiql_page
+from api.interfaces.gql.ide import graphiql_assets, graphiql_page, is_ide_request
 from api.interfaces.gql.schema import build_schema
 from api.interfaces.gql.security import SecuredTransportWS, guard_extensions
 from api.interfaces.mcp import build_mcp, http_sessions, transport_security
@@ -105,7 +105,11 @@ def create_app(settings: Settings) -> Starlette:
         ],
         middleware=[
             Middleware(AccessLog, observe=observe_request),
-            Middleware(AuthMiddleware, max_body_bytes=settings.max_body_bytes),
+            Middleware(
+                AuthMiddleware,
+                max_body_bytes=settings.max_body_bytes,
+                is_open=is_ide_request if settings.graphiql else lambda scope: False,
+            ),
         ],
         lifespan=lifespan,
     )

@@ -20,6 +20,7 @@ from websockets.typing import Subprotocol
 from api.app import create_app
 from api.cli.main import main as taskorch
 from api.core.errors import Forbidden, Unauthenticated
+from api.interfaces.gql.ide import STATIC, STATIC_PATH
 from api.interfaces.gql.security import field_scope
 from api.security.auth import Gate, Principal, require_scope
 from api.security.keys import hash_key, issue_key
@@ -587,3 +588,27 @@ async def test_startup_warns_how_to_create_a_key_while_none_exists(
             pass
     warnings = [r.getMessage() for r in caplog.records if r.name == "taskorch.auth"]
     assert any("taskorch keys create --name NAME --scopes" in m for m in warnings), warnings
+
+
+async def test_graphiql_page_and_assets_open_without_a_key_but_operations_do_not(
+    database_url: str,
+) -> None:
+    async with secured(database_url) as harness:
+        await harness.issue("reader", "read")  # keys exist: protected mode is over
+        async with harness.client(address=REMOTE) as browser:
+            page = await browser.get("/graphql", headers={"Accept": "text/html"})
+            assert page.status_code == 200
+            assert page.headers["content-type"].startswith("text/html")
+            asset = next(p for p in STATIC.rglob("*.js") if p.is_file())
+            served = await browser.get(f"{STATIC_PATH}/{asset.relative_to(STATIC).as_posix()}")
+            assert served.status_code == 200
+            assert served.content == asset.read_bytes()
+            # Anything that runs an operation still needs a key, in a browser or not.
+            query = await browser.get(
+                "/graphql", params={"query": "{ __typename }"}, headers={"Accept": "text/html"}
+            )
+            assert query.status_code == 401
+            assert (await post(browser, "{ __typename }")).status_code == 401
+            assert (
+                await browser.get("/api/v1/tasks", headers={"Accept": "text/html"})
+            ).status_code == 401

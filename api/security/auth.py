@@ -264,15 +264,21 @@ class AuthMiddleware:
         max_body_bytes: int,
         open_paths: frozenset[str] = OPEN_PATHS,
         socket_paths: frozenset[str] = SOCKET_PATHS,
+        is_open: Callable[[Scope], bool] = lambda scope: False,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.open_paths = open_paths
         self.socket_paths = socket_paths
+        self.is_open = is_open  # requests for public files, such as the GraphiQL page
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind not in ("http", "websocket") or scope.get("path") in self.open_paths:
+        if (
+            kind not in ("http", "websocket")
+            or scope.get("path") in self.open_paths
+            or self.is_open(scope)
+        ):
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
