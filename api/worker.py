@@ -187,7 +187,8 @@ class Worker:
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self.stopping.wait()
 
     async def _claim(self) -> dict[str, Any] | None:
         """A waiting claim, abandoned when the worker stops (the server then takes no task)."""
@@ -371,7 +372,8 @@ async def _kill(process: asyncio.subprocess.Process) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(process.wait(), KILL_WAIT_SECONDS)
+            async with asyncio.timeout(KILL_WAIT_SECONDS):
+                await process.wait()
             return
 
 

@@ -205,3 +205,18 @@ async def test_claim_reads_the_claim_index_after_the_table_grew_from_empty(
         assert "Seq Scan" not in plan, plan
     finally:
         await store.close()
+
+
+async def test_the_bus_stops_even_when_a_wake_up_races_the_stop(postgres_url: str) -> None:
+    store = PostgresStore(postgres_url)
+    await store.open()
+    try:
+        for _ in range(50):
+            bus = PostgresBus(postgres_url, store)
+            await bus.start()
+            await asyncio.sleep(0)
+            bus._wake.set()  # a notification arriving just as the server stops
+            async with asyncio.timeout(5):
+                await bus.stop()
+    finally:
+        await store.close()

@@ -97,7 +97,8 @@ class Waiter:
 
     async def wait(self, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(self._event.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for, which can lose a cancellation
+                await self._event.wait()
         except TimeoutError:
             return False
         self._used = True

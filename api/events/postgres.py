@@ -84,7 +84,8 @@ class PostgresBus(LocalBus):
         conn, self._conn = self._conn, None
         if conn is not None and not conn.is_closed():
             try:
-                await asyncio.wait_for(conn.close(), timeout=2.0)
+                async with asyncio.timeout(2.0):
+                    await conn.close()
             except Exception:
                 conn.terminate()
 
@@ -98,8 +99,11 @@ class PostgresBus(LocalBus):
         while True:
             if not self.connected:
                 await self._reconnect()
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancellation that arrives as
+            # the wake-up does, and the bus could then never be stopped.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._check_interval)
+                async with asyncio.timeout(self._check_interval):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._catch_up()

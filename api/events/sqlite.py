@@ -106,8 +106,9 @@ class SqliteBus(LocalBus):
 
     async def _run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), SAFETY_INTERVAL)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: it never loses a cancel
+                async with asyncio.timeout(SAFETY_INTERVAL):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._catch_up()

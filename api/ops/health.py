@@ -50,9 +50,11 @@ async def health(request: Request) -> JSONResponse:
     }
     started = time.perf_counter()
     try:
-        await asyncio.wait_for(state.service.store.ping(), timeout=PING_TIMEOUT)
+        async with asyncio.timeout(PING_TIMEOUT):
+            await state.service.store.ping()
         elapsed = time.perf_counter() - started
-        counts = await asyncio.wait_for(state.queue_counts.get(), timeout=PING_TIMEOUT)
+        async with asyncio.timeout(PING_TIMEOUT):
+            counts = await state.queue_counts.get()
     except Exception as exc:
         log.warning("health check: the database did not answer: %s", exc or type(exc).__name__)
         body["status"] = "unhealthy"

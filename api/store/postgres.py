@@ -88,7 +88,8 @@ class PostgresStore(SqlTaskStore):
             # A graceful close waits for every connection to come back; one still held by a
             # request that shutdown abandoned would make it wait forever, so it is bounded.
             try:
-                await asyncio.wait_for(pool.close(), CLOSE_SECONDS)
+                async with asyncio.timeout(CLOSE_SECONDS):
+                    await pool.close()
             except TimeoutError:
                 log.warning("connections still in use after %.0fs; closing them", CLOSE_SECONDS)
                 pool.terminate()
