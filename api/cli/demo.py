@@ -73,7 +73,7 @@ class SimulatedClock:
 
 
 @dataclass
-class Worker:
+class SimulatedWorker:
     name: str
     directory: Directory
     slots: int
@@ -170,7 +170,7 @@ async def run_demo(
     return DemoReport(tasks, start, finish, {s.value: counts.get(s, 0) for s in TaskStatus})
 
 
-def _workers(tasks: int, span: float) -> list[Worker]:
+def _workers(tasks: int, span: float) -> list[SimulatedWorker]:
     workers = []
     for directory in DIRECTORIES:
         mean_run = directory.median_run * math.exp(SIGMA**2 / 2)
@@ -179,7 +179,9 @@ def _workers(tasks: int, span: float) -> list[Worker]:
         slots = max(1, math.ceil(busy * HEADROOM / count))
         name = directory.path.rsplit("/", 1)[-1]
         for i in range(count):
-            workers.append(Worker(f"agent-{name}-{i + 1}", directory, slots, night_shift=i == 0))
+            workers.append(
+                SimulatedWorker(f"agent-{name}-{i + 1}", directory, slots, night_shift=i == 0)
+            )
     return workers
 
 
@@ -265,7 +267,7 @@ def _next_time(
     cancels: list[tuple[float, str]],
     due: list[tuple[float, str]],
     lost: list[float],
-    workers: Sequence[Worker],
+    workers: Sequence[SimulatedWorker],
     dirty: dict[str, bool],
     start: datetime,
 ) -> float:
@@ -289,7 +291,7 @@ def _next_time(
     return math.ceil(nxt / TICK) * TICK
 
 
-def _has_work(worker: Worker, t: float, dirty: dict[str, bool], now: datetime) -> bool:
+def _has_work(worker: SimulatedWorker, t: float, dirty: dict[str, bool], now: datetime) -> bool:
     if any(end <= t or lease - t <= 300 for end, _, lease in worker.running.values()):
         return True
     return (
@@ -300,7 +302,7 @@ def _has_work(worker: Worker, t: float, dirty: dict[str, bool], now: datetime) -
 async def _step(
     service: TaskService,
     clock: SimulatedClock,
-    worker: Worker,
+    worker: SimulatedWorker,
     t: float,
     rng: random.Random,
     tags_of: dict[str, tuple[str, ...]],

@@ -21,7 +21,7 @@ from api.interfaces.gql.security import ScopeCheck
 from api.interfaces.gql.types import (
     CompleteItem,
     PageInfo,
-    Statistics,
+    StatisticsType,
     SubmitTaskInput,
     TaskConnection,
     TaskEdge,
@@ -68,9 +68,9 @@ class Query:
         )
 
     @strawberry.field(description="How many tasks are in each status.")
-    async def statistics(self, info: Info, work_directory: str | None = None) -> Statistics:
+    async def statistics(self, info: Info, work_directory: str | None = None) -> StatisticsType:
         stats = await info.context.service.statistics(work_directory)
-        return Statistics(**stats.summary())
+        return StatisticsType(**stats.summary())
 
 
 @strawberry.type

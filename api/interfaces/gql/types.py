@@ -139,8 +139,8 @@ class TaskConnection:
     total_count: int
 
 
-@strawberry.type
-class Statistics:
+@strawberry.type(name="Statistics")
+class StatisticsType:
     total: int
     waiting: int
     working: int
