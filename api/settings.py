@@ -31,7 +31,10 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "json"
     graphiql: bool = True
-    rate_limit: int = 1000  # requests a minute per API key (or client address); 0 turns it off
+    # Requests a minute per API key (or client address) unless the key has its own; 0: no limit.
+    # 60,000 (1,000 a second, a minute's worth in one burst) is about what one process can serve,
+    # so a worker fleet sharing one key is not throttled by the default.
+    rate_limit: int = 60_000
     max_body_bytes: int = 1024 * 1024
     max_query_depth: int = 10
     max_aliases: int = 30

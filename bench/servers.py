@@ -21,8 +21,9 @@ POSTGRES_URL = os.environ.get(
 )
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-# Benchmarks measure the server, not the per-caller rate limit, which would refuse most requests.
+# Anonymous runs measure the server alone; a run with keys on keeps the default rate limit.
 SERVER_ENV = {"TASKORCH_RATE_LIMIT": "0"}
+KEYED_SERVER_ENV: dict[str, str] = {}
 
 
 def free_port() -> int:
@@ -97,13 +98,16 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / CLOCK_TICKS
 
 
-def taskorch_server(database_url: str, durability: str, workdir: Path) -> Server:
+def taskorch_server(
+    database_url: str, durability: str, workdir: Path, keyed: bool = False
+) -> Server:
     port = free_port()
     command = [
         sys.executable, "-m", "api.cli", "serve", "--port", str(port),
         "--database", database_url, "--durability", durability,
     ]  # fmt: skip
-    return Server(command, port, workdir / f"server-{port}.log", dict(SERVER_ENV))
+    env = dict(KEYED_SERVER_ENV if keyed else SERVER_ENV)
+    return Server(command, port, workdir / f"server-{port}.log", env)
 
 
 def floor_server(workdir: Path) -> Server:
@@ -120,6 +124,17 @@ def migrate(database_url: str) -> None:
         capture_output=True,
         env={**os.environ, **SERVER_ENV},
     )
+
+
+def create_key(database_url: str, name: str = "bench-fleet") -> str:
+    """A key for every scope the scenarios use, made as an operator does (`taskorch keys create`),
+    with the server's default rate limit; the raw key."""
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "keys", "create", "--name", name,
+         "--scopes", "read,submit,work", "--database", database_url],
+        check=True, capture_output=True, text=True, env={**os.environ, **SERVER_ENV},
+    )  # fmt: skip
+    return done.stdout.strip()
 
 
 def sqlite_url(workdir: Path) -> str:
