@@ -39,6 +39,7 @@ class Config:
     durability: str
     processes: int
     keys: bool = False  # every request carries an API key and the default rate limit applies
+    workers: int = 1  # `serve --workers`: processes behind each server's one port
 
 
 CONFIGS = {
@@ -48,8 +49,10 @@ CONFIGS = {
         Config("sqlite-full-1p-keys", "sqlite", "full", 1, keys=True),
         Config("sqlite-normal-1p", "sqlite", "normal", 1),
         Config("sqlite-full-2p", "sqlite", "full", 2),
+        Config("sqlite-full-2w", "sqlite", "full", 1, workers=2),
         Config("sqlite-normal-2p", "sqlite", "normal", 2),
         Config("postgres-2p", "postgres", "full", 2),
+        Config("postgres-2w", "postgres", "full", 1, workers=2),
     )
 }
 GROWTH_CONFIG = "sqlite-full-1p"
@@ -194,7 +197,7 @@ def run_config(
         migrate(url)  # once, before several processes open the same database
         key = create_key(url) if config.keys else None
         servers = [
-            taskorch_server(url, config.durability, workdir, keyed=config.keys)
+            taskorch_server(url, config.durability, workdir, config.keys, config.workers)
             for _ in range(config.processes)
         ]
         start(servers)

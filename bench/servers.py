@@ -4,6 +4,7 @@ the floor app, readiness, CPU and resident memory read from /proc."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -83,12 +84,27 @@ class Server:
         assert self.process is not None
         return self.process.pid
 
+    def pids(self) -> list[int]:
+        """The server and its worker processes (`serve --workers`), which do the serving."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        return [self.pid, *map(int, children)]
+
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(FileNotFoundError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+        return total
 
     def rss_kb(self) -> int:
-        return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * PAGE_KB
+        """The largest resident set of its processes: the per-process figure."""
+        largest = 0
+        for pid in self.pids():
+            with contextlib.suppress(FileNotFoundError):
+                pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+                largest = max(largest, pages * PAGE_KB)
+        return largest
 
 
 def machine_busy_seconds() -> float:
@@ -99,12 +115,12 @@ def machine_busy_seconds() -> float:
 
 
 def taskorch_server(
-    database_url: str, durability: str, workdir: Path, keyed: bool = False
+    database_url: str, durability: str, workdir: Path, keyed: bool = False, workers: int = 1
 ) -> Server:
     port = free_port()
     command = [
         sys.executable, "-m", "api.cli", "serve", "--port", str(port),
-        "--database", database_url, "--durability", durability,
+        "--database", database_url, "--durability", durability, "--workers", str(workers),
     ]  # fmt: skip
     env = dict(KEYED_SERVER_ENV if keyed else SERVER_ENV)
     return Server(command, port, workdir / f"server-{port}.log", env)
