@@ -134,3 +134,19 @@ async def test_sigterm_drains_every_worker(
         return all(gone(pid) for pid in by_pid)
 
     await eventually(all_gone, timeout=5)
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    server = start_server(f"sqlite:///{tmp_path / 'w.db'}", ENV, "--workers", "2")
+    async with pinned_clients(server.url, CONNECTIONS) as clients:
+        pids = {pid for pid, _ in clients}
+    assert len(pids) == 2
+    server.process.kill()  # SIGKILL: the supervisor cannot pass anything on
+    server.process.wait(10)
+
+    async def all_gone() -> bool:
+        return all(gone(pid) for pid in pids)
+
+    await eventually(all_gone, timeout=20)

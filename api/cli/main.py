@@ -57,10 +57,13 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     from api.app import create_app
     from api.ops.shutdown import serve
-    from api.ops.workers import reuse_port_socket
+    from api.ops.workers import reuse_port_socket, stop_when_orphaned
 
     # A worker of `serve --workers` binds its own socket beside its siblings' (SO_REUSEPORT).
-    sockets = [reuse_port_socket(settings.host, settings.port)] if args.reuse_port else None
+    sockets = None
+    if args.reuse_port:
+        sockets = [reuse_port_socket(settings.host, settings.port)]
+        stop_when_orphaned()
     app = create_app(settings)
     urls = endpoints(settings)
     log.info("endpoints: %s", "; ".join(f"{name} {url}" for name, url in urls.items()))

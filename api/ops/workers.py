@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,6 +29,7 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BACKLOG = 2048  # uvicorn's default
 # A worker is told to stop and given its grace period; past this much more it is killed.
 KILL_MARGIN_SECONDS = 10.0
+ORPHAN_CHECK_SECONDS = 0.5
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:
@@ -45,6 +47,21 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def stop_when_orphaned(interval: float = ORPHAN_CHECK_SECONDS) -> None:
+    """In a worker: stop gracefully (SIGTERM to itself) once the supervisor is gone, say killed
+    with SIGKILL, so no worker keeps serving a port nobody supervises. Workers have their own
+    process group, so nothing else would tell them."""
+    supervisor = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(interval)
+        log.warning("the supervisor (pid %d) is gone; stopping this worker", supervisor)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
 def worker_environment(settings: Settings) -> dict[str, str]:
