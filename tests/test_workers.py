@@ -8,6 +8,8 @@ import contextlib
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -150,3 +152,17 @@ async def test_workers_stop_when_the_supervisor_is_killed(
         return all(gone(pid) for pid in pids)
 
     await eventually(all_gone, timeout=20)
+
+
+def test_a_second_set_of_workers_on_a_taken_port_is_refused(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    first = start_server(url, ENV, "--workers", "2")
+    second = subprocess.run(
+        [sys.executable, "-m", "api.cli", "serve", "--workers", "2", "--port", str(first.port),
+         "--database", url],
+        capture_output=True, text=True, timeout=30, env={**os.environ, **ENV},
+    )  # fmt: skip
+    assert second.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{first.port}" in second.stderr

@@ -32,21 +32,37 @@ KILL_MARGIN_SECONDS = 10.0
 ORPHAN_CHECK_SECONDS = 0.5
 
 
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A listening socket that other workers bind to the same address; the kernel balances."""
+def _bound(host: str, port: int, reuse_port: bool) -> socket.socket:
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
-        sock.listen(BACKLOG)
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket that other workers bind to the same address; the kernel balances."""
+    sock = _bound(host, port, reuse_port=True)
+    sock.listen(BACKLOG)
+    return sock
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why the port cannot be had, or None. SO_REUSEPORT would let a second `serve --workers` on
+    the same port quietly share it with the first, so the supervisor first binds it alone."""
+    try:
+        _bound(host, port, reuse_port=False).close()
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 def stop_when_orphaned(interval: float = ORPHAN_CHECK_SECONDS) -> None:
@@ -96,6 +112,10 @@ def metrics_directory() -> Iterator[str]:
 def supervise(settings: Settings, count: int) -> int:
     """Run `count` workers until a stop signal (exit 0 when all stop cleanly) or until one dies
     on its own (the others are stopped; exit 1, so a service manager restarts the whole set)."""
+    problem = port_in_use(settings.host, settings.port)
+    if problem is not None:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, problem)
+        return 1
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
