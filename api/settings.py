@@ -12,6 +12,7 @@ from typing import Any
 from api.database_url import Backend, DatabaseUrlError, backend_of, sqlite_path
 
 DEFAULT_DATABASE_URL = "sqlite:///./taskorch.db"
+MAX_WORKERS = 64  # each is a whole server with its own connections (11 each on PostgreSQL)
 
 
 class SettingsError(ValueError):
@@ -31,7 +32,10 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "json"
     graphiql: bool = True
-    rate_limit: int = 1000  # requests a minute per API key (or client address); 0 turns it off
+    # Requests a minute per API key (or client address) unless the key has its own; 0: no limit.
+    # 60,000 (1,000 a second, a minute's worth in one burst) is about what one process can serve,
+    # so a worker fleet sharing one key is not throttled by the default.
+    rate_limit: int = 60_000
     max_body_bytes: int = 1024 * 1024
     max_query_depth: int = 10
     max_aliases: int = 30
@@ -39,6 +43,7 @@ class Settings:
     introspection: bool = True
     retention: str = "off"  # finished tasks older than this are pruned automatically, e.g. 30d
     shutdown_timeout: int = 10  # seconds in-flight requests get to finish on SIGTERM
+    workers: int = 1  # server processes sharing the port (`serve --workers`)
 
     def __post_init__(self) -> None:
         problem = _database_url_problem(self.database_url)
@@ -64,6 +69,9 @@ class Settings:
             "use off or a duration such as 30d, 12h, 90m or 45s",
         )
         _check(self.shutdown_timeout > 0, "shutdown_timeout", "use a positive number of seconds")
+        _check(
+            1 <= self.workers <= MAX_WORKERS, "workers", f"use 1 to {MAX_WORKERS} server processes"
+        )
 
     @property
     def backend(self) -> Backend:

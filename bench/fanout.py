@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import websockets
 from websockets.typing import Subprotocol
 
-from bench.http import Connection
+from bench.http import Connection, connection_init_payload
 from bench.stats import summary
 
 if TYPE_CHECKING:
@@ -53,7 +53,8 @@ async def _subscriber(url: str, query: str, directory: str, ready: list[Any]) ->
         max_queue=None,
         ping_interval=None,
     )
-    await socket.send(json.dumps({"type": "connection_init", "payload": {}}))
+    init = {"type": "connection_init", "payload": connection_init_payload()}
+    await socket.send(json.dumps(init))
     ack = json.loads(await asyncio.wait_for(socket.recv(), 30))
     if ack.get("type") != "connection_ack":
         raise RuntimeError(f"subscriber was refused: {ack}")

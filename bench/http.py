@@ -12,6 +12,21 @@ import json
 from typing import Any
 from urllib.parse import urlsplit
 
+# The API key of a run with keys on, sent with every request; set once, before any request.
+_KEY: str | None = None
+EXTRA_HEADERS = ""
+
+
+def authorize(key: str | None) -> None:
+    global _KEY, EXTRA_HEADERS
+    _KEY = key
+    EXTRA_HEADERS = f"Authorization: Bearer {key}\r\n" if key else ""
+
+
+def connection_init_payload() -> dict[str, str]:
+    """What a WebSocket sends in `connection_init`: the key, as an HTTP request would."""
+    return {"Authorization": f"Bearer {_KEY}"} if _KEY else {}
+
 
 class HTTPError(Exception):
     """The server answered something the benchmark cannot read as a success."""
@@ -27,13 +42,13 @@ def graphql_request(
 def post_request(host: str, path: str, body: bytes) -> bytes:
     head = (
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Content-Length: {len(body)}\r\n{EXTRA_HEADERS}\r\n"
     )
     return head.encode() + body
 
 
 def get_request(host: str, path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{EXTRA_HEADERS}\r\n".encode()
 
 
 class Connection:

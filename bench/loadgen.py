@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from bench import http
 from bench.http import Connection, get_request, graphql_request
 from bench.stats import summary
 
@@ -413,6 +414,7 @@ async def _run(spec: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    http.authorize(spec.get("key"))
     before = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter()
     outcome: dict[str, Any] = asyncio.run(_run(spec))

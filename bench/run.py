@@ -17,6 +17,7 @@ from bench import growth
 from bench.servers import (
     PostgresSchema,
     Server,
+    create_key,
     floor_server,
     machine_busy_seconds,
     migrate,
@@ -37,16 +38,21 @@ class Config:
     backend: str
     durability: str
     processes: int
+    keys: bool = False  # every request carries an API key and the default rate limit applies
+    workers: int = 1  # `serve --workers`: processes behind each server's one port
 
 
 CONFIGS = {
     c.name: c
     for c in (
         Config("sqlite-full-1p", "sqlite", "full", 1),
+        Config("sqlite-full-1p-keys", "sqlite", "full", 1, keys=True),
         Config("sqlite-normal-1p", "sqlite", "normal", 1),
         Config("sqlite-full-2p", "sqlite", "full", 2),
+        Config("sqlite-full-2w", "sqlite", "full", 1, workers=2),
         Config("sqlite-normal-2p", "sqlite", "normal", 2),
         Config("postgres-2p", "postgres", "full", 2),
+        Config("postgres-2w", "postgres", "full", 1, workers=2),
     )
 }
 GROWTH_CONFIG = "sqlite-full-1p"
@@ -102,10 +108,15 @@ def sizes(quick: bool, duration: float | None, connections: int | None) -> Sizes
 
 
 def run_loadgen(
-    scenario: str, servers: Sequence[Server], size: Sizes, params: dict[str, Any]
+    scenario: str,
+    servers: Sequence[Server],
+    size: Sizes,
+    params: dict[str, Any],
+    key: str | None = None,
 ) -> dict[str, Any]:
     spec = {
         "scenario": scenario,
+        "key": key,
         "urls": [s.url for s in servers],
         "connections": size.connections,
         "duration": size.duration,
@@ -184,12 +195,14 @@ def run_config(
     servers: list[Server] = []
     try:
         migrate(url)  # once, before several processes open the same database
+        key = create_key(url) if config.keys else None
         servers = [
-            taskorch_server(url, config.durability, workdir) for _ in range(config.processes)
+            taskorch_server(url, config.durability, workdir, config.keys, config.workers)
+            for _ in range(config.processes)
         ]
         start(servers)
         for scenario in scenarios:
-            outcome = run_loadgen(scenario, servers, size, size.params(scenario))
+            outcome = run_loadgen(scenario, servers, size, size.params(scenario), key)
             emit({"config": config.name, "scenario": scenario, **outcome})
     finally:
         stop(servers)

@@ -4,6 +4,7 @@ the floor app, readiness, CPU and resident memory read from /proc."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -21,8 +22,9 @@ POSTGRES_URL = os.environ.get(
 )
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-# Benchmarks measure the server, not the per-caller rate limit, which would refuse most requests.
+# Anonymous runs measure the server alone; a run with keys on keeps the default rate limit.
 SERVER_ENV = {"TASKORCH_RATE_LIMIT": "0"}
+KEYED_SERVER_ENV: dict[str, str] = {}
 
 
 def free_port() -> int:
@@ -82,12 +84,27 @@ class Server:
         assert self.process is not None
         return self.process.pid
 
+    def pids(self) -> list[int]:
+        """The server and its worker processes (`serve --workers`), which do the serving."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        return [self.pid, *map(int, children)]
+
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+        total = 0.0
+        for pid in self.pids():
+            with contextlib.suppress(FileNotFoundError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+        return total
 
     def rss_kb(self) -> int:
-        return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * PAGE_KB
+        """The largest resident set of its processes: the per-process figure."""
+        largest = 0
+        for pid in self.pids():
+            with contextlib.suppress(FileNotFoundError):
+                pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+                largest = max(largest, pages * PAGE_KB)
+        return largest
 
 
 def machine_busy_seconds() -> float:
@@ -97,13 +114,16 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - idle) / CLOCK_TICKS
 
 
-def taskorch_server(database_url: str, durability: str, workdir: Path) -> Server:
+def taskorch_server(
+    database_url: str, durability: str, workdir: Path, keyed: bool = False, workers: int = 1
+) -> Server:
     port = free_port()
     command = [
         sys.executable, "-m", "api.cli", "serve", "--port", str(port),
-        "--database", database_url, "--durability", durability,
+        "--database", database_url, "--durability", durability, "--workers", str(workers),
     ]  # fmt: skip
-    return Server(command, port, workdir / f"server-{port}.log", dict(SERVER_ENV))
+    env = dict(KEYED_SERVER_ENV if keyed else SERVER_ENV)
+    return Server(command, port, workdir / f"server-{port}.log", env)
 
 
 def floor_server(workdir: Path) -> Server:
@@ -120,6 +140,17 @@ def migrate(database_url: str) -> None:
         capture_output=True,
         env={**os.environ, **SERVER_ENV},
     )
+
+
+def create_key(database_url: str, name: str = "bench-fleet") -> str:
+    """A key for every scope the scenarios use, made as an operator does (`taskorch keys create`),
+    with the server's default rate limit; the raw key."""
+    done = subprocess.run(
+        [sys.executable, "-m", "api.cli", "keys", "create", "--name", name,
+         "--scopes", "read,submit,work", "--database", database_url],
+        check=True, capture_output=True, text=True, env={**os.environ, **SERVER_ENV},
+    )  # fmt: skip
+    return done.stdout.strip()
 
 
 def sqlite_url(workdir: Path) -> str:

@@ -7,13 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from api.security.keys import hash_key
 from api.settings import Settings
 from api.store import open_store
 from api.store.base import SCHEMA_VERSION
-from api.store.migrations import SQLITE_MIGRATIONS
+from api.store.migrations import CREATE_VERSIONS, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
+from api.store.sql import POSTGRES, SQLITE
 
 
 def taskorch(*args: str) -> subprocess.CompletedProcess[str]:
@@ -58,9 +60,19 @@ def test_list_and_revoke(database_url: str) -> None:
     listed = taskorch("keys", "list", "--database", database_url)
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()
-    assert header.split() == ["NAME", "SCOPES", "CREATED", "LAST", "USED", "REVOKED"]
+    assert header.split() == [
+        "NAME",
+        "SCOPES",
+        "RATE",
+        "LIMIT",
+        "CREATED",
+        "LAST",
+        "USED",
+        "REVOKED",
+    ]
     by_name = {row.split()[0]: row.split() for row in rows}
     assert by_name["reader"][1] == "read"
+    assert by_name["reader"][2] == "default"
     assert by_name["reader"][-1] != "-"
     assert by_name["boss"][1] == "admin"
     assert by_name["boss"][-1] == "-"
@@ -123,3 +135,78 @@ def test_empty_scopes_are_refused(tmp_path: Path, scopes: str) -> None:
     done = taskorch("keys", "create", "--name", "a", "--scopes", scopes, "--database", url)
     assert done.returncode == 2
     assert "scope" in done.stderr
+
+
+def test_create_with_a_rate_limit_stores_it_and_list_shows_it(database_url: str) -> None:
+    for name, limit in (("slow", "5"), ("free", "0")):
+        made = taskorch(
+            "keys", "create", "--name", name, "--scopes", "read", "--rate-limit", limit,
+            "--database", database_url,
+        )  # fmt: skip
+        assert made.returncode == 0, made.stderr
+    assert "rate limit none" in made.stderr
+    listed = taskorch("keys", "list", "--database", database_url)
+    assert listed.returncode == 0, listed.stderr
+    by_name = {row.split()[0]: row.split() for row in listed.stdout.splitlines()[1:]}
+    assert by_name["slow"][2] == "5/min"
+    assert by_name["free"][2] == "none"
+
+
+@pytest.mark.parametrize("limit", ["-1", "2147483648"])
+def test_a_rate_limit_out_of_range_exits_2_naming_the_flag(tmp_path: Path, limit: str) -> None:
+    url = f"sqlite:///{tmp_path / 'keys.db'}"
+    done = taskorch(
+        "keys", "create", "--name", "a", "--scopes", "read", "--rate-limit", limit, "--database", url
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--rate-limit" in done.stderr
+    assert "requests a minute" in done.stderr
+    assert done.stdout == ""
+
+
+async def _version_2_database(url: str, key_hash: str) -> None:
+    """A database as the release before key rate limits left it, holding one key."""
+    if url.startswith("sqlite"):
+        with sqlite3.connect(url.removeprefix("sqlite:///")) as conn:
+            conn.execute(CREATE_VERSIONS.format(**SQLITE.types))
+            for version, script in enumerate(SQLITE_MIGRATIONS[:2], start=1):
+                for statement in script:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO schema_migrations VALUES (?, 0)", (version,))
+            conn.execute(
+                "INSERT INTO api_keys (name, key_hash, scopes, created_at) VALUES (?, ?, ?, 0)",
+                ("old", key_hash, "read,work"),
+            )
+        conn.close()
+        return
+    pg = await asyncpg.connect(url)
+    try:
+        await pg.execute(CREATE_VERSIONS.format(**POSTGRES.types))
+        for version, script in enumerate(POSTGRES_MIGRATIONS[:2], start=1):
+            for statement in script:
+                await pg.execute(statement)
+            await pg.execute("INSERT INTO schema_migrations VALUES ($1, now())", version)
+        await pg.execute(
+            "INSERT INTO api_keys (name, key_hash, scopes, created_at) VALUES ($1, $2, $3, now())",
+            "old",
+            key_hash,
+            "read,work",
+        )
+    finally:
+        await pg.close()
+
+
+async def test_the_rate_limit_migration_keeps_existing_keys(database_url: str) -> None:
+    await _version_2_database(database_url, hash_key("tko_old"))
+    store = open_store(Settings(database_url=database_url))
+    await store.open()
+    try:
+        assert await store.schema_version() == SCHEMA_VERSION
+        key = await store.keys.find_key(hash_key("tko_old"))
+        assert key is not None
+        assert (key.name, key.scopes, key.rate_limit) == ("old", ("read", "work"), None)
+        limited = await store.keys.create_key("new", "h", ["read"], key.created_at, 5)
+        assert limited is not None
+        assert limited.rate_limit == 5
+    finally:
+        await store.close()

@@ -304,6 +304,54 @@ async def test_rate_limit_zero_turns_it_off(database_url: str) -> None:
                 assert (await post(client, "{ __typename }")).status_code == 200
 
 
+def test_a_key_made_with_its_own_rate_limit_spends_that_one(
+    database_url: str,
+    start_server: Callable[..., ServerProcess],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    raw = {}
+    for name, extra in (("slow", ["--rate-limit", "5"]), ("fleet", [])):
+        assert taskorch(["keys", "create", "--name", name, "--scopes", "read", *extra,
+                         "--database", database_url]) == 0  # fmt: skip
+        raw[name] = capsys.readouterr().out.strip()
+    server = start_server(database_url)  # the server's default limit, which `slow` overrides
+
+    async def check() -> None:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            slow = {"Authorization": f"Bearer {raw['slow']}"}
+            fleet = {"Authorization": f"Bearer {raw['fleet']}"}
+            body = {"query": "{ __typename }"}
+            statuses = [(await http.post("/graphql", json=body, headers=slow)).status_code
+                        for _ in range(6)]  # fmt: skip
+            assert statuses == [200] * 5 + [429]
+            for _ in range(50):  # the other key is not throttled
+                assert (await http.post("/graphql", json=body, headers=fleet)).status_code == 200
+            assert (await http.post("/graphql", json=body, headers=slow)).status_code == 429
+
+    asyncio.run(check())
+
+
+async def test_the_default_rate_limit_lets_a_busy_key_through(database_url: str) -> None:
+    """2,000 requests a minute from one key (a small fleet's claims and heartbeats) all pass."""
+    async with secured(database_url) as harness:
+        key = await harness.issue("fleet", "read")
+        async with harness.client(key, address=REMOTE) as client:
+            for _ in range(2_000):
+                response = await client.get("/api/v1/tasks?limit=1")
+                assert response.status_code == 200, response.text
+
+
+def test_a_key_limit_overrides_the_server_default_both_ways() -> None:
+    now = [0.0]
+    limiter = RateLimiter(3, clock=lambda: now[0])
+    assert [limiter.take("own", 5) for _ in range(6)][-2:] == [0.0, pytest.approx(12.0)]
+    assert all(limiter.take("unlimited", 0) == 0.0 for _ in range(100))
+    assert [limiter.take("default") for _ in range(4)][-1] == pytest.approx(20.0)
+    off = RateLimiter(0, clock=lambda: now[0])  # the server's limit off; a key's own still holds
+    assert [off.take("own", 1) for _ in range(2)][-1] == pytest.approx(60.0)
+    assert all(off.take("default") == 0.0 for _ in range(100))
+
+
 def test_token_bucket_refills_and_says_how_long_to_wait() -> None:
     now = [0.0]
     limiter = RateLimiter(60, clock=lambda: now[0])  # one a second, bursts of 60

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from api.core.domain import ApiKey
 from api.core.errors import TaskorchError, ValidationError
-from api.security.keys import SCOPES, issue_key, parse_scopes, revoke_key
+from api.security.keys import SCOPES, check_rate_limit, issue_key, parse_scopes, revoke_key
 from api.settings import Settings
 from api.store import open_store
 from api.store.base import TaskStore
@@ -34,24 +34,30 @@ def _with_store(settings: Settings, work: Callable[[TaskStore], Awaitable[T]]) -
 def cmd_create(args: argparse.Namespace, settings: Settings) -> int:
     try:
         scopes = parse_scopes(args.scopes, "--scopes")
+        rate_limit = check_rate_limit(args.rate_limit, "--rate-limit")
     except ValidationError as exc:
         print(f"taskorch: {exc.message}", file=sys.stderr)
         return 2
     try:
         key, raw = _with_store(
-            settings, lambda store: issue_key(store.keys, args.name, scopes, datetime.now(UTC))
+            settings,
+            lambda store: issue_key(store.keys, args.name, scopes, datetime.now(UTC), rate_limit),
         )
     except TaskorchError as exc:
         print(f"taskorch: {exc.message}", file=sys.stderr)
         return 2 if isinstance(exc, ValidationError) else 1
     print(raw)  # the only time the raw key is ever shown; stdout holds it alone
-    print(f"created key {key.name!r} with scopes {','.join(key.scopes)}", file=sys.stderr)
+    print(
+        f"created key {key.name!r} with scopes {','.join(key.scopes)},"
+        f" rate limit {_limit(key.rate_limit)}",
+        file=sys.stderr,
+    )
     return 0
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     keys = _with_store(settings, lambda store: store.keys.list_keys())
-    rows = [("NAME", "SCOPES", "CREATED", "LAST USED", "REVOKED")]
+    rows = [("NAME", "SCOPES", "RATE LIMIT", "CREATED", "LAST USED", "REVOKED")]
     rows += [_row(key) for key in keys]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -73,9 +79,15 @@ def cmd_revoke(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _row(key: ApiKey) -> tuple[str, str, str, str, str]:
-    return (key.name, ",".join(key.scopes), _when(key.created_at), _when(key.last_used_at),
-            _when(key.revoked_at))  # fmt: skip
+def _row(key: ApiKey) -> tuple[str, str, str, str, str, str]:
+    return (key.name, ",".join(key.scopes), _limit(key.rate_limit), _when(key.created_at),
+            _when(key.last_used_at), _when(key.revoked_at))  # fmt: skip
+
+
+def _limit(per_minute: int | None) -> str:
+    if per_minute is None:
+        return "default"
+    return "none" if per_minute == 0 else f"{per_minute}/min"
 
 
 def _when(value: datetime | None) -> str:
@@ -93,11 +105,17 @@ def add_keys_commands(
     create.add_argument(
         "--scopes", required=True, help=f"comma-separated, from: {', '.join(SCOPES)}"
     )
+    create.add_argument(
+        "--rate-limit",
+        type=int,
+        metavar="N",
+        help="this key's requests a minute (0: no limit); default: the server's TASKORCH_RATE_LIMIT",
+    )
     database_flag(create)
     create.set_defaults(run=cmd_create)
 
     listing = actions.add_parser(
-        "list", help="every key: name, scopes, created, last used, revoked"
+        "list", help="every key: name, scopes, rate limit, created, last used, revoked"
     )
     database_flag(listing)
     listing.set_defaults(run=cmd_list)

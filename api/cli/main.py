@@ -45,12 +45,25 @@ def _database_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    logs.configure(settings.log_level, settings.log_format)
+    if settings.workers > 1 and not args.reuse_port:
+        from api.ops.workers import supervise
+
+        # once, before the workers open the database together
+        log.info("database is at schema version %d", asyncio.run(_migrate(settings)))
+        return supervise(settings, settings.workers)
+
     import uvicorn
 
     from api.app import create_app
     from api.ops.shutdown import serve
+    from api.ops.workers import reuse_port_socket, stop_when_orphaned
 
-    logs.configure(settings.log_level, settings.log_format)
+    # A worker of `serve --workers` binds its own socket beside its siblings' (SO_REUSEPORT).
+    sockets = None
+    if args.reuse_port:
+        sockets = [reuse_port_socket(settings.host, settings.port)]
+        stop_when_orphaned()
     app = create_app(settings)
     urls = endpoints(settings)
     log.info("endpoints: %s", "; ".join(f"{name} {url}" for name, url in urls.items()))
@@ -65,20 +78,21 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         timeout_graceful_shutdown=settings.shutdown_timeout,
         ws_max_size=settings.max_body_bytes,  # one WebSocket message is bounded like a body
     )
-    serve(app, config)
+    serve(app, config, sockets)
     return 0
 
 
-def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
-    async def migrate() -> int:
-        store = open_store(settings)
-        await store.open()  # opening brings the schema up to date
-        try:
-            return await store.schema_version()
-        finally:
-            await store.close()
+async def _migrate(settings: Settings) -> int:
+    store = open_store(settings)
+    await store.open()  # opening brings the schema up to date
+    try:
+        return await store.schema_version()
+    finally:
+        await store.close()
 
-    version = asyncio.run(migrate())
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    version = asyncio.run(_migrate(settings))
     print(f"database is at schema version {version}")
     return 0
 
@@ -197,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--durability", choices=["full", "normal"], help="SQLite durability")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="server processes sharing the port (default 1; env TASKORCH_WORKERS)",
+    )
+    serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     _database_flag(serve)
     serve.set_defaults(run=cmd_serve)
 
@@ -255,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SETTING_FLAGS = ("database_url", "host", "port", "durability", "log_level")
+SETTING_FLAGS = ("database_url", "host", "port", "durability", "log_level", "workers")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

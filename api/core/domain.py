@@ -110,6 +110,7 @@ class ApiKey:
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    rate_limit: int | None = None  # requests a minute; None: the server's default
 
 
 @dataclass(frozen=True, slots=True)

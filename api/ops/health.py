@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -47,6 +48,7 @@ async def health(request: Request) -> JSONResponse:
         "status": "healthy",
         "version": __version__,
         "uptime_s": round(time.monotonic() - state.started, 3),
+        "pid": os.getpid(),  # which process answered, with `serve --workers` or replicas
     }
     started = time.perf_counter()
     try:

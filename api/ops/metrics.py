@@ -1,9 +1,9 @@
 """Prometheus metrics: event counters per process, queue gauges from the database, request timing.
 
 Counters count what this process committed (fed by the store's commit listener), so they only ever
-rise, survive pruning, and add up across replicas with `sum(rate(...))`. Set
-PROMETHEUS_MULTIPROC_DIR to run several processes behind one port: each writes its own files there
-and any of them serves the total. The queue gauges are read from the database at scrape time,
+rise, survive pruning, and add up across replicas with `sum(rate(...))`. With PROMETHEUS_MULTIPROC_DIR
+set (`serve --workers N` sets it for its workers) each process writes its own files there and any of
+them serves the total. The queue gauges are read from the database at scrape time,
 because the database is the one place that knows the queue of every replica; every replica reports
 the same value (aggregate with `max`, not `sum`)."""
 

@@ -31,9 +31,11 @@ class GracefulServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def serve(app: Starlette, config: uvicorn.Config) -> None:
+def serve(
+    app: Starlette, config: uvicorn.Config, sockets: list[socket.socket] | None = None
+) -> None:
     # uvicorn re-raises the signal that stopped it once it has shut down gracefully; a stop asked
     # for by SIGTERM or Ctrl-C that completed cleanly is a success: exit 0 rather than die by it.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda signum, frame: None)
-    GracefulServer(config, app).run()
+    GracefulServer(config, app).run(sockets=sockets)

@@ -77,6 +77,7 @@ class Principal:
     scopes: frozenset[str]
     anonymous: bool = False
     key_hash: str | None = field(default=None, repr=False)
+    rate_limit: int | None = None  # the key's own requests a minute; None: the server's default
 
     def allows(self, scope: str) -> bool:
         return ADMIN in self.scopes or scope in self.scopes
@@ -206,7 +207,9 @@ class Gate:
         key = await self.keys.find_key(key_hash)
         principal = None
         if key is not None and key.revoked_at is None:
-            principal = Principal(key.name, frozenset(key.scopes), key_hash=key_hash)
+            principal = Principal(
+                key.name, frozenset(key.scopes), key_hash=key_hash, rate_limit=key.rate_limit
+            )
             if now - self._touched.get(key_hash, -math.inf) >= TOUCH_SECONDS:
                 self._touched[key_hash] = now
                 await self.keys.touch_key(key_hash, self.now())
@@ -215,12 +218,14 @@ class Gate:
     def charge(self, principal: Principal | None, client: str | None) -> float:
         """Spend one request of the caller's allowance; the seconds to wait when it is spent.
 
-        The local caller of protected mode is not limited: it is the operator's own machine.
+        The local caller of protected mode is not limited: it is the operator's own machine. A key
+        made with its own limit spends that; every other caller the server's default.
         """
-        if principal is not None and principal.anonymous:
+        if principal is None:
+            return self.limiter.take(f"addr:{client}")
+        if principal.anonymous:
             return 0.0
-        bucket = f"key:{principal.name}" if principal is not None else f"addr:{client}"
-        return self.limiter.take(bucket)
+        return self.limiter.take(f"key:{principal.name}", principal.rate_limit)
 
 
 def rate_limited(wait: float) -> RateLimited:

@@ -20,6 +20,7 @@ SCOPES = (READ, SUBMIT, WORK, ADMIN)
 
 KEY_PREFIX = "tko_"
 MAX_NAME = 64
+MAX_RATE_LIMIT = 2**31 - 1  # fits the INTEGER column on both backends
 _NAME = re.compile(r"^[A-Za-z0-9_.:@\-]+$")
 
 
@@ -55,14 +56,30 @@ def hash_key(raw: str) -> str:
     return hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def check_rate_limit(value: int | None, field: str = "rate_limit") -> int | None:
+    """A key's own requests a minute: None keeps the server's default, 0 means no limit."""
+    if value is not None and (isinstance(value, bool) or not 0 <= value <= MAX_RATE_LIMIT):
+        raise ValidationError(
+            field,
+            f"{field} must be a whole number of requests a minute from 0 (no limit) to"
+            f" {MAX_RATE_LIMIT:,}; leave it out for the server's default",
+        )
+    return value
+
+
 async def issue_key(
-    keys: KeyStore, name: str, scopes: str | Iterable[str], now: datetime
+    keys: KeyStore,
+    name: str,
+    scopes: str | Iterable[str],
+    now: datetime,
+    rate_limit: int | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key; returns what is stored and the raw key, which is shown once and never stored."""
     name = check_key_name(name)
     granted = parse_scopes(scopes)
+    limit = check_rate_limit(rate_limit)
     raw = new_raw_key()
-    key = await keys.create_key(name, hash_key(raw), granted, now)
+    key = await keys.create_key(name, hash_key(raw), granted, now, limit)
     if key is None:
         raise Conflict(f"an active key named {name!r} exists; revoke it first or pick another name")
     return key, raw

@@ -15,7 +15,7 @@ CommitListener = Callable[[Sequence[TaskEvent]], None]
 # Decides a lifecycle change from the task as stored; None when the change does not apply.
 Decide = Callable[[Task], Outcome | None]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class TaskStore(Protocol):
@@ -101,9 +101,14 @@ class KeyStore(Protocol):
     """API keys: stored by hash, never raw; a name may be reused once its key is revoked."""
 
     async def create_key(
-        self, name: str, key_hash: str, scopes: Sequence[str], now: datetime
+        self,
+        name: str,
+        key_hash: str,
+        scopes: Sequence[str],
+        now: datetime,
+        rate_limit: int | None = None,
     ) -> ApiKey | None:
-        """Store a key; None when an unrevoked key already has this name."""
+        """Store a key (`rate_limit` None: the server's default); None when the name is taken."""
 
     async def find_key(self, key_hash: str) -> ApiKey | None:
         """The key with this hash, revoked or not."""

@@ -25,10 +25,16 @@ class SqlKeyStore:
         return key_of(self._d, rows[0]) if rows else None
 
     async def create_key(
-        self, name: str, key_hash: str, scopes: Sequence[str], now: datetime
+        self,
+        name: str,
+        key_hash: str,
+        scopes: Sequence[str],
+        now: datetime,
+        rate_limit: int | None = None,
     ) -> ApiKey | None:
-        params = {"name": name, "key_hash": key_hash, "scopes": ",".join(scopes)}
-        return self._key(await self._write((sql.INSERT_KEY, {**params, "now": self._d.time(now)})))
+        params = {"name": name, "key_hash": key_hash, "scopes": ",".join(scopes),
+                  "now": self._d.time(now), "rate_limit": rate_limit}  # fmt: skip
+        return self._key(await self._write((sql.INSERT_KEY, params)))
 
     async def find_key(self, key_hash: str) -> ApiKey | None:
         return self._key(await self._read((sql.FIND_KEY, {"key_hash": key_hash})))

@@ -74,6 +74,8 @@ _MIGRATIONS: list[list[str]] = [
         # A name may be reused once its key is revoked.
         "CREATE UNIQUE INDEX api_keys_active_name ON api_keys (name) WHERE revoked_at IS NULL",
     ],
+    # A key's own requests a minute; NULL (every key made before) keeps the server's default.
+    ["ALTER TABLE api_keys ADD COLUMN rate_limit INTEGER"],
 ]
 
 # Only PostgreSQL can index a JSON array's members.

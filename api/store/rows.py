@@ -64,6 +64,7 @@ def key_of(d: Dialect, row: Row) -> ApiKey:
         created_at=d.instant(row["created_at"]),
         last_used_at=d.instant(row["last_used_at"]),
         revoked_at=d.instant(row["revoked_at"]),
+        rate_limit=row["rate_limit"],
     )
 
 

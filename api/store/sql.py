@@ -21,7 +21,7 @@ TASK_FIELDS = (
 )  # fmt: skip
 EVENT_FIELDS = ("id", "task_id", "work_directory", "status", "previous_status", "worker_id", "at",
                 "details")  # fmt: skip
-KEY_FIELDS = ("name", "scopes", "created_at", "last_used_at", "revoked_at")
+KEY_FIELDS = ("name", "scopes", "created_at", "last_used_at", "revoked_at", "rate_limit")
 TASK_COLUMNS = ", ".join(TASK_FIELDS)
 EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
 KEY_COLUMNS = ", ".join(KEY_FIELDS)
@@ -216,8 +216,8 @@ RECORD = (
     f" :details) RETURNING {EVENT_COLUMNS}"
 )
 INSERT_KEY = (
-    "INSERT INTO api_keys (name, key_hash, scopes, created_at) VALUES (:name, :key_hash, :scopes,"
-    f" :now) ON CONFLICT DO NOTHING RETURNING {KEY_COLUMNS}"
+    "INSERT INTO api_keys (name, key_hash, scopes, created_at, rate_limit) VALUES (:name,"
+    f" :key_hash, :scopes, :now, :rate_limit) ON CONFLICT DO NOTHING RETURNING {KEY_COLUMNS}"
 )
 FIND_KEY = f"SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = :key_hash"
 LIST_KEYS = f"SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id"
