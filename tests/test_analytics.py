@@ -349,6 +349,45 @@ async def test_load_reads_what_the_service_wrote(
     check_loaded(analytics.load(database_url), ids)
 
 
+TASK_DTYPES = {
+    "seq": "int64", "id": "str", "work_directory": "category", "prompt": "str",
+    "priority": "category", "tags": "object", "status": "category", "worker_id": "category",
+    "created_at": "datetime64[us, UTC]", "started_at": "datetime64[us, UTC]",
+    "completed_at": "datetime64[us, UTC]", "updated_at": "datetime64[us, UTC]",
+    "retry_count": "int64", "max_retries": "int64", "error_message": "str", "wait_s": "float64",
+    "run_s": "float64", "attempts": "int64", "lease_expiries": "int64",
+}  # fmt: skip
+EVENT_DTYPES = {
+    "id": "int64", "task_id": "category", "work_directory": "category", "status": "category",
+    "previous_status": "category", "worker_id": "category", "at": "datetime64[us, UTC]",
+    "reason": "category",
+}  # fmt: skip
+
+
+def dtypes(frame: pd.DataFrame) -> dict[str, str]:
+    return {name: str(dtype) for name, dtype in frame.dtypes.items()}
+
+
+async def test_every_source_gives_the_same_columns_and_dtypes(
+    database_url: str, service: TaskService, clock: FakeClock
+) -> None:
+    ids = await fill(service, clock)
+    data = analytics.load(database_url)
+    assert dtypes(data.tasks) == TASK_DTYPES
+    assert dtypes(data.events) == EVENT_DTYPES
+    assert data.tasks.set_index("id").loc[ids["failed"], "error_message"] == "broken"
+    assert data.tasks["error_message"].isna().sum() == 1  # the waiting task
+    assert data.events["reason"].isna().all()  # no lease expired, nothing released
+    fixed_tasks, fixed_events = fixed_data()  # the raw-sequence path
+    # (a text column with no value at all has nothing to infer str from, so it stays object)
+    assert dtypes(fixed_tasks) == {**TASK_DTYPES, "error_message": "object"}
+    assert dtypes(fixed_events) == EVENT_DTYPES
+    for frame in (data.tasks, data.events, fixed_tasks, fixed_events):
+        for name in frame.columns:
+            if isinstance(frame[name].dtype, pd.CategoricalDtype):
+                assert str(frame[name].cat.categories.dtype) in ("str", "object"), name
+
+
 async def test_time_window_is_applied_in_the_query(
     database_url: str, service: TaskService, clock: FakeClock
 ) -> None:
