@@ -7,8 +7,9 @@ downloaded at run time. Columns come back as Arrow arrays in the `Raw` shape of 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ def _columns(table: pa.Table, names: tuple[str, ...]) -> list[Any]:
 
 
 def _nulled(column: pa.Array) -> pa.Array:
+    if not pa.types.is_string(column.type):  # no rows to infer a type from
+        column = column.cast(pa.string())
     return pc.if_else(pc.equal(column, NULL_TEXT), pa.scalar(None, pa.string()), column)
 
 
@@ -55,22 +58,65 @@ def _text(column: str) -> str:
     return f"ifnull({column}, char(31))"
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Which rows to read: SQL conditions on `tasks t` and `task_history h`, with `mark(n)`
+    writing the n-th parameter's placeholder of the dialect."""
+
+    tasks: str
+    tasks_params: list[Any]
+    events: str
+    events_params: list[Any]
+
+
+def window(
+    since: datetime | None, until: datetime | None, mark: Callable[[int], str], instant: Any
+) -> Selection:
+    """Tasks that overlap the window and their events before `until` (every event without one)."""
+    where, params = window_sql("t", instant(since), instant(until), mark)
+    if since is None and until is None:
+        return Selection(where, params, "1 = 1", [])
+    events, events_params = f"h.task_id IN (SELECT t.id FROM tasks t WHERE {where})", list(params)
+    if until is not None:
+        events_params.append(instant(until))
+        events += f" AND h.at < {mark(len(events_params))}"
+    return Selection(where, params, events, events_params)
+
+
+def after(event_id: int, mark: Callable[[int], str]) -> Selection:
+    """Events with an id above `event_id`, and the tasks they belong to as they are now."""
+    events = f"h.id > {mark(1)}"
+    tasks = f"t.id IN (SELECT h.task_id FROM task_history h WHERE {events})"
+    return Selection(tasks, [event_id], events, [event_id])
+
+
 # --- SQLite ---
 
 
+def _sqlite_mark(_: int) -> str:
+    return "?"
+
+
 def read_sqlite(url: str, since: datetime | None, until: datetime | None) -> Raw:
+    return read_sqlite_rows(url, window(since, until, _sqlite_mark, micros))
+
+
+def read_sqlite_after(url: str, event_id: int) -> Raw:
+    return read_sqlite_rows(url, after(event_id, _sqlite_mark))
+
+
+def read_sqlite_rows(url: str, rows: Selection) -> Raw:
     import adbc_driver_sqlite.dbapi as sqlite_adbc
 
     path = Path(sqlite_path(url))
     if not path.exists():
         raise SourceError(f"source: no SQLite database at {path.resolve()}")
-    where, params = window_sql("t", micros(since), micros(until), lambda _: "?")
     times = ", ".join(f"ifnull({c}, {NO_TIME_SQL})" for c in TIMES)
     tasks_sql = (
         f"SELECT seq, id, work_directory, substr(prompt, 1, {PROMPT_CHARS}), priority, tags,"
         f" {code_sql('status', STATUSES)}, {_text('worker_id')}, {times}, retry_count,"
         f" max_retries, {_text(f'substr(error_message, 1, {ERROR_CHARS})')}"
-        f" FROM tasks t WHERE {where} ORDER BY seq"
+        f" FROM tasks t WHERE {rows.tasks} ORDER BY seq"
     )
     # A scan in id order: about half the CPU of joining each event to its task.
     reason = _text("json_extract(h.details, '$.reason')")
@@ -78,22 +124,15 @@ def read_sqlite(url: str, since: datetime | None, until: datetime | None) -> Raw
         f"SELECT h.id, h.task_id, {code_sql('h.status', STATUSES)},"
         f" {code_sql('h.previous_status', STATUSES)}, {_text('h.worker_id')}, h.at,"
         " CASE WHEN instr(h.details, 'reason') = 0 THEN char(31)"
-        f" ELSE {reason} END FROM task_history h"
+        f" ELSE {reason} END FROM task_history h WHERE {rows.events} ORDER BY h.id"
     )
-    events_params: list[Any] = []
-    if since is not None or until is not None:
-        events_sql += f" WHERE h.task_id IN (SELECT t.id FROM tasks t WHERE {where})"
-        events_params = list(params)
-        if until is not None:
-            events_sql += " AND h.at < ?"
-            events_params.append(micros(until))
-    events_sql += " ORDER BY h.id"
     try:
         # mode=ro: this connection can never write, whatever runs on it
         with sqlite_adbc.connect(f"file:{path.resolve()}?mode=ro") as conn, conn.cursor() as cur:
+            cur.execute("PRAGMA busy_timeout = 10000")
             # The driver opens a transaction (autocommit is off): one snapshot for both tables.
-            tasks = _table(cur, tasks_sql, params)
-            events = _table(cur, events_sql, events_params)
+            tasks = _table(cur, tasks_sql, rows.tasks_params)
+            events = _table(cur, events_sql, rows.events_params)
     except sqlite_adbc.Error as exc:
         raise SourceError(
             f"source: cannot read {path}: {exc} (is it a taskorch database?)"
@@ -130,30 +169,37 @@ def _epoch_us(column: pa.Array) -> pa.Array:
     return pc.fill_null(column.cast(pa.int64()), NO_TIME)
 
 
+def _pg_mark(n: int) -> str:
+    return f"${n}"
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
 def read_postgres(url: str, since: datetime | None, until: datetime | None) -> Raw:
-    where, params = window_sql("t", since, until, lambda n: f"${n}")
+    return read_postgres_rows(url, window(since, until, _pg_mark, _same))
+
+
+def read_postgres_after(url: str, event_id: int) -> Raw:
+    return read_postgres_rows(url, after(event_id, _pg_mark))
+
+
+def read_postgres_rows(url: str, rows: Selection) -> Raw:
     tasks_sql = (
         f"SELECT seq, id::text, work_directory, left(prompt, {PROMPT_CHARS}), priority,"
         f" tags::text, {code_sql('status', STATUSES)}, worker_id, {', '.join(TIMES)},"
         f" retry_count::bigint, max_retries::bigint, left(error_message, {ERROR_CHARS})"
-        f" FROM tasks t WHERE {where} ORDER BY seq"
+        f" FROM tasks t WHERE {rows.tasks} ORDER BY seq"
     )
     events_sql = (
         f"SELECT h.id, h.task_id::text, {code_sql('h.status', STATUSES)},"
         f" {code_sql('h.previous_status', STATUSES)}, h.worker_id, h.at,"
-        " h.details->>'reason' FROM task_history h"
+        f" h.details->>'reason' FROM task_history h WHERE {rows.events} ORDER BY h.id"
     )
-    events_params: list[Any] = []
-    if since is not None or until is not None:
-        events_sql += f" WHERE h.task_id IN (SELECT t.id FROM tasks t WHERE {where})"
-        events_params = list(params)
-        if until is not None:
-            events_params.append(until)
-            events_sql += f" AND h.at < ${len(events_params)}"
-    events_sql += " ORDER BY h.id"
     with _postgres(url) as cur:
-        tasks = _table(cur, tasks_sql, params)
-        events = _table(cur, events_sql, events_params)
+        tasks = _table(cur, tasks_sql, rows.tasks_params)
+        events = _table(cur, events_sql, rows.events_params)
     task_columns = _columns(tasks, TASK_FIELDS)
     for name in TIMES:
         i = TASK_FIELDS.index(name)

@@ -260,6 +260,12 @@ def _frames(raw: Raw) -> tuple[pd.DataFrame, pd.DataFrame]:
             "reason": _category(e["reason"]),
         }
     )
+    derive(tasks, events, rows)
+    return tasks, events
+
+
+def derive(tasks: pd.DataFrame, events: pd.DataFrame, rows: np.ndarray) -> None:
+    """Set the derived task columns; `rows[i]` is the task row of event i (-1: none)."""
     tasks["wait_s"] = (tasks["started_at"] - tasks["created_at"]).dt.total_seconds()
     tasks["run_s"] = (tasks["completed_at"] - tasks["started_at"]).dt.total_seconds()
     claims = (events["status"] == "WORKING").to_numpy()
@@ -267,4 +273,3 @@ def _frames(raw: Raw) -> tuple[pd.DataFrame, pd.DataFrame]:
     valid = rows >= 0
     tasks["attempts"] = np.bincount(rows[claims & valid], minlength=len(tasks))
     tasks["lease_expiries"] = np.bincount(rows[expiries & valid], minlength=len(tasks))
-    return tasks, events

@@ -132,7 +132,7 @@ query AnalyticsEvents($first: Int!, $after: ID) {
 """
 
 
-def _isomicros(value: str | None) -> int:
+def iso_micros(value: str | None) -> int:
     if value is None:
         return NO_TIME
     stamp = micros(datetime.fromisoformat(value.replace("Z", "+00:00")))
@@ -191,12 +191,12 @@ def read_graphql(
             page = _post(http, endpoint, TASKS_QUERY, {"first": PAGE, "after": after})["tasks"]
             for edge in page["edges"]:
                 node = edge["node"]
-                created, completed = _isomicros(node["createdAt"]), _isomicros(node["completedAt"])
+                created, completed = iso_micros(node["createdAt"]), iso_micros(node["completedAt"])
                 if (hi is not None and created >= hi) or (
                     lo is not None and completed != NO_TIME and completed < lo
                 ):
                     continue
-                tasks.append(_graphql_task(node, len(tasks) + 1, created, completed))
+                tasks.append(graphql_task(node, len(tasks) + 1, created, completed))
             if not page["pageInfo"]["hasNextPage"]:
                 break
             after = page["pageInfo"]["endCursor"]
@@ -207,7 +207,7 @@ def read_graphql(
             variables = {"first": PAGE, "after": last}
             chunk = _post(http, endpoint, EVENTS_QUERY, variables)["events"]
             for event in chunk["events"]:
-                at = _isomicros(event["at"])
+                at = iso_micros(event["at"])
                 if event["taskId"] in known and (hi is None or at < hi):
                     events.append(graphql_event(event, at))
             if not chunk["hasNextPage"]:
@@ -220,13 +220,13 @@ def _status_code(value: str | None) -> int:
     return -1 if value is None else STATUSES.index(value)
 
 
-def _graphql_task(node: dict[str, Any], seq: int, created: int, completed: int) -> tuple[Any, ...]:
+def graphql_task(node: dict[str, Any], seq: int, created: int, completed: int) -> tuple[Any, ...]:
     prompt = node["prompt"][:PROMPT_CHARS]
     error = node["errorMessage"]
     return (
         seq, node["id"], node["workDirectory"], prompt, PRIORITIES.index(node["priority"]),
         json.dumps(node["tags"]), _status_code(node["status"]), node["workerId"], created,
-        _isomicros(node["startedAt"]), completed, _isomicros(node["updatedAt"]), node["retryCount"],
+        iso_micros(node["startedAt"]), completed, iso_micros(node["updatedAt"]), node["retryCount"],
         node["maxRetries"], None if error is None else error[:ERROR_CHARS],
     )  # fmt: skip
 

@@ -506,3 +506,102 @@ def test_dashboard_shows_a_load_error_instead_of_raising(tmp_path: Path) -> None
     assert board.data is None
     assert "no SQLite database" in board.status.value
     board.close()
+
+
+async def submit_and_finish(remote: GraphQLClient, directory: str, count: int) -> list[str]:
+    inputs = [{"workDirectory": directory, "prompt": f"live {i}", "tags": ["live"]}
+              for i in range(count)]  # fmt: skip
+    await remote.ok(
+        "mutation($inputs: [SubmitTaskInput!]!) { submitTasks(inputs: $inputs) { id } }",
+        inputs=inputs,
+    )
+    done = []
+    for _ in range(count - 1):  # one stays waiting
+        claimed = await remote.ok(
+            f'mutation {{ claimTask(workDirectory: "{directory}", workerId: "w9") {{ id }} }}'
+        )
+        task_id = claimed["claimTask"]["id"]
+        await remote.ok(f'mutation {{ completeTask(id: "{task_id}", workerId: "w9") {{ id }} }}')
+        done.append(task_id)
+    return done
+
+
+def live_board_sees(board: analytics.Dashboard, directory: str, done: list[str]) -> bool:
+    data = board.data
+    if data is None:
+        return False
+    tasks = data.tasks[data.tasks["work_directory"] == directory]
+    return len(tasks) == len(done) + 1 and set(
+        tasks.loc[tasks["status"] == "COMPLETED", "id"]
+    ) == set(done)
+
+
+async def test_live_dashboard_follows_a_server_as_tasks_arrive(
+    server: ServerProcess, remote: GraphQLClient
+) -> None:
+    await submit_and_finish(remote, "/before", 2)
+    board = await asyncio.to_thread(analytics.dashboard, server.url, window="all time", live=True)
+    try:
+        assert board.follower is not None
+        assert board.data is not None
+        assert len(board.data.tasks) == 2
+        done = await submit_and_finish(remote, "/live", 4)
+        await asyncio.to_thread(wait_for, lambda: live_board_sees(board, "/live", done))
+        assert board.updates >= 1
+        assert board.refreshes == 1  # applied as events, not reloaded
+        assert "/live" in board.directory.options
+        data = board.data
+        assert data is not None
+        fresh = await asyncio.to_thread(analytics.load, server.url)
+        assert dtypes(data.tasks) == dtypes(fresh.tasks)
+        assert dtypes(data.events) == dtypes(fresh.events) == EVENT_DTYPES
+        assert data.tasks["id"].tolist() == fresh.tasks["id"].tolist()
+        assert data.events["id"].tolist() == fresh.events["id"].tolist()
+        live = data.tasks.set_index("id").loc[done[0]]
+        assert (live["attempts"], live["tags"], live["worker_id"]) == (1, ["live"], "w9")
+        assert data.events["id"].is_unique
+        assert data.events["id"].is_monotonic_increasing
+        assert "live (" in board.status.value
+        figures = analytics.summary(data.tasks, data.events)
+        assert figures["completed"] == 1 + 3
+        assert figures["waiting"] == 1 + 1
+    finally:
+        await asyncio.to_thread(board.close)
+    assert board.follower is not None
+    assert not board.follower.running
+
+
+async def test_live_dashboard_polls_a_database_by_event_id(
+    database_url: str, server: ServerProcess, remote: GraphQLClient
+) -> None:
+    board = await asyncio.to_thread(analytics.dashboard, database_url, window="all time", live=True)
+    try:
+        assert board.data is not None
+        assert len(board.data.tasks) == 0
+        done = await submit_and_finish(remote, "/polled", 3)
+        await asyncio.to_thread(wait_for, lambda: live_board_sees(board, "/polled", done))
+        assert board.refreshes == 1
+        data = board.data
+        fresh = await asyncio.to_thread(analytics.load, database_url)
+        pd.testing.assert_frame_equal(data.tasks, fresh.tasks)
+        pd.testing.assert_frame_equal(data.events, fresh.events)
+        assert int(data.tasks["attempts"].sum()) == 2
+    finally:
+        await asyncio.to_thread(board.close)
+    assert board.follower is not None
+    assert not board.follower.running
+
+
+def test_latency_chart_draws_sub_second_times() -> None:
+    tasks = fixed_data()[0].assign(wait_s=0.002, run_s=0.004)
+    (ax,) = analytics.latency_chart(tasks).axes
+    assert ax.get_xscale() == "log"
+
+
+async def test_an_empty_database_loads_as_empty_typed_frames(
+    store: object, database_url: str
+) -> None:
+    data = analytics.load(database_url)
+    assert (len(data.tasks), len(data.events)) == (0, 0)
+    assert dtypes(data.events) == EVENT_DTYPES
+    assert isinstance(data.tasks["status"].dtype, pd.CategoricalDtype)
