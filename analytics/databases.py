@@ -29,6 +29,7 @@ from analytics.sources import (
     SourceError,
     code_sql,
     micros,
+    source_kind,
     sqlite_path,
     window_sql,
 )
@@ -105,12 +106,36 @@ def read_sqlite_after(url: str, event_id: int) -> Raw:
     return read_sqlite_rows(url, after(event_id, _sqlite_mark))
 
 
-def read_sqlite_rows(url: str, rows: Selection) -> Raw:
+@contextmanager
+def _sqlite(url: str) -> Iterator[Any]:
+    """A read-only cursor; the driver opens a transaction (autocommit is off), so every query on
+    it reads one snapshot."""
     import adbc_driver_sqlite.dbapi as sqlite_adbc
 
     path = Path(sqlite_path(url))
     if not path.exists():
         raise SourceError(f"source: no SQLite database at {path.resolve()}")
+    try:
+        # mode=ro: this connection can never write, whatever runs on it
+        with sqlite_adbc.connect(f"file:{path.resolve()}?mode=ro") as conn, conn.cursor() as cur:
+            cur.execute("PRAGMA busy_timeout = 10000")
+            yield cur
+    except sqlite_adbc.Error as exc:
+        raise SourceError(
+            f"source: cannot read {path}: {exc} (is it a taskorch database?)"
+        ) from exc
+
+
+def query(url: str, sqlite_sql: str, postgres_sql: str, params: list[Any]) -> pa.Table:
+    """One read-only query, in the dialect of the source; SQLite times are microseconds."""
+    if source_kind(url) == "sqlite":
+        with _sqlite(url) as cur:
+            return _table(cur, sqlite_sql, params)
+    with _postgres(url) as cur:
+        return _table(cur, postgres_sql, params)
+
+
+def read_sqlite_rows(url: str, rows: Selection) -> Raw:
     times = ", ".join(f"ifnull({c}, {NO_TIME_SQL})" for c in TIMES)
     tasks_sql = (
         f"SELECT seq, id, work_directory, substr(prompt, 1, {PROMPT_CHARS}), priority, tags,"
@@ -126,17 +151,9 @@ def read_sqlite_rows(url: str, rows: Selection) -> Raw:
         " CASE WHEN instr(h.details, 'reason') = 0 THEN char(31)"
         f" ELSE {reason} END FROM task_history h WHERE {rows.events} ORDER BY h.id"
     )
-    try:
-        # mode=ro: this connection can never write, whatever runs on it
-        with sqlite_adbc.connect(f"file:{path.resolve()}?mode=ro") as conn, conn.cursor() as cur:
-            cur.execute("PRAGMA busy_timeout = 10000")
-            # The driver opens a transaction (autocommit is off): one snapshot for both tables.
-            tasks = _table(cur, tasks_sql, rows.tasks_params)
-            events = _table(cur, events_sql, rows.events_params)
-    except sqlite_adbc.Error as exc:
-        raise SourceError(
-            f"source: cannot read {path}: {exc} (is it a taskorch database?)"
-        ) from exc
+    with _sqlite(url) as cur:  # one snapshot for both tables
+        tasks = _table(cur, tasks_sql, rows.tasks_params)
+        events = _table(cur, events_sql, rows.events_params)
     task_columns = _columns(tasks, TASK_FIELDS)
     for i in (TASK_FIELDS.index("worker_id"), TASK_FIELDS.index("error_message")):
         task_columns[i] = _nulled(task_columns[i])

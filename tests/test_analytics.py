@@ -605,3 +605,25 @@ async def test_an_empty_database_loads_as_empty_typed_frames(
     assert (len(data.tasks), len(data.events)) == (0, 0)
     assert dtypes(data.events) == EVENT_DTYPES
     assert isinstance(data.tasks["status"].dtype, pd.CategoricalDtype)
+
+
+async def test_throughput_counted_in_the_database_equals_the_loaded_one(
+    database_url: str, service: TaskService, clock: FakeClock
+) -> None:
+    ids = await fill(service, clock)
+    start = pd.Timestamp(ids["start"])
+    events = analytics.load(database_url).events
+    windows = [
+        (None, None, "1h"),
+        (None, None, "1min"),
+        (start + pd.Timedelta(seconds=20), None, "15min"),
+        (None, start + pd.Timedelta(minutes=30), "1min"),
+        (start - pd.Timedelta(hours=2), start + pd.Timedelta(hours=3), "30min"),
+    ]
+    for since, until, freq in windows:
+        expected = analytics.throughput(events, freq, since, until)
+        counted = analytics.database_throughput(database_url, freq, since, until)
+        pd.testing.assert_frame_equal(counted, expected)
+        assert counted.values.sum() > 0
+    with pytest.raises(analytics.SourceError, match="database URL"):
+        analytics.database_throughput("http://127.0.0.1:1")
