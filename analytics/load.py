@@ -169,6 +169,27 @@ def _objects(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=object)
 
 
+def _text(values: Any) -> Any:
+    """A text column: Arrow strings become pandas' Arrow-backed `str` without a Python object per
+    row (a round trip through objects costs about a second per million rows)."""
+    if _arrow(values):
+        if not pa.types.is_string(values.type):  # no rows to infer a type from
+            values = values.cast(pa.string())
+        return values.to_pandas()
+    return np.asarray(values, dtype=object)
+
+
+def _rows(ids: Any, task_ids: Any, index: pd.Index) -> np.ndarray:
+    """The task row of each event (-1 when its task was not loaded)."""
+    if _arrow(ids) and _arrow(task_ids):
+        if not pa.types.is_string(ids.type):
+            ids, task_ids = ids.cast(pa.string()), task_ids.cast(pa.string())
+        found = pc.index_in(task_ids, value_set=ids)
+        return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype="int64")
+    codes, distinct = _encoded(task_ids)
+    return index.get_indexer(distinct)[codes] if len(codes) else np.empty(0, dtype="int64")
+
+
 def _times(values: Any) -> pd.DatetimeIndex:
     # NO_TIME is NaT's bit pattern, so the integers are already datetime64[us] values.
     return pd.DatetimeIndex(_ints(values).view("datetime64[us]")).tz_localize("UTC")
@@ -224,9 +245,9 @@ def _frames(raw: Raw) -> tuple[pd.DataFrame, pd.DataFrame]:
     tasks = pd.DataFrame(
         {
             "seq": seqs,
-            "id": _objects(t["id"]),
+            "id": _text(t["id"]),
             "work_directory": _category(t["work_directory"]),
-            "prompt": _objects(t["prompt"]),
+            "prompt": _text(t["prompt"]),
             "priority": _codes(t["priority"], PRIORITY_TYPE),
             "tags": _tags(t["tags"]),
             "status": _codes(t["status"], STATUS_TYPE),
@@ -237,13 +258,12 @@ def _frames(raw: Raw) -> tuple[pd.DataFrame, pd.DataFrame]:
             "updated_at": _times(t["updated_at"]),
             "retry_count": _ints(t["retry_count"]),
             "max_retries": _ints(t["max_retries"]),
-            "error_message": _objects(t["error_message"]),
+            "error_message": _text(t["error_message"]),
         }
     )
     # One hash table over the task ids maps each event to its task's row.
-    ids = pd.Index(tasks["id"].to_numpy())
-    codes, distinct = _encoded(e["task_id"])
-    rows = ids.get_indexer(distinct)[codes] if len(codes) else np.empty(0, dtype="int64")
+    ids = pd.Index(tasks["id"]).rename(None)
+    rows = _rows(t["id"], e["task_id"], ids)
     directory = tasks["work_directory"].array
     events = pd.DataFrame(
         {
