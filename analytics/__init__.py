@@ -24,6 +24,7 @@ from analytics.metrics import (
     throughput,
     utilisation,
 )
+from analytics.pushdown import throughput as database_throughput
 from analytics.sources import SourceError, absolute_url
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "breakdown",
     "breakdown_chart",
     "dashboard",
+    "database_throughput",
     "failure_rates",
     "latency",
     "latency_chart",

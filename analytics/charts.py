@@ -92,7 +92,9 @@ def latency_chart(tasks: pd.DataFrame, ax: Axes | None = None) -> Figure:
         values = every[every > 0]  # a log axis cannot show zero
         if not len(values):
             continue
-        bins = np.logspace(np.log10(max(values.min(), 0.1)), np.log10(values.max() * 1.01), 40)
+        # sub-second times (a fast worker) would put the upper edge below the 0.1 s floor
+        low = max(values.min(), 0.1)
+        bins = np.logspace(np.log10(low), np.log10(max(values.max() * 1.01, low * 10)), 40)
         ax.hist(
             values,
             bins=bins.tolist(),

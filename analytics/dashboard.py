@@ -13,7 +13,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analytics import charts, metrics
+from analytics.live import Follower, merge
 from analytics.load import TaskData, load
+from analytics.sources import Raw
 
 WINDOWS = {
     "last 24 hours": pd.Timedelta(hours=24),
@@ -40,7 +42,11 @@ def _table(frame: pd.DataFrame) -> str:
 class Dashboard:
     """Filters (time window, work directory, tag, priority), a refresh button and optional
     auto-refresh over one source. `widget` is what a notebook displays; `refresh()` reloads the
-    window from the source and redraws; changing a filter redraws from the loaded data."""
+    window from the source and redraws; changing a filter redraws from the loaded data.
+
+    With `live=True` a follower applies each new event as it happens (the `taskEvents`
+    subscription of a server; a database is polled by event id) and redraws, without reloading;
+    `updates` counts the batches applied. `close()` stops it."""
 
     def __init__(
         self,
@@ -49,6 +55,8 @@ class Dashboard:
         window: str = "last 7 days",
         api_key: str | None = None,
         loader: Callable[..., TaskData] = load,
+        live: bool = False,
+        interval: float = 1.0,
     ) -> None:
         if window not in WINDOWS:
             raise ValueError(f"window must be one of {', '.join(WINDOWS)}, not {window!r}")
@@ -57,7 +65,9 @@ class Dashboard:
         self._loader = loader
         self.data: TaskData | None = None
         self.refreshes = 0
+        self.updates = 0
         self.error: str | None = None
+        self.follower: Follower | None = None
         self._lock = threading.Lock()
         self._timer: threading.Event | None = None
 
@@ -101,6 +111,8 @@ class Dashboard:
             ]
         )
         self.refresh()
+        if live:
+            self.follow(interval)
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
@@ -121,6 +133,30 @@ class Dashboard:
             except Exception as exc:  # shown in the dashboard; the notebook keeps running
                 self.error = f"{type(exc).__name__}: {exc}"
             self.refreshes += 1
+            self._update_choices()
+            self.redraw()
+
+    def follow(self, interval: float = 1.0) -> None:
+        """Apply new events as they happen, on a background thread, until `close()`."""
+        if self.follower is not None:
+            return
+        with self._lock:
+            events = None if self.data is None else self.data.events
+            after = int(events["id"].max()) if events is not None and len(events) else 0
+        self.follower = Follower(
+            self.source, after, self._apply, api_key=self._api_key, interval=interval
+        )
+        self.follower.start()
+
+    def _apply(self, batch: Raw) -> None:
+        with self._lock:
+            if self.data is None:
+                return  # nothing loaded to add to: the next refresh reads everything
+            try:
+                self.data = merge(self.data, batch, pd.Timestamp.now(tz="UTC"))
+            except Exception as exc:  # shown in the dashboard; the follower keeps going
+                self.error = f"{type(exc).__name__}: {exc}"
+            self.updates += 1
             self._update_choices()
             self.redraw()
 
@@ -166,6 +202,10 @@ class Dashboard:
         stamp = (
             f"loaded {self.data.loaded_at:%Y-%m-%d %H:%M:%S} UTC, {len(self.data.tasks):,} tasks"
         )
+        if self.follower is not None:
+            stamp += f", live ({self.updates:,} updates)"
+            if self.follower.error:
+                stamp += f"; <b>{html.escape(self.follower.error)}</b>"
         self.status.value = (
             stamp if self.error is None else f"{stamp}; <b>{html.escape(self.error)}</b>"
         )
@@ -203,8 +243,10 @@ class Dashboard:
             self.refresh()
 
     def close(self) -> None:
-        """Stop auto-refresh and close every widget of the dashboard."""
+        """Stop auto-refresh and the live follower, and close every widget of the dashboard."""
         self.auto_refresh(False)
+        if self.follower is not None:
+            self.follower.stop()
         pending: list[widgets.Widget] = [self.widget]
         while pending:
             widget = pending.pop()
@@ -238,7 +280,14 @@ def _key_figures(figures: pd.Series) -> str:
     )
 
 
-def dashboard(source: str, *, window: str = "last 7 days", api_key: str | None = None) -> Dashboard:
-    """Build the dashboard for `source` (any URL `analytics.load` accepts) and load it once.
-    In a notebook, make it the last expression of a cell to show it."""
-    return Dashboard(source, window=window, api_key=api_key)
+def dashboard(
+    source: str,
+    *,
+    window: str = "last 7 days",
+    api_key: str | None = None,
+    live: bool = False,
+) -> Dashboard:
+    """Build the dashboard for `source` (any URL `analytics.load` accepts) and load it once;
+    `live=True` then follows new events as they happen (see `Dashboard`). In a notebook, make it
+    the last expression of a cell to show it."""
+    return Dashboard(source, window=window, api_key=api_key, live=live)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from analytics import databases
 from analytics.sources import (
     EVENT_FIELDS,
     PRIORITIES,
@@ -21,8 +24,6 @@ from analytics.sources import (
     Raw,
     SourceError,
     read_graphql,
-    read_postgres,
-    read_sqlite,
     source_kind,
 )
 
@@ -116,9 +117,9 @@ def _read(source: str, lo: datetime | None, hi: datetime | None, api_key: str | 
         raise SourceError("source must be a URL string such as sqlite:///taskorch.db")
     kind = source_kind(source)
     if kind == "sqlite":
-        return read_sqlite(source, lo, hi)
+        return databases.read_sqlite(source, lo, hi)
     if kind == "postgres":
-        return read_postgres(source, lo, hi)
+        return databases.read_postgres(source, lo, hi)
     return read_graphql(source, api_key, lo, hi)
 
 
@@ -152,26 +153,79 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _ints(values: Sequence[Any]) -> np.ndarray:
+def _arrow(values: Any) -> bool:
+    return isinstance(values, pa.Array | pa.ChunkedArray)
+
+
+def _ints(values: Any) -> np.ndarray:
+    if _arrow(values):
+        return np.asarray(values.cast(pa.int64()).to_numpy(zero_copy_only=False))
     return np.fromiter(values, dtype="int64", count=len(values))
 
 
-def _times(values: Sequence[Any]) -> pd.DatetimeIndex:
+def _objects(values: Any) -> np.ndarray:
+    if _arrow(values):
+        return np.asarray(values.to_numpy(zero_copy_only=False), dtype=object)
+    return np.asarray(values, dtype=object)
+
+
+def _text(values: Any) -> Any:
+    """A text column: Arrow strings become pandas' Arrow-backed `str` without a Python object per
+    row (a round trip through objects costs about a second per million rows)."""
+    if _arrow(values):
+        if not pa.types.is_string(values.type):  # no rows to infer a type from
+            values = values.cast(pa.string())
+        return values.to_pandas()
+    return np.asarray(values, dtype=object)
+
+
+def _rows(ids: Any, task_ids: Any, index: pd.Index) -> np.ndarray:
+    """The task row of each event (-1 when its task was not loaded)."""
+    if _arrow(ids) and _arrow(task_ids):
+        if not pa.types.is_string(ids.type):
+            ids, task_ids = ids.cast(pa.string()), task_ids.cast(pa.string())
+        found = pc.index_in(task_ids, value_set=ids)
+        return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype="int64")
+    codes, distinct = _encoded(task_ids)
+    return index.get_indexer(distinct)[codes] if len(codes) else np.empty(0, dtype="int64")
+
+
+def _times(values: Any) -> pd.DatetimeIndex:
     # NO_TIME is NaT's bit pattern, so the integers are already datetime64[us] values.
     return pd.DatetimeIndex(_ints(values).view("datetime64[us]")).tz_localize("UTC")
 
 
-def _category(values: Sequence[Any]) -> pd.Categorical:
-    return pd.Categorical(np.asarray(values, dtype=object))
+def _encoded(values: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, distinct values): -1 for a missing value. Arrow hashes its strings in C++, without
+    a Python object per row."""
+    if _arrow(values):
+        encoded = values.dictionary_encode()
+        if isinstance(encoded, pa.ChunkedArray):
+            encoded = encoded.combine_chunks()
+        codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False)
+        return np.asarray(codes, dtype="int64"), _objects(encoded.dictionary)
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object))
+    return codes, np.asarray(uniques, dtype=object)
 
 
-def _codes(values: Sequence[Any], dtype: pd.CategoricalDtype) -> pd.Categorical:
+def _category(values: Any) -> pd.Categorical:
+    if not _arrow(values):
+        return pd.Categorical(np.asarray(values, dtype=object))
+    codes, uniques = _encoded(values)
+    # The same (sorted) categories pandas gives the values themselves.
+    dtype = pd.Categorical(uniques).dtype
+    # The code -1 (missing) picks the -1 appended at the end.
+    ranks = np.append(dtype.categories.get_indexer(uniques), -1)
+    return pd.Categorical.from_codes(ranks[codes], dtype=dtype)
+
+
+def _codes(values: Any, dtype: pd.CategoricalDtype) -> pd.Categorical:
     return pd.Categorical.from_codes(_ints(values), dtype=dtype)
 
 
-def _tags(values: Sequence[Any]) -> np.ndarray:
+def _tags(values: Any) -> np.ndarray:
     # Few distinct tag sets: parse each distinct JSON text once.
-    codes, uniques = pd.factorize(np.asarray(values, dtype=object))
+    codes, uniques = _encoded(values)
     parsed = np.empty(len(uniques), dtype=object)
     for i, text in enumerate(uniques):
         parsed[i] = json.loads(text)
@@ -191,9 +245,9 @@ def _frames(raw: Raw) -> tuple[pd.DataFrame, pd.DataFrame]:
     tasks = pd.DataFrame(
         {
             "seq": seqs,
-            "id": np.asarray(t["id"], dtype=object),
+            "id": _text(t["id"]),
             "work_directory": _category(t["work_directory"]),
-            "prompt": np.asarray(t["prompt"], dtype=object),
+            "prompt": _text(t["prompt"]),
             "priority": _codes(t["priority"], PRIORITY_TYPE),
             "tags": _tags(t["tags"]),
             "status": _codes(t["status"], STATUS_TYPE),
@@ -204,12 +258,12 @@ def _frames(raw: Raw) -> tuple[pd.DataFrame, pd.DataFrame]:
             "updated_at": _times(t["updated_at"]),
             "retry_count": _ints(t["retry_count"]),
             "max_retries": _ints(t["max_retries"]),
-            "error_message": np.asarray(t["error_message"], dtype=object),
+            "error_message": _text(t["error_message"]),
         }
     )
     # One hash table over the task ids maps each event to its task's row.
-    ids = pd.Index(np.asarray(t["id"], dtype=object))
-    rows = ids.get_indexer(np.asarray(e["task_id"], dtype=object))
+    ids = pd.Index(tasks["id"]).rename(None)
+    rows = _rows(t["id"], e["task_id"], ids)
     directory = tasks["work_directory"].array
     events = pd.DataFrame(
         {
@@ -226,6 +280,12 @@ def _frames(raw: Raw) -> tuple[pd.DataFrame, pd.DataFrame]:
             "reason": _category(e["reason"]),
         }
     )
+    derive(tasks, events, rows)
+    return tasks, events
+
+
+def derive(tasks: pd.DataFrame, events: pd.DataFrame, rows: np.ndarray) -> None:
+    """Set the derived task columns; `rows[i]` is the task row of event i (-1: none)."""
     tasks["wait_s"] = (tasks["started_at"] - tasks["created_at"]).dt.total_seconds()
     tasks["run_s"] = (tasks["completed_at"] - tasks["started_at"]).dt.total_seconds()
     claims = (events["status"] == "WORKING").to_numpy()
@@ -233,4 +293,3 @@ def _frames(raw: Raw) -> tuple[pd.DataFrame, pd.DataFrame]:
     valid = rows >= 0
     tasks["attempts"] = np.bincount(rows[claims & valid], minlength=len(tasks))
     tasks["lease_expiries"] = np.bincount(rows[expiries & valid], minlength=len(tasks))
-    return tasks, events

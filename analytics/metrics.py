@@ -10,6 +10,7 @@ import pandas as pd
 from analytics.load import TimeLike, timestamp
 
 PERCENTILES = (0.5, 0.9, 0.99)
+THROUGHPUT_KINDS = ("submitted", "started", "completed", "failed", "retried", "cancelled")
 FINISHED = ("COMPLETED", "FAILED", "CANCELLED")
 
 
@@ -39,7 +40,7 @@ def _micros(times: pd.Series) -> np.ndarray:
     return np.asarray(pd.DatetimeIndex(times).as_unit("us").asi8)
 
 
-def _grid(
+def grid(
     at: np.ndarray, freq: str, since: TimeLike, until: TimeLike
 ) -> tuple[pd.DatetimeIndex, int, int]:
     """Interval starts covering the window (or the events), the first start and the step, in us."""
@@ -51,12 +52,12 @@ def _grid(
         start = pd.Timestamp(int(at.min()), unit="us", tz="UTC")
     first = start.floor(step)
     if end is not None:
-        grid = pd.date_range(first, end, freq=step, inclusive="left")
+        starts = pd.date_range(first, end, freq=step, inclusive="left")
     elif len(at):
-        grid = pd.date_range(first, pd.Timestamp(int(at.max()), unit="us", tz="UTC"), freq=step)
+        starts = pd.date_range(first, pd.Timestamp(int(at.max()), unit="us", tz="UTC"), freq=step)
     else:
-        grid = pd.DatetimeIndex([first])
-    return grid, int(first.value // 1000), int(step.value // 1000)
+        starts = pd.DatetimeIndex([first])
+    return starts, int(first.value // 1000), int(step.value // 1000)
 
 
 def throughput(
@@ -76,14 +77,14 @@ def throughput(
         "cancelled": status == "CANCELLED",
     }
     at = _micros(ev["at"])
-    grid, first, step = _grid(at, freq, since, until)
+    intervals, first, step = grid(at, freq, since, until)
     bucket = (at - first) // step
     result = pd.DataFrame(
         {
-            name: np.bincount(bucket[mask.to_numpy()], minlength=len(grid))[: len(grid)]
+            name: np.bincount(bucket[mask.to_numpy()], minlength=len(intervals))[: len(intervals)]
             for name, mask in kinds.items()
         },
-        index=grid,
+        index=intervals,
     ).astype("int64")
     result.index.name = "interval"
     return result
@@ -142,13 +143,15 @@ def backlog(
         into = (events["status"] == status).to_numpy()[order].astype("int64")
         out_of = (events["previous_status"] == status).to_numpy()[order].astype("int64")
         counts[status.lower()] = np.cumsum(into - out_of)
-    grid, first, step = _grid(at, freq, since, until)
+    intervals, first, step = grid(at, freq, since, until)
     # The state at an interval's end is the one after the last event before that end.
-    ends = first + step * (np.arange(len(grid)) + 1)
+    ends = first + step * (np.arange(len(intervals)) + 1)
     position = np.searchsorted(at, ends, side="left") - 1
-    result = pd.DataFrame(index=grid)
+    result = pd.DataFrame(index=intervals)
     for name, level in counts.items():
-        values = level[np.clip(position, 0, None)] if len(level) else np.zeros(len(grid), "int64")
+        values = (
+            level[np.clip(position, 0, None)] if len(level) else np.zeros(len(intervals), "int64")
+        )
         result[name] = np.where(position >= 0, values, 0).astype("int64")
     result.index.name = "interval"
     return result

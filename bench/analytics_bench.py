@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import sqlite3
 import sys
 import tempfile
@@ -15,9 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# Run as a script, its own folder would come first on the path, and bench/http.py would hide the
+# standard library's http package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from api.store.migrations import SQLITE_MIGRATIONS
+from api.store.migrations import CREATE_VERSIONS, RECORD_VERSION, SQLITE_MIGRATIONS  # noqa: E402
+from api.store.sql import SQLITE  # noqa: E402
 
 DIRECTORIES = ["/srv/api", "/srv/web", "/srv/data-pipeline", "/srv/infra", "/srv/docs"]
 TAGS = [["bug"], ["feature"], ["tests"], ["bug", "tests"], ["refactor"], ["docs"], ["flaky"], []]
@@ -30,9 +35,12 @@ def build(path: Path, count: int, days: float, seed: int) -> int:
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = OFF")
-    for script in SQLITE_MIGRATIONS:
+    conn.execute(CREATE_VERSIONS.format(**SQLITE.types))
+    for version, script in enumerate(SQLITE_MIGRATIONS, start=1):
         for statement in script:
             conn.execute(statement)
+        # recorded, so a server can open the file
+        conn.execute(RECORD_VERSION, {"version": version, "now": int(time.time() * US)})
     start = int((time.time() - days * 86400) * US)
     span = int(days * 86400 * US)
     tags = [json.dumps(t) for t in TAGS]
@@ -92,16 +100,127 @@ def _flush(
     return count
 
 
+def copy_to_postgres(path: Path, url: str, schema: str) -> str:
+    """The SQLite file's tasks and history copied into a fresh PostgreSQL schema (binary COPY
+    through ADBC); returns the URL that reads that schema."""
+    import adbc_driver_postgresql.dbapi as pg_adbc
+    import adbc_driver_sqlite.dbapi as sqlite_adbc
+
+    from api.store.migrations import POSTGRES_MIGRATIONS
+
+    with pg_adbc.connect(url, autocommit=True) as conn, conn.cursor() as cur:
+        cur.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        cur.execute(f"CREATE SCHEMA {schema}")
+        cur.execute(f"SET search_path = {schema}")
+        for script in POSTGRES_MIGRATIONS:
+            for statement in script:
+                cur.execute(statement)
+        with sqlite_adbc.connect(str(path)) as lite, lite.cursor() as read:
+            read.execute(
+                "SELECT id, work_directory, prompt, priority, tags, status, worker_id, created_at,"
+                " started_at, completed_at, updated_at, retry_count FROM tasks ORDER BY seq"
+            )
+            cur.adbc_ingest("tasks_stage", read.fetch_arrow_table(), mode="create")
+            read.execute(
+                "SELECT task_id, work_directory, status, ifnull(previous_status, ''),"
+                " ifnull(worker_id, ''), at, details FROM task_history ORDER BY id"
+            )
+            cur.adbc_ingest("history_stage", read.fetch_arrow_table(), mode="create")
+
+        def time(column: str) -> str:
+            return f"to_timestamp({column} / 1e6)"
+
+        cur.execute(
+            "INSERT INTO tasks (id, work_directory, prompt, priority, tags, status, worker_id,"
+            " created_at, started_at, completed_at, updated_at, retry_count)"
+            " SELECT id::uuid, work_directory, prompt, priority, tags::jsonb, status, worker_id,"
+            f" {time('created_at')}, {time('started_at')}, {time('completed_at')},"
+            f" {time('updated_at')}, retry_count FROM tasks_stage"
+        )
+        cur.execute(
+            "INSERT INTO task_history (task_id, work_directory, status, previous_status,"
+            " worker_id, at, details) SELECT task_id::uuid, work_directory, status,"
+            " nullif(\"ifnull(previous_status, '')\", ''), nullif(\"ifnull(worker_id, '')\", ''),"
+            f" {time('at')}, details::jsonb FROM history_stage"
+        )
+        cur.execute("DROP TABLE tasks_stage, history_stage")
+        cur.execute("ANALYZE")
+    return f"{url}?options=-c%20search_path%3D{schema}"
+
+
+Timings = dict[str, tuple[float, float]]
+
+
+def timed(timings: Timings, name: str, step: Callable[[], Any]) -> Any:
+    # Wall time, and this process's CPU time: on a shared machine the second is the steadier.
+    began, cpu = time.perf_counter(), time.process_time()
+    value = step()
+    timings[name] = (time.perf_counter() - began, time.process_time() - cpu)
+    return value
+
+
+def metrics(url: str, timings: Timings, prefix: str) -> str:
+    """Load everything, compute the standard metrics, load the last week; a line of counts."""
+    import pandas as pd
+
+    import analytics
+
+    data = timed(timings, f"{prefix} load (all)", lambda: analytics.load(url))
+    tasks, events = data.tasks, data.events
+    since, until = data.window
+    steps: dict[str, Callable[[], object]] = {
+        "throughput 1h": lambda: analytics.throughput(events, "1h"),
+        "latency": lambda: analytics.latency(tasks),
+        "latency by directory": lambda: analytics.latency(tasks, by="work_directory"),
+        "backlog 1h": lambda: analytics.backlog(events, "1h"),
+        "utilisation": lambda: analytics.utilisation(events),
+        "failure rates by tag": lambda: analytics.failure_rates(tasks, by="tag"),
+        "breakdown by priority": lambda: analytics.breakdown(tasks, "priority"),
+        "summary": lambda: analytics.summary(tasks, events, since, until),
+    }
+    for name, step in steps.items():
+        timed(timings, f"{prefix} {name}", step)
+    week = timed(
+        timings,
+        f"{prefix} load (last 7 days)",
+        lambda: analytics.load(url, since=until - pd.Timedelta(days=7)),
+    )
+    return (
+        f"{prefix}: {len(tasks):,} tasks, {len(events):,} events"
+        f" ({len(week.tasks):,} in the last 7 days)"
+    )
+
+
+def server_load(path: Path, count: int, days: float, workdir: Path, timings: Timings) -> str:
+    """Load `count` tasks from a running server over GraphQL."""
+    import analytics
+    from bench.servers import taskorch_server
+
+    small = workdir / "server.db"
+    if not small.exists():
+        build(small, count, days, seed=2)
+    server = taskorch_server(f"sqlite:///{small}", "normal", workdir)
+    server.start()
+    try:
+        server.wait_ready()
+        data = timed(timings, "server load (all)", lambda: analytics.load(server.url))
+    finally:
+        server.stop()
+    return f"server: {len(data.tasks):,} tasks, {len(data.events):,} events"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=1_000_000)
     parser.add_argument("--days", type=float, default=30.0)
     parser.add_argument("--database", help="existing file to reuse (built when missing)")
+    parser.add_argument(
+        "--postgres", help="also copy the data into this PostgreSQL database and load from it"
+    )
+    parser.add_argument(
+        "--server-tasks", type=int, default=0, help="also load this many tasks from a server"
+    )
     args = parser.parse_args()
-
-    import pandas as pd
-
-    import analytics
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(args.database) if args.database else Path(tmp) / "bench.db"
@@ -112,43 +231,29 @@ def main() -> None:
                 f"built {args.tasks:,} tasks, {events:,} events"
                 f" in {time.perf_counter() - began:.1f} s"
             )
-        url = f"sqlite:///{path.resolve()}"
-        # Wall time, and this process's CPU time: on a shared machine the second is the steadier.
-        timings: dict[str, tuple[float, float]] = {}
+        timings: Timings = {}
+        lines = [metrics(f"sqlite:///{path.resolve()}", timings, "sqlite")]
+        if args.postgres:
+            began = time.perf_counter()
+            url = copy_to_postgres(path, args.postgres, "analytics_bench")
+            print(f"copied into PostgreSQL in {time.perf_counter() - began:.1f} s")
+            lines.append(metrics(url, timings, "postgres"))
+        if args.server_tasks:
+            lines.append(server_load(path, args.server_tasks, args.days, Path(tmp), timings))
 
-        began, cpu = time.perf_counter(), time.process_time()
-        data = analytics.load(url)
-        timings["load (all)"] = (time.perf_counter() - began, time.process_time() - cpu)
-        tasks, events_frame = data.tasks, data.events
-        since, until = data.window
-        steps: dict[str, Callable[[], object]] = {
-            "throughput 1h": lambda: analytics.throughput(events_frame, "1h"),
-            "latency": lambda: analytics.latency(tasks),
-            "latency by directory": lambda: analytics.latency(tasks, by="work_directory"),
-            "backlog 1h": lambda: analytics.backlog(events_frame, "1h"),
-            "utilisation": lambda: analytics.utilisation(events_frame),
-            "failure rates by tag": lambda: analytics.failure_rates(tasks, by="tag"),
-            "breakdown by priority": lambda: analytics.breakdown(tasks, "priority"),
-            "summary": lambda: analytics.summary(tasks, events_frame, since, until),
-        }
-        for name, step in steps.items():
-            began, cpu = time.perf_counter(), time.process_time()
-            step()
-            timings[name] = (time.perf_counter() - began, time.process_time() - cpu)
-        began, cpu = time.perf_counter(), time.process_time()
-        week = analytics.load(url, since=until - pd.Timedelta(days=7))
-        timings["load (last 7 days)"] = (time.perf_counter() - began, time.process_time() - cpu)
-
-        print(
-            f"{len(tasks):,} tasks, {len(events_frame):,} events"
-            f" ({len(week.tasks):,} in the last 7 days)"
-        )
-        print(f"  {'step':<24} {'wall':>7}   {'cpu':>7}")
+        print("\n".join(lines))
+        print(f"  {'step':<34} {'wall':>7}   {'cpu':>7}")
         for name, (wall, cpu) in timings.items():
-            print(f"  {name:<24} {wall:7.2f} s {cpu:7.2f} s")
-        standard = [v for k, v in timings.items() if k != "load (last 7 days)"]
-        wall, cpu = sum(w for w, _ in standard), sum(c for _, c in standard)
-        print(f"  {'load + all metrics':<24} {wall:7.2f} s {cpu:7.2f} s")
+            print(f"  {name:<34} {wall:7.2f} s {cpu:7.2f} s")
+        for prefix in ("sqlite", "postgres"):
+            standard = [v for k, v in timings.items() if k.startswith(prefix) and "load" not in k]
+            if standard:
+                print(
+                    f"  {prefix + ' all metrics':<34} {sum(w for w, _ in standard):7.2f} s"
+                    f" {sum(c for _, c in standard):7.2f} s"
+                )
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"  peak memory of this process: {peak_mb:,.0f} MB")
         print(f"  (load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
 
 

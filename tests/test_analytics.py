@@ -349,6 +349,45 @@ async def test_load_reads_what_the_service_wrote(
     check_loaded(analytics.load(database_url), ids)
 
 
+TASK_DTYPES = {
+    "seq": "int64", "id": "str", "work_directory": "category", "prompt": "str",
+    "priority": "category", "tags": "object", "status": "category", "worker_id": "category",
+    "created_at": "datetime64[us, UTC]", "started_at": "datetime64[us, UTC]",
+    "completed_at": "datetime64[us, UTC]", "updated_at": "datetime64[us, UTC]",
+    "retry_count": "int64", "max_retries": "int64", "error_message": "str", "wait_s": "float64",
+    "run_s": "float64", "attempts": "int64", "lease_expiries": "int64",
+}  # fmt: skip
+EVENT_DTYPES = {
+    "id": "int64", "task_id": "category", "work_directory": "category", "status": "category",
+    "previous_status": "category", "worker_id": "category", "at": "datetime64[us, UTC]",
+    "reason": "category",
+}  # fmt: skip
+
+
+def dtypes(frame: pd.DataFrame) -> dict[str, str]:
+    return {name: str(dtype) for name, dtype in frame.dtypes.items()}
+
+
+async def test_every_source_gives_the_same_columns_and_dtypes(
+    database_url: str, service: TaskService, clock: FakeClock
+) -> None:
+    ids = await fill(service, clock)
+    data = analytics.load(database_url)
+    assert dtypes(data.tasks) == TASK_DTYPES
+    assert dtypes(data.events) == EVENT_DTYPES
+    assert data.tasks.set_index("id").loc[ids["failed"], "error_message"] == "broken"
+    assert data.tasks["error_message"].isna().sum() == 1  # the waiting task
+    assert data.events["reason"].isna().all()  # no lease expired, nothing released
+    fixed_tasks, fixed_events = fixed_data()  # the raw-sequence path
+    # (a text column with no value at all has nothing to infer str from, so it stays object)
+    assert dtypes(fixed_tasks) == {**TASK_DTYPES, "error_message": "object"}
+    assert dtypes(fixed_events) == EVENT_DTYPES
+    for frame in (data.tasks, data.events, fixed_tasks, fixed_events):
+        for name in frame.columns:
+            if isinstance(frame[name].dtype, pd.CategoricalDtype):
+                assert str(frame[name].cat.categories.dtype) in ("str", "object"), name
+
+
 async def test_time_window_is_applied_in_the_query(
     database_url: str, service: TaskService, clock: FakeClock
 ) -> None:
@@ -467,3 +506,124 @@ def test_dashboard_shows_a_load_error_instead_of_raising(tmp_path: Path) -> None
     assert board.data is None
     assert "no SQLite database" in board.status.value
     board.close()
+
+
+async def submit_and_finish(remote: GraphQLClient, directory: str, count: int) -> list[str]:
+    inputs = [{"workDirectory": directory, "prompt": f"live {i}", "tags": ["live"]}
+              for i in range(count)]  # fmt: skip
+    await remote.ok(
+        "mutation($inputs: [SubmitTaskInput!]!) { submitTasks(inputs: $inputs) { id } }",
+        inputs=inputs,
+    )
+    done = []
+    for _ in range(count - 1):  # one stays waiting
+        claimed = await remote.ok(
+            f'mutation {{ claimTask(workDirectory: "{directory}", workerId: "w9") {{ id }} }}'
+        )
+        task_id = claimed["claimTask"]["id"]
+        await remote.ok(f'mutation {{ completeTask(id: "{task_id}", workerId: "w9") {{ id }} }}')
+        done.append(task_id)
+    return done
+
+
+def live_board_sees(board: analytics.Dashboard, directory: str, done: list[str]) -> bool:
+    data = board.data
+    if data is None:
+        return False
+    tasks = data.tasks[data.tasks["work_directory"] == directory]
+    return len(tasks) == len(done) + 1 and set(
+        tasks.loc[tasks["status"] == "COMPLETED", "id"]
+    ) == set(done)
+
+
+async def test_live_dashboard_follows_a_server_as_tasks_arrive(
+    server: ServerProcess, remote: GraphQLClient
+) -> None:
+    await submit_and_finish(remote, "/before", 2)
+    board = await asyncio.to_thread(analytics.dashboard, server.url, window="all time", live=True)
+    try:
+        assert board.follower is not None
+        assert board.data is not None
+        assert len(board.data.tasks) == 2
+        done = await submit_and_finish(remote, "/live", 4)
+        await asyncio.to_thread(wait_for, lambda: live_board_sees(board, "/live", done))
+        assert board.updates >= 1
+        assert board.refreshes == 1  # applied as events, not reloaded
+        assert "/live" in board.directory.options
+        data = board.data
+        assert data is not None
+        fresh = await asyncio.to_thread(analytics.load, server.url)
+        assert dtypes(data.tasks) == dtypes(fresh.tasks)
+        assert dtypes(data.events) == dtypes(fresh.events) == EVENT_DTYPES
+        assert data.tasks["id"].tolist() == fresh.tasks["id"].tolist()
+        assert data.events["id"].tolist() == fresh.events["id"].tolist()
+        live = data.tasks.set_index("id").loc[done[0]]
+        assert (live["attempts"], live["tags"], live["worker_id"]) == (1, ["live"], "w9")
+        assert data.events["id"].is_unique
+        assert data.events["id"].is_monotonic_increasing
+        assert "live (" in board.status.value
+        figures = analytics.summary(data.tasks, data.events)
+        assert figures["completed"] == 1 + 3
+        assert figures["waiting"] == 1 + 1
+    finally:
+        await asyncio.to_thread(board.close)
+    assert board.follower is not None
+    assert not board.follower.running
+
+
+async def test_live_dashboard_polls_a_database_by_event_id(
+    database_url: str, server: ServerProcess, remote: GraphQLClient
+) -> None:
+    board = await asyncio.to_thread(analytics.dashboard, database_url, window="all time", live=True)
+    try:
+        assert board.data is not None
+        assert len(board.data.tasks) == 0
+        done = await submit_and_finish(remote, "/polled", 3)
+        await asyncio.to_thread(wait_for, lambda: live_board_sees(board, "/polled", done))
+        assert board.refreshes == 1
+        data = board.data
+        fresh = await asyncio.to_thread(analytics.load, database_url)
+        pd.testing.assert_frame_equal(data.tasks, fresh.tasks)
+        pd.testing.assert_frame_equal(data.events, fresh.events)
+        assert int(data.tasks["attempts"].sum()) == 2
+    finally:
+        await asyncio.to_thread(board.close)
+    assert board.follower is not None
+    assert not board.follower.running
+
+
+def test_latency_chart_draws_sub_second_times() -> None:
+    tasks = fixed_data()[0].assign(wait_s=0.002, run_s=0.004)
+    (ax,) = analytics.latency_chart(tasks).axes
+    assert ax.get_xscale() == "log"
+
+
+async def test_an_empty_database_loads_as_empty_typed_frames(
+    store: object, database_url: str
+) -> None:
+    data = analytics.load(database_url)
+    assert (len(data.tasks), len(data.events)) == (0, 0)
+    assert dtypes(data.events) == EVENT_DTYPES
+    assert isinstance(data.tasks["status"].dtype, pd.CategoricalDtype)
+
+
+async def test_throughput_counted_in_the_database_equals_the_loaded_one(
+    database_url: str, service: TaskService, clock: FakeClock
+) -> None:
+    ids = await fill(service, clock)
+    start = pd.Timestamp(ids["start"])
+    events = analytics.load(database_url).events
+    windows = [
+        (None, None, "1h"),
+        (None, None, "1min"),
+        (start + pd.Timedelta(seconds=20), None, "15min"),
+        (None, start + pd.Timedelta(minutes=30), "1min"),
+        (start - pd.Timedelta(hours=2), start + pd.Timedelta(hours=3), "30min"),
+    ]
+    for since, until, freq in windows:
+        expected = analytics.throughput(events, freq, since, until)
+        counted = analytics.database_throughput(database_url, freq, since, until)
+        pd.testing.assert_frame_equal(counted, expected)
+        assert counted.values.sum() > 0
+    with pytest.raises(analytics.SourceError, match="database URL"):
+        analytics.database_throughput("http://127.0.0.1:1")

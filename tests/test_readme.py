@@ -38,7 +38,7 @@ TASKORCH = (
     ".venv/bin/taskorch"  # the README's one way to run the command: it works after `make run`
 )
 RUN = {"curl", "mkdir"} | {
-    f"{TASKORCH} {sub}" for sub in ("keys", "backup", "restore", "prune", "migrate")
+    f"{TASKORCH} {sub}" for sub in ("keys", "backup", "restore", "prune", "migrate", "export")
 }
 SKIP = {
     # long-running, or needing what a test machine has not (docker, an agent CLI, a cluster)

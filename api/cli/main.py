@@ -175,6 +175,26 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    try:  # the analytics extra is optional: the server runs without pandas and pyarrow
+        from analytics.export import export
+        from analytics.sources import SourceError
+    except ImportError as exc:
+        print(f"taskorch export needs the analytics extra ({exc}): pip install 'taskorch[analytics]'",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        done = export(settings.database_url, args.output, args.format, args.since, args.until)
+    except SourceError as exc:
+        print(f"taskorch export: {exc}", file=sys.stderr)
+        return 2
+    tasks_file, events_file = done.files
+    print(
+        f"wrote {done.tasks:,} task(s) to {tasks_file} and {done.events:,} event(s) to {events_file}"
+    )
+    return 0
+
+
 def cmd_mcp(args: argparse.Namespace, settings: Settings) -> int:
     logs.configure(settings.log_level, settings.log_format)  # stderr: stdout carries the protocol
     asyncio.run(serve_mcp_stdio(settings))
@@ -259,6 +279,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     demo.set_defaults(run=cmd_demo)
+
+    export = commands.add_parser(
+        "export", help="write tasks and their history as Parquet or CSV files, for analysis"
+    )
+    _database_flag(export)
+    export.add_argument("--output", required=True, help="directory for tasks.* and events.*")
+    export.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    export.add_argument("--since", help="only tasks not finished before this time (ISO 8601)")
+    export.add_argument("--until", help="only tasks created, and events, before this time")
+    export.set_defaults(run=cmd_export)
 
     mcp = commands.add_parser("mcp", help="serve the MCP tools over stdio, for a local agent")
     _database_flag(mcp)

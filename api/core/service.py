@@ -353,6 +353,15 @@ class TaskService:
     async def history(self, task_id: str) -> list[TaskEvent]:
         return await self.store.history(task_id)
 
+    async def event_page(
+        self, where: EventFilter, first: int = 100, after: int = 0
+    ) -> tuple[list[TaskEvent], bool]:
+        """Stored events with an id above `after`, in id order: up to `first`, and whether more
+        follow. Paging by the last id seen never skips nor repeats an event."""
+        first = validation.check_page_size(first)
+        events = await self.store.events_after(after, where, first + 1)
+        return events[:first], len(events) > first
+
     async def events(
         self, where: EventFilter, after: int | None = None
     ) -> AsyncGenerator[TaskEvent, None]:

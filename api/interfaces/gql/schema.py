@@ -20,6 +20,8 @@ from api.interfaces.gql.errors import classify
 from api.interfaces.gql.security import ScopeCheck
 from api.interfaces.gql.types import (
     CompleteItem,
+    EventConnection,
+    EventFilterInput,
     PageInfo,
     StatisticsType,
     SubmitTaskInput,
@@ -65,6 +67,29 @@ class Query:
                 has_next_page=page.has_next, end_cursor=edges[-1].cursor if edges else None
             ),
             total_count=page.total,
+        )
+
+    @strawberry.field(
+        description="Stored status changes in event-id order, paged: up to `first` (at most "
+        "1,000) with an id above `after`; pass the page's lastId as the next `after`."
+    )
+    async def events(
+        self,
+        info: Info,
+        after: strawberry.ID | None = None,
+        first: int = 100,
+        filter: EventFilterInput | None = None,
+    ) -> EventConnection:
+        where = EventFilterInput() if filter is None else filter
+        events, more = await info.context.service.event_page(
+            _event_filter(where.task_id, where.work_directory, where.statuses),
+            first,
+            _event_id(after) or 0,
+        )
+        return EventConnection(
+            events=[as_event(e) for e in events],
+            last_id=strawberry.ID(str(events[-1].id)) if events else after,
+            has_next_page=more,
         )
 
     @strawberry.field(description="How many tasks are in each status.")
@@ -196,19 +221,25 @@ class Subscription:
         statuses: list[TaskStatus] | None = None,
         after: strawberry.ID | None = None,
     ) -> AsyncGenerator[TaskEventType, None]:
-        where = EventFilter(
-            task_id=None if task_id is None else validation.check_task_id(task_id, "task_id"),
-            work_directory=None
-            if work_directory is None
-            else validation.check_work_directory(work_directory),
-            statuses=tuple(statuses or ()),
-        )
+        where = _event_filter(task_id, work_directory, statuses)
         stream = info.context.service.events(where, _event_id(after))
         try:
             async for event in stream:
                 yield as_event(event)
         finally:
             await stream.aclose()
+
+
+def _event_filter(
+    task_id: str | None, work_directory: str | None, statuses: list[TaskStatus] | None
+) -> EventFilter:
+    return EventFilter(
+        task_id=None if task_id is None else validation.check_task_id(task_id, "task_id"),
+        work_directory=None
+        if work_directory is None
+        else validation.check_work_directory(work_directory),
+        statuses=tuple(statuses or ()),
+    )
 
 
 def _event_id(value: str | None) -> int | None:

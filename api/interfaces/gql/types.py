@@ -147,3 +147,19 @@ class StatisticsType:
     completed: int
     failed: int
     cancelled: int
+
+
+@strawberry.input
+class EventFilterInput:
+    task_id: strawberry.ID | None = None
+    work_directory: str | None = None
+    statuses: list[TaskStatus] | None = None
+
+
+@strawberry.type
+class EventConnection:
+    events: list[TaskEventType]
+    last_id: strawberry.ID | None = strawberry.field(
+        description="The id of the last event on this page: pass it as `after` for the next page."
+    )
+    has_next_page: bool
