@@ -1,5 +1,5 @@
-"""The cross-process event bus: PostgreSQL LISTEN/NOTIFY says something committed, the history
-table says what, so every replica dispatches every committed event in id order, exactly once."""
+"""The cross-process event bus: PostgreSQL LISTEN/NOTIFY says the stamper positioned events, the
+history table says which, so every replica dispatches every committed event in id order, once."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ class EventSource(Protocol):
 
 class PostgresBus(LocalBus):
     """A notification only wakes the reader; the reader takes every event after the last one it
-    dispatched from the history table. Ids commit in id order, so reading up to the highest
-    visible id never skips one, and a reconnect catches up the same way."""
+    dispatched from the history table. Only positioned rows are read, and positions are given
+    gap-free in increasing order, so reading up to the highest one never skips one, and a
+    reconnect catches up the same way."""
 
     def __init__(
         self,
