@@ -46,8 +46,9 @@ async def migrate(conn: asyncpg.Connection) -> int:
 
 
 # Writers insert without any lock: the rows get no id (delivery position) here, only their
-# transaction's xid (the column default) and an insertion number, and wake the stamper; NOTIFY is
-# delivered by PostgreSQL only if the transaction commits.
+# transaction's xid (the column default) and an insertion number. They send no NOTIFY: the commit
+# of a transaction that notified takes PostgreSQL's cluster-wide notification lock through its
+# WAL flush, which would serialise every writer again.
 RECORD = """
 WITH rows AS (
     INSERT INTO task_history (task_id, work_directory, status, previous_status, worker_id, at,
@@ -57,24 +58,25 @@ WITH rows AS (
         $6::timestamptz[], $7::jsonb[]) WITH ORDINALITY
         AS r(task_id, work_directory, status, previous_status, worker_id, at, details, n)
     ORDER BY r.n
-    RETURNING entry, task_id, work_directory, status, previous_status, worker_id, at, details),
-announced AS (SELECT pg_notify($8, ''))
-SELECT 0 AS id, rows.* FROM rows, announced ORDER BY rows.entry
+    RETURNING entry, task_id, work_directory, status, previous_status, worker_id, at, details)
+SELECT 0 AS id, rows.* FROM rows ORDER BY rows.entry
 """
 _HISTORY_FIELDS = ("task_id", "work_directory", "status", "previous_status", "worker_id", "at",
                    "details")  # fmt: skip
 
 
-async def insert_history(
-    conn: asyncpg.Connection, pending: Sequence[Pending], channel: str
-) -> list[TaskEvent]:
-    """Write the history rows of a change, in the order given, and wake the stamper at commit.
-    The events returned have no delivery position yet (id 0)."""
+async def insert_history(conn: asyncpg.Connection, pending: Sequence[Pending]) -> list[TaskEvent]:
+    """Write the history rows of a change, in the order given. The events returned have no
+    delivery position yet (id 0)."""
     rows = [history_row(POSTGRES, p) for p in pending]
     columns = [[row[name] for row in rows] for name in _HISTORY_FIELDS]
-    records = await conn.fetch(RECORD, *columns, channel)
+    records = await conn.fetch(RECORD, *columns)
     return [event_of(POSTGRES, r) for r in records]
 
+
+# Wakes the stamper after a commit; a transaction of its own with no xid, so it writes no WAL
+# and holds the notification lock only for a moment.
+WAKE_STAMPER = "SELECT pg_notify($1, '')"
 
 # Positions the rows no running transaction can precede any more: a transaction with an xid
 # below the snapshot's xmin has ended, and one that has not written yet will get a larger xid.

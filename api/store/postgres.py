@@ -18,7 +18,7 @@ from api.store.base import CommitListener
 from api.store.changes import Program, Query
 from api.store.common import SqlTaskStore
 from api.store.key_store import SqlKeyStore
-from api.store.pg_schema import insert_history, migrate
+from api.store.pg_schema import WAKE_STAMPER, insert_history, migrate
 from api.store.rows import Row, event_of
 from api.store.sql import POSTGRES, POSTGRES_SQL, dumps, numbered, positional
 from api.store.stamper import Stamper
@@ -56,6 +56,8 @@ class PostgresStore(SqlTaskStore):
         self._pool: asyncpg.Pool | None = None
         self._listeners: list[CommitListener] = []
         self._stamper: Stamper | None = None
+        self._waking: asyncio.Task[None] | None = None
+        self._wake_again = False
         self.keys = SqlKeyStore(POSTGRES, self._read, self._write)
 
     @property
@@ -94,6 +96,11 @@ class PostgresStore(SqlTaskStore):
         return self._stamper
 
     async def close(self) -> None:
+        waking, self._waking = self._waking, None
+        if waking is not None:
+            waking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waking
         if self._stamper is not None:
             stamper, self._stamper = self._stamper, None
             await stamper.stop()
@@ -117,6 +124,28 @@ class PostgresStore(SqlTaskStore):
                 listener(events)
             except Exception:
                 log.exception("commit listener failed")
+
+    def _wake_stamper(self) -> None:
+        """Tell the stamper rows committed: directly when it runs here, else with one NOTIFY in
+        flight at a time per process, which covers every commit made while it was sent."""
+        if self._stamper is not None and self._stamper.holding:
+            self._stamper.wake()
+        elif self._waking is not None:
+            self._wake_again = True
+        else:
+            self._waking = asyncio.create_task(self._notify_stamper())
+
+    async def _notify_stamper(self) -> None:
+        try:
+            while True:
+                self._wake_again = False
+                await self.pool.execute(WAKE_STAMPER, HISTORY_CHANNEL)
+                if not self._wake_again:
+                    return
+        except Exception as exc:  # the stamper's own poll stamps the rows a little later
+            log.warning("could not wake the history stamper: %s", exc)
+        finally:
+            self._waking = None
 
     # --- how statements reach the database ---
 
@@ -143,8 +172,8 @@ class PostgresStore(SqlTaskStore):
                 await asyncio.wait_for(stamped.wait(), min(left, 0.005))
 
     async def _run(self, program: Program[T]) -> T:
-        """Run `program` in one transaction; write the history rows it owes, wake the stamper with
-        NOTIFY in the same transaction, and tell listeners after the commit."""
+        """Run `program` in one transaction and write the history rows it owes; after the commit,
+        wake the stamper and tell listeners."""
         async with self.pool.acquire() as conn:
             tx = conn.transaction()
             await tx.start()
@@ -160,8 +189,9 @@ class PostgresStore(SqlTaskStore):
                 if not pending:
                     await tx.commit()
                     return value
-                events = await insert_history(conn, pending, HISTORY_CHANNEL)
+                events = await insert_history(conn, pending)
                 await tx.commit()
+                self._wake_stamper()
                 self._committed(events)
                 return value
             except BaseException:

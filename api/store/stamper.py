@@ -93,9 +93,10 @@ class Stamper:
         while True:
             try:
                 await self._step()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                # The session lock went with the connection; another process may take it now.
-                log.warning("history stamper lost its connection (%s); retrying", exc)
+            except Exception as exc:
+                # A lost or confused connection is dropped; the session lock goes with it, so
+                # another process may take it now.
+                log.warning("history stamper failed (%r); reconnecting", exc)
                 await self._disconnect()
                 await asyncio.sleep(self._retry)
 
