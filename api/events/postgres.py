@@ -99,8 +99,11 @@ class PostgresBus(LocalBus):
         while True:
             if not self.connected:
                 await self._reconnect()
+            # asyncio.timeout, not wait_for: wait_for in 3.11 can swallow a cancellation that
+            # arrives as the wake-up does, and stop() would then wait for this loop forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._check_interval)
+                async with asyncio.timeout(self._check_interval):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 await self._catch_up()

@@ -169,7 +169,8 @@ class PostgresStore(SqlTaskStore):
                 return [event_of(POSTGRES, r) for r in positioned]
             # The stamper may run in another process: its stamps are not seen here, so poll too.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stamped.wait(), min(left, 0.005))
+                async with asyncio.timeout(min(left, 0.005)):
+                    await stamped.wait()
 
     async def _run(self, program: Program[T]) -> T:
         """Run `program` in one transaction and write the history rows it owes; after the commit,

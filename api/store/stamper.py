@@ -125,5 +125,7 @@ class Stamper:
         await self._pause(BEHIND_POLL if behind else self._idle_poll)
 
     async def _pause(self, seconds: float) -> None:
+        # asyncio.timeout, not wait_for, which in 3.11 can swallow a cancellation (see the bus).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
