@@ -77,7 +77,11 @@ class PostgresBus(LocalBus):
         conn = await asyncpg.connect(
             self._url, server_settings={"application_name": "taskorch-listener"}
         )
-        await conn.add_listener(CHANNEL, self._notified)
+        try:
+            await conn.add_listener(CHANNEL, self._notified)
+        except BaseException:  # a stop arriving now must not leave the connection open
+            conn.terminate()
+            raise
         conn.add_termination_listener(self._lost)
         self._conn = conn
 

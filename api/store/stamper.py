@@ -70,7 +70,11 @@ class Stamper:
         conn = await asyncpg.connect(
             self._url, server_settings={"application_name": "taskorch-stamper"}
         )
-        await conn.add_listener(self._wake_channel, self._notified)
+        try:
+            await conn.add_listener(self._wake_channel, self._notified)
+        except BaseException:  # a stop arriving now must not leave the connection open
+            conn.terminate()
+            raise
         conn.add_termination_listener(self._lost)
         return conn
 
