@@ -162,8 +162,14 @@ async def test_lease_sweeps_on_every_replica_expire_each_lease_once(postgres_url
         swept += [t.id for t in await a.expire_leases(later, 1000)]
         assert len(swept) == 300
         assert len(set(swept)) == 300
-        expiries = await a.events_after(0, EventFilter(statuses=(TaskStatus.WAITING,)), 10_000)
-        assert sum(e.details.get("reason") == "lease_expired" for e in expiries) == 300
+
+        async def all_announced() -> bool:
+            # Events are read once the stamper gave them their positions, a moment after commit.
+            waiting = EventFilter(statuses=(TaskStatus.WAITING,))
+            expiries = await a.events_after(0, waiting, 10_000)
+            return sum(e.details.get("reason") == "lease_expired" for e in expiries) == 300
+
+        await eventually(all_announced)
 
 
 async def test_the_url_search_path_puts_every_table_in_that_schema(postgres_url: str) -> None:

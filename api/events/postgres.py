@@ -1,5 +1,5 @@
-"""The cross-process event bus: PostgreSQL LISTEN/NOTIFY says something committed, the history
-table says what, so every replica dispatches every committed event in id order, exactly once."""
+"""The cross-process event bus: PostgreSQL LISTEN/NOTIFY says the stamper positioned events, the
+history table says which, so every replica dispatches every committed event in id order, once."""
 
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ class EventSource(Protocol):
 
 class PostgresBus(LocalBus):
     """A notification only wakes the reader; the reader takes every event after the last one it
-    dispatched from the history table. Ids commit in id order, so reading up to the highest
-    visible id never skips one, and a reconnect catches up the same way."""
+    dispatched from the history table. Only positioned rows are read, and positions are given
+    gap-free in increasing order, so reading up to the highest one never skips one, and a
+    reconnect catches up the same way."""
 
     def __init__(
         self,
@@ -76,7 +77,11 @@ class PostgresBus(LocalBus):
         conn = await asyncpg.connect(
             self._url, server_settings={"application_name": "taskorch-listener"}
         )
-        await conn.add_listener(CHANNEL, self._notified)
+        try:
+            await conn.add_listener(CHANNEL, self._notified)
+        except BaseException:  # a stop arriving now must not leave the connection open
+            conn.terminate()
+            raise
         conn.add_termination_listener(self._lost)
         self._conn = conn
 

@@ -10,12 +10,13 @@ from api.core import domain
 from api.core.domain import ApiKey, Completion, Task, TaskChanges, TaskEvent, TaskPage, TaskStatus
 from api.core.lifecycle import Outcome
 
-# Called with the events of each committed transaction, in event-id order.
+# Called with the events of each committed transaction. On SQLite they carry their ids, in id
+# order; on PostgreSQL they have no delivery position yet (id 0): the event bus delivers them.
 CommitListener = Callable[[Sequence[TaskEvent]], None]
 # Decides a lifecycle change from the task as stored; None when the change does not apply.
 Decide = Callable[[Task], Outcome | None]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class TaskStore(Protocol):

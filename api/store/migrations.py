@@ -76,14 +76,38 @@ _MIGRATIONS: list[list[str]] = [
     ],
     # A key's own requests a minute; NULL (every key made before) keeps the server's default.
     ["ALTER TABLE api_keys ADD COLUMN rate_limit INTEGER"],
+    ["{history_positions}"],
 ]
 
 # Only PostgreSQL can index a JSON array's members.
 _TAG_INDEX = {SQLITE.name: "", POSTGRES.name: "CREATE INDEX tasks_tags ON tasks USING GIN (tags)"}
 
 
+# PostgreSQL writers insert history rows without any lock; a row's id is then its delivery
+# position, given by the stamper once every transaction that could precede the row has ended
+# (api/store/stamper.py). `entry` is the insertion order, `xid` the writing transaction. Ids
+# already given stay as they are; SQLite's single writer orders ids itself.
+_HISTORY_POSITIONS = {
+    SQLITE.name: "",
+    POSTGRES.name: """
+        ALTER TABLE task_history ALTER COLUMN id DROP IDENTITY;
+        ALTER TABLE task_history DROP CONSTRAINT task_history_pkey;
+        ALTER TABLE task_history ALTER COLUMN id DROP NOT NULL;
+        CREATE UNIQUE INDEX task_history_id ON task_history (id);
+        ALTER TABLE task_history ADD COLUMN entry BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY;
+        ALTER TABLE task_history ADD COLUMN xid xid8;
+        ALTER TABLE task_history ALTER COLUMN xid SET DEFAULT pg_current_xact_id();
+        CREATE INDEX task_history_unstamped ON task_history (xid, entry) WHERE id IS NULL;
+    """,
+}
+
+
 def migrations(d: Dialect) -> list[list[str]]:
-    types = {**d.types, "tag_index": _TAG_INDEX[d.name]}
+    types = {
+        **d.types,
+        "tag_index": _TAG_INDEX[d.name],
+        "history_positions": _HISTORY_POSITIONS[d.name],
+    }
     return [[s.format(**types) for s in script if s.format(**types)] for script in _MIGRATIONS]
 
 

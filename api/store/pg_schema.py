@@ -1,5 +1,5 @@
 """What only PostgreSQL does: schema upgrades under an advisory lock, so replicas starting together
-are safe, and history rows written under a global lock, so their ids commit in id order."""
+are safe, and history rows written without a lock, then given delivery positions by one stamper."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import asyncpg
 from api.core.domain import TaskEvent
 from api.store import migrations
 from api.store.rows import Pending, event_of, history_row
-from api.store.sql import EVENT_COLUMNS, POSTGRES, SCHEMA_VERSION_NOW, positional
+from api.store.sql import POSTGRES, SCHEMA_VERSION_NOW, positional
 
 # Advisory lock classes (first key); the second key is a hash of the schema, so databases that
 # hold several taskorch schemas (one per test run, say) do not serialise on each other.
 MIGRATION_LOCK = 0x7A5C0001
-HISTORY_LOCK = 0x7A5C0002
+# 0x7A5C0002 ordered history inserts before rows had delivery positions; no longer taken.
+STAMPER_LOCK = 0x7A5C0003
 
 
 async def migrate(conn: asyncpg.Connection) -> int:
@@ -44,33 +45,58 @@ async def migrate(conn: asyncpg.Connection) -> int:
     return key
 
 
-# One statement, so the global lock is held for one round trip and the commit. The lock is taken
-# before the first row is produced, hence before any history id is drawn, and after every row
-# lock the transaction took earlier; NOTIFY is delivered by PostgreSQL only if it commits.
-RECORD = f"""
-WITH lock AS MATERIALIZED (SELECT pg_advisory_xact_lock($8, $9)),
-rows AS (
+# Writers insert without any lock: the rows get no id (delivery position) here, only their
+# transaction's xid (the column default) and an insertion number. They send no NOTIFY: the commit
+# of a transaction that notified takes PostgreSQL's cluster-wide notification lock through its
+# WAL flush, which would serialise every writer again.
+RECORD = """
+WITH rows AS (
     INSERT INTO task_history (task_id, work_directory, status, previous_status, worker_id, at,
         details)
     SELECT r.task_id, r.work_directory, r.status, r.previous_status, r.worker_id, r.at, r.details
-    FROM lock, unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+    FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
         $6::timestamptz[], $7::jsonb[]) WITH ORDINALITY
         AS r(task_id, work_directory, status, previous_status, worker_id, at, details, n)
     ORDER BY r.n
-    RETURNING {EVENT_COLUMNS}),
-announced AS (SELECT pg_notify($10, max(id)::text) FROM rows)
-SELECT rows.* FROM rows, announced ORDER BY rows.id
+    RETURNING entry, task_id, work_directory, status, previous_status, worker_id, at, details)
+SELECT 0 AS id, rows.* FROM rows ORDER BY rows.entry
 """
 _HISTORY_FIELDS = ("task_id", "work_directory", "status", "previous_status", "worker_id", "at",
                    "details")  # fmt: skip
 
 
-async def insert_history(
-    conn: asyncpg.Connection, pending: Sequence[Pending], lock: tuple[int, int], channel: str
-) -> list[TaskEvent]:
-    """Write the history rows of a change under the history lock and announce the last id;
-    ids are handed out in the order given, and commit in id order across every process."""
+async def insert_history(conn: asyncpg.Connection, pending: Sequence[Pending]) -> list[TaskEvent]:
+    """Write the history rows of a change, in the order given. The events returned have no
+    delivery position yet (id 0)."""
     rows = [history_row(POSTGRES, p) for p in pending]
     columns = [[row[name] for row in rows] for name in _HISTORY_FIELDS]
-    records = await conn.fetch(RECORD, *columns, lock[0], lock[1], channel)
+    records = await conn.fetch(RECORD, *columns)
     return [event_of(POSTGRES, r) for r in records]
+
+
+# Wakes the stamper after a commit; a transaction of its own with no xid, so it writes no WAL
+# and holds the notification lock only for a moment.
+WAKE_STAMPER = "SELECT pg_notify($1, '')"
+
+# Positions the rows no running transaction can precede any more: a transaction with an xid
+# below the snapshot's xmin has ended, and one that has not written yet will get a larger xid.
+# So rows are stamped in (xid, insertion) order, and no row with a smaller xid can commit later.
+# Positions continue from the highest one without a sequence, so a stamp that is rolled back
+# (its connection lost, say) leaves no gap; the unique index refuses a second stamper's clash.
+STAMP = """
+WITH oldest AS (
+    SELECT entry, xid FROM task_history
+    WHERE id IS NULL AND xid < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY xid, entry LIMIT $1 FOR UPDATE),
+ready AS (SELECT entry, row_number() OVER (ORDER BY xid, entry) AS n FROM oldest),
+top AS (SELECT coalesce(max(id), 0) AS id FROM task_history),
+unstamped AS (SELECT count(*) AS n FROM (SELECT 1 FROM task_history WHERE id IS NULL
+    LIMIT $1 + 1) AS u),
+stamped AS (
+    UPDATE task_history h SET id = top.id + ready.n FROM ready, top
+    WHERE h.entry = ready.entry RETURNING h.id),
+last AS (SELECT max(id) AS id FROM stamped),
+announced AS (SELECT pg_notify($2, last.id::text) FROM last WHERE last.id IS NOT NULL)
+SELECT (SELECT count(*) FROM stamped) AS stamped, (SELECT n FROM unstamped) AS unstamped,
+    (SELECT count(*) FROM announced) AS announced
+"""

@@ -1,5 +1,5 @@
-"""PostgreSQL store on an asyncpg pool: compare-and-set updates, SKIP LOCKED claims, and history ids
-that commit in id order so a cross-process event reader never skips one."""
+"""PostgreSQL store on an asyncpg pool: compare-and-set updates, SKIP LOCKED claims, and history
+rows written without a lock, whose ids (delivery positions) the elected stamper gives."""
 
 from __future__ import annotations
 
@@ -13,19 +13,22 @@ from typing import TypeVar
 import asyncpg
 
 from api.core.domain import TaskEvent
+from api.store import sql
 from api.store.base import CommitListener
 from api.store.changes import Program, Query
 from api.store.common import SqlTaskStore
 from api.store.key_store import SqlKeyStore
-from api.store.pg_schema import HISTORY_LOCK, insert_history, migrate
-from api.store.rows import Row
+from api.store.pg_schema import WAKE_STAMPER, insert_history, migrate
+from api.store.rows import Row, event_of
 from api.store.sql import POSTGRES, POSTGRES_SQL, dumps, numbered, positional
+from api.store.stamper import Stamper
 
 T = TypeVar("T")
 
 log = logging.getLogger("taskorch.store")
 
-CHANNEL = "taskorch_events"
+CHANNEL = "taskorch_events"  # the stamper announces the last position it gave
+HISTORY_CHANNEL = "taskorch_history"  # writers wake the stamper
 
 POOL_MIN = 1
 POOL_MAX = 10
@@ -39,6 +42,8 @@ async def init_connection(conn: asyncpg.Connection) -> None:
 
 
 CLOSE_SECONDS = 10.0
+# A task's history read right after a change waits this long, at most, for the change's position.
+HISTORY_WAIT = 2.0
 
 
 class PostgresStore(SqlTaskStore):
@@ -50,10 +55,9 @@ class PostgresStore(SqlTaskStore):
         self._max_size = max_size
         self._pool: asyncpg.Pool | None = None
         self._listeners: list[CommitListener] = []
-        # Commits of this process pass one at a time through the history lock, so listeners are
-        # called in event-id order; the advisory lock already serialises them across processes.
-        self._commit_lock = asyncio.Lock()
-        self._lock_key = 0
+        self._stamper: Stamper | None = None
+        self._waking: asyncio.Task[None] | None = None
+        self._wake_again = False
         self.keys = SqlKeyStore(POSTGRES, self._read, self._write)
 
     @property
@@ -76,13 +80,30 @@ class PostgresStore(SqlTaskStore):
         )
         try:
             async with self._pool.acquire() as conn:
-                self._lock_key = await migrate(conn)
+                key = await migrate(conn)
         except BaseException:
             await self._pool.close()
             self._pool = None
             raise
+        # Every process is a stamper candidate, so positions are given while any one is running.
+        self._stamper = Stamper(self.url, key, wake_channel=HISTORY_CHANNEL, event_channel=CHANNEL)
+        self._stamper.start()
+
+    @property
+    def stamper(self) -> Stamper:
+        if self._stamper is None:
+            raise RuntimeError("the store is not open")
+        return self._stamper
 
     async def close(self) -> None:
+        waking, self._waking = self._waking, None
+        if waking is not None:
+            waking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waking
+        if self._stamper is not None:
+            stamper, self._stamper = self._stamper, None
+            await stamper.stop()
         if self._pool is not None:
             pool, self._pool = self._pool, None
             # A graceful close waits for every connection to come back; one still held by a
@@ -105,6 +126,28 @@ class PostgresStore(SqlTaskStore):
             except Exception:
                 log.exception("commit listener failed")
 
+    def _wake_stamper(self) -> None:
+        """Tell the stamper rows committed: directly when it runs here, else with one NOTIFY in
+        flight at a time per process, which covers every commit made while it was sent."""
+        if self._stamper is not None and self._stamper.holding:
+            self._stamper.wake()
+        elif self._waking is not None:
+            self._wake_again = True
+        else:
+            self._waking = asyncio.create_task(self._notify_stamper())
+
+    async def _notify_stamper(self) -> None:
+        try:
+            while True:
+                self._wake_again = False
+                await self.pool.execute(WAKE_STAMPER, HISTORY_CHANNEL)
+                if not self._wake_again:
+                    return
+        except Exception as exc:  # the stamper's own poll stamps the rows a little later
+            log.warning("could not wake the history stamper: %s", exc)
+        finally:
+            self._waking = None
+
     # --- how statements reach the database ---
 
     async def _read(self, query: Query) -> list[Row]:
@@ -114,10 +157,25 @@ class PostgresStore(SqlTaskStore):
 
     _write = _read  # one statement outside a transaction block commits on its own
 
+    async def history(self, task_id: str) -> list[TaskEvent]:
+        """The task's positioned events; a change committed a moment ago is waited for briefly,
+        so a caller reads its own change."""
+        deadline = asyncio.get_running_loop().time() + HISTORY_WAIT
+        while True:
+            stamped = self.stamper.stamped
+            rows = await self._read((sql.HISTORY, {"task_id": task_id}))
+            positioned = [r for r in rows if r["id"] is not None]
+            left = deadline - asyncio.get_running_loop().time()
+            if len(positioned) == len(rows) or left <= 0:
+                return [event_of(POSTGRES, r) for r in positioned]
+            # The stamper may run in another process: its stamps are not seen here, so poll too.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, 0.005)):
+                    await stamped.wait()
+
     async def _run(self, program: Program[T]) -> T:
-        """Run `program` in one transaction; write the history rows it owes under the history
-        lock, announce them with NOTIFY in the same transaction, and tell listeners after the
-        commit."""
+        """Run `program` in one transaction and write the history rows it owes; after the commit,
+        wake the stamper and tell listeners."""
         async with self.pool.acquire() as conn:
             tx = conn.transaction()
             await tx.start()
@@ -133,12 +191,10 @@ class PostgresStore(SqlTaskStore):
                 if not pending:
                     await tx.commit()
                     return value
-                async with self._commit_lock:
-                    events = await insert_history(
-                        conn, pending, (HISTORY_LOCK, self._lock_key), CHANNEL
-                    )
-                    await tx.commit()
-                    self._committed(events)
+                events = await insert_history(conn, pending)
+                await tx.commit()
+                self._wake_stamper()
+                self._committed(events)
                 return value
             except BaseException:
                 if not conn.is_closed() and conn.is_in_transaction():
