@@ -12,6 +12,7 @@ import asyncpg
 
 from api.core.domain import EventFilter, TaskEvent
 from api.events.bus import LocalBus, cancelled
+from api.store.pg_schema import close_dedicated
 
 log = logging.getLogger("taskorch.events")
 
@@ -87,12 +88,7 @@ class PostgresBus(LocalBus):
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                async with asyncio.timeout(2.0):
-                    await conn.close()
-            except Exception:
-                conn.terminate()
+        await close_dedicated(conn)
 
     def _notified(self, conn: object, pid: int, channel: str, payload: object) -> None:
         self._wake.set()

@@ -3,6 +3,7 @@ are safe, and history rows written without a lock, then given delivery positions
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -100,3 +101,14 @@ announced AS (SELECT pg_notify($2, last.id::text) FROM last WHERE last.id IS NOT
 SELECT (SELECT count(*) FROM stamped) AS stamped, (SELECT n FROM unstamped) AS unstamped,
     (SELECT count(*) FROM announced) AS announced
 """
+
+
+async def close_dedicated(conn: asyncpg.Connection | None) -> None:
+    """Close a listening connection of our own (the bus's, the stamper's): politely for two
+    seconds, then by force, so a stop never waits on a server that stopped answering."""
+    if conn is not None and not conn.is_closed():
+        try:
+            async with asyncio.timeout(2.0):
+                await conn.close()
+        except Exception:
+            conn.terminate()

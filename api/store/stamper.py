@@ -10,7 +10,7 @@ import logging
 
 import asyncpg
 
-from api.store.pg_schema import STAMP, STAMPER_LOCK
+from api.store.pg_schema import STAMP, STAMPER_LOCK, close_dedicated
 
 log = logging.getLogger("taskorch.store")
 
@@ -81,11 +81,7 @@ class Stamper:
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
         self.holding = False
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), timeout=2.0)
-            except Exception:
-                conn.terminate()
+        await close_dedicated(conn)
 
     def _notified(self, conn: object, pid: int, channel: str, payload: object) -> None:
         self._wake.set()
