@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -27,21 +28,29 @@ CLAIM = (
 )
 TASKS = 60
 CONNECTIONS = 12
+WORKERS = 2  # every test here starts `serve --workers 2`
 ENV = {"TASKORCH_RATE_LIMIT": "0", "TASKORCH_LOG_LEVEL": "WARNING"}
 
 
 @contextlib.asynccontextmanager
 async def pinned_clients(url: str, count: int) -> AsyncIterator[list[tuple[int, GraphQLClient]]]:
-    """`count` clients of one keep-alive connection each, so each talks to one worker: its pid."""
+    """At least `count` clients of one keep-alive connection each, so each talks to one worker: its
+    pid. The server answers as soon as its first worker listens, so connections are opened (up to
+    a bound) until every one of the `WORKERS` has answered one; the kernel then spreads them."""
     limits = httpx.Limits(max_connections=1, keepalive_expiry=30)
     async with contextlib.AsyncExitStack() as stack:
-        pinned = []
-        for _ in range(count):
+        pinned: list[tuple[int, GraphQLClient]] = []
+        deadline = time.monotonic() + 30
+        while len(pinned) < count or (
+            len({pid for pid, _ in pinned}) < WORKERS and time.monotonic() < deadline
+        ):
             http = await stack.enter_async_context(
                 httpx.AsyncClient(base_url=url, timeout=30, limits=limits)
             )
             pid = (await http.get("/health")).json()["pid"]
             pinned.append((pid, GraphQLClient(http)))
+            if len(pinned) >= count:
+                await asyncio.sleep(0.1)  # a worker still starting
         yield pinned
 
 
