@@ -3,6 +3,7 @@ single statement and a change program reach its database."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -19,20 +20,21 @@ from api.store.sql import Catalogue
 T = TypeVar("T")
 
 
-class SqlTaskStore:
+class SqlTaskStore(ABC):
     sql: Catalogue
     keys: KeyStore
 
+    @abstractmethod
     async def _read(self, query: Query) -> list[Row]:
-        raise NotImplementedError
+        """One read."""
 
+    @abstractmethod
     async def _write(self, query: Query) -> list[Row]:
         """One statement that owes no history, in a transaction of its own."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def _run(self, program: Program[T]) -> T:
         """Run a change program in one transaction and write the history it owes."""
-        raise NotImplementedError
 
     def _task(self, rows: list[Row]) -> Task | None:
         return task_of(self.sql.dialect, rows[0]) if rows else None
