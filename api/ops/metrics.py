@@ -76,6 +76,9 @@ def observe_commit(events: Sequence[TaskEvent]) -> None:
             LEASE_EXPIRIES.inc()
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def operation_label(scope: Scope, info: RequestInfo) -> str:
     """A label from a bounded set: schema root fields and route templates, never raw paths."""
     if info.operation is not None:
@@ -90,7 +93,10 @@ def operation_label(scope: Scope, info: RequestInfo) -> str:
         return "mcp"  # JSON-RPC over one route: the tool name is in the body, which is not read
     if isinstance(route, Mount):
         return path.strip("/") or "mount"
-    return f"{scope.get('method', '')} {path}"
+    method = scope.get("method", "")
+    if method not in HTTP_METHODS:
+        method = "OTHER"  # the client's own word is never a label value
+    return f"{method} {path}"
 
 
 def observe_request(scope: Scope, info: RequestInfo, status: int, duration: float) -> None:

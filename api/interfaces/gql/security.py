@@ -40,7 +40,13 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
     SubscribeMessage,
 )
 
-from api.core.errors import TaskorchError, Unauthenticated, forbidden, missing_key
+from api.core.errors import (
+    TaskorchError,
+    Unauthenticated,
+    forbidden,
+    missing_key,
+    subscription_over_http,
+)
 from api.interfaces.gql.context import Context
 from api.security.auth import Gate, Principal, principal_of, rate_limited, scope_of
 from api.settings import Settings
@@ -114,7 +120,8 @@ def refusal(
 
 
 class ScopeCheck(SchemaExtension):
-    """Refuses, before anything runs, an operation with a root field the caller's scopes lack."""
+    """Refuses, before anything runs, an operation with a root field the caller's scopes lack, and
+    a subscription sent over plain HTTP (it would answer nothing)."""
 
     def on_execute(self) -> Iterator[None]:
         ctx = self.execution_context
@@ -124,6 +131,10 @@ class ScopeCheck(SchemaExtension):
         document = ctx.graphql_document
         if document is not None:
             error = refusal(principal, root_fields(document, ctx.operation_name))
+            if error is None and not isinstance(request, WebSocket):
+                operation = get_operation_ast(document, ctx.operation_name)
+                if operation is not None and operation.operation is OperationType.SUBSCRIPTION:
+                    error = subscription_over_http()
             if error is not None:
                 response = getattr(context, "response", None)
                 if hasattr(response, "status_code"):
