@@ -135,6 +135,7 @@ class QueueCollector(Collector):
     def __init__(self) -> None:
         self.counts: dict[TaskStatus, int] = {}
         self.subscriptions = 0
+        self.executions = 0
 
     def collect(self) -> Iterable[Metric]:
         counts = self.counts
@@ -154,6 +155,11 @@ class QueueCollector(Collector):
             "live_subscriptions",
             "taskEvents subscriptions open on the server process that answered this scrape.",
             value=self.subscriptions,
+        )
+        yield GaugeMetricFamily(
+            "live_subscription_executions",
+            "Executions serving those subscriptions: sockets subscribing alike share one.",
+            value=self.executions,
         )
 
 
@@ -175,5 +181,7 @@ def _registry() -> Any:
 async def metrics(request: Request) -> Response:
     """GET /metrics: the Prometheus text format."""
     QUEUE.counts = await request.app.state.queue_counts.get()
-    QUEUE.subscriptions = request.app.state.service.bus.subscriber_count
+    # A shared subscription holds one bus subscription for all its sockets; count the sockets.
+    QUEUE.executions = request.app.state.service.bus.subscriber_count
+    QUEUE.subscriptions = QUEUE.executions + request.app.state.fanout.sharing
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)
