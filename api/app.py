@@ -25,7 +25,7 @@ from api.interfaces.gql.context import Context
 from api.interfaces.gql.ide import graphiql_assets, graphiql_page, is_ide_request
 from api.interfaces.gql.schema import build_schema
 from api.interfaces.gql.security import SecuredTransportWS, guard_extensions
-from api.interfaces.mcp import PROFILES, build_mcp, http_sessions, transport_security
+from api.interfaces.mcp import PROFILES, build_mcp, http_routes, http_sessions
 from api.ops.health import QueueCounts, health
 from api.ops.logs import AccessLog
 from api.ops.metrics import metrics, observe_commit, observe_request
@@ -87,25 +87,7 @@ def create_app(settings: Settings) -> Starlette:
         graphql_ide="graphiql" if settings.graphiql else None,
         subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
     )
-    # Stateless: any replica can answer any MCP request, as with every other route. `/mcp`
-    # serves the default profile's tools, `/mcp/<profile>` each profile's.
-    mcp_servers = {
-        path: build_mcp(lambda: app.state.service, profile)
-        for path, profile in [
-            ("/mcp", settings.mcp_tools),
-            *((f"/mcp/{name}", name) for name in PROFILES),
-        ]
-    }
-    mcp_routes = [
-        route
-        for path, mcp_server in mcp_servers.items()
-        for route in mcp_server.streamable_http_app(
-            streamable_http_path=path,
-            stateless_http=True,
-            json_response=True,
-            transport_security=transport_security(settings),
-        ).routes
-    ]
+    mcp_servers = {name: build_mcp(lambda: app.state.service, name) for name in PROFILES}
     app = Starlette(
         routes=[
             Route("/graphql", view, methods=["GET", "POST"]),
@@ -113,7 +95,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *rest.routes,
-            *mcp_routes,
+            *http_routes(mcp_servers, settings.mcp_tools, settings),
             *([graphiql_assets()] if settings.graphiql else []),
         ],
         middleware=[

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -398,13 +399,13 @@ async def test_over_http_a_plain_client_gets_the_result_of_a_blocking_call(
         assert result.structured_content["task_id"] == await worker
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_over_http_handles_belong_to_their_key_and_survive_a_restart(
     database_url: str, start_server: Callable[..., ServerProcess]
 ) -> None:
     alice = create_key(database_url, "alice", "submit,read")
     bob = create_key(database_url, "bob", "submit,read,work")
     reader = create_key(database_url, "reader", "read")
+    submitter = create_key(database_url, "submitter", "submit")
     server = start_server(database_url)
     async with http_client(f"{server.url}/mcp", alice) as client:
         created = await tasks.start(client, "run_task", RUN)
@@ -418,6 +419,10 @@ async def test_over_http_handles_belong_to_their_key_and_survive_a_restart(
         result = await weak.session.call_tool("run_task", RUN, allow_claimed=True)
         assert getattr(result, "is_error", False)
         assert "lacks the 'submit' scope" in result.content[0].text  # type: ignore[union-attr]
+    async with http_client(f"{server.url}/mcp", submitter) as blind:
+        result = await blind.session.call_tool("run_task", RUN, allow_claimed=True)
+        assert getattr(result, "is_error", False)
+        assert "lacks the 'read' scope" in result.content[0].text  # type: ignore[union-attr]
 
     server.stop()
     restarted = start_server(database_url)
@@ -433,9 +438,52 @@ async def test_over_http_each_profile_has_its_path_and_a_flag_sets_the_default(
     database_url: str, start_server: Callable[..., ServerProcess]
 ) -> None:
     server = start_server(database_url, None, "--mcp-tools", "worker")
-    for path, profile in [("/mcp", "worker"), *((f"/mcp/{p}", p) for p in PROFILES)]:
+    paths = [("/mcp", "worker"), *((f"/mcp/{p}", p) for p in PROFILES)]
+    paths += [(f"/mcp?tools={p}", p) for p in PROFILES]
+    for path, profile in paths:
         async with http_client(f"{server.url}{path}", extension=False) as client:
             assert {t.name for t in (await client.list_tools()).tools} == PROFILES[profile]
+    async with httpx2.AsyncClient(timeout=10) as http:
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+        answer = await http.post(f"{server.url}/mcp?tools=everything", json=body)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["data"] == {"field": "tools"}
+    assert "tools must be one of worker, producer, admin, all" in answer.json()["error"]["message"]
+
+
+def inspector(*args: str) -> dict[str, Any]:
+    """The MCP Inspector's CLI (from the npm registry, through npx); skips where it is missing."""
+    if shutil.which("npx") is None:
+        pytest.skip("npx is not installed")
+    command = ["npx", "-y", "@modelcontextprotocol/inspector", "--cli", *args]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.skip("the MCP Inspector could not be fetched in time")
+    if done.returncode != 0 and "npm" in done.stderr.lower():
+        pytest.skip(f"the MCP Inspector is not available: {done.stderr[-300:]}")
+    assert done.returncode == 0, done.stderr
+    answer: dict[str, Any] = json.loads(done.stdout)
+    return answer
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_mcp_inspector_cli_lists_a_profile_and_runs_a_task(
+    database_url: str, start_server: Callable[..., ServerProcess]
+) -> None:
+    command = [sys.executable, "-m", "api.cli", "mcp", "--database", database_url]
+    listed = inspector(*command, "--tools", "worker", "--method", "tools/list")
+    assert {tool["name"] for tool in listed["tools"]} == PROFILES["worker"]
+    server = start_server(database_url)
+    url = f"{server.url}/mcp?tools=producer"
+    listed = inspector(url, "--transport", "http", "--method", "tools/list")
+    assert {tool["name"] for tool in listed["tools"]} == PROFILES["producer"]
+    arguments = ["--tool-arg", "work_directory=/srv/repo", "--tool-arg", "prompt=hi"]
+    arguments += ["--tool-arg", "timeout_seconds=0.5"]
+    ran = inspector(url, "--transport", "http", "--method", "tools/call", "--tool-name",
+                    "run_task", *arguments)  # fmt: skip
+    assert ran["isError"] is False
+    assert ran["structuredContent"]["finished"] is False  # nobody works here: it keeps waiting
 
 
 # --- over stdio ---

@@ -5,14 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp_types import CallToolResult
+from mcp_types import INVALID_PARAMS, CallToolResult
 from pydantic import Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import __version__
 from api.core import validation
@@ -68,12 +72,14 @@ LeaseSeconds = Annotated[
 ]
 
 
-async def _call(ctx: Context, operation: str, work: Callable[[], Awaitable[T]]) -> T:
-    """Run service `operation`; a client error becomes a tool error carrying the service's message."""
+async def _call(ctx: Context, operation: str, work: Callable[[], Awaitable[T]], *also: str) -> T:
+    """Run service `operation` (which may need the scopes of the operations in `also` too); a
+    client error becomes a tool error carrying the service's message."""
     try:
         request = ctx.request_context.request
         if request is not None:  # over stdio the caller is the local user, who holds the database
-            require(principal_of(request), operation)
+            for needed in (operation, *also):
+                require(principal_of(request), needed)
         return await work()
     except TaskorchError as exc:
         raise ToolError(exc.message) from exc
@@ -259,8 +265,7 @@ def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPSe
                 return tool_result(task)
             return tool_result(await service().wait_finished(task.id, timeout), timeout)
 
-        await _call(ctx, "read", _nothing)  # it reads the task back: both scopes
-        return await _call(ctx, "submit", submit)
+        return await _call(ctx, "submit", submit, "read")  # it reads the task back
 
     @tool
     async def get_task(ctx: Context, task_id: TaskId) -> TaskOut:
@@ -325,8 +330,42 @@ def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPSe
     return server
 
 
-async def _nothing() -> None:
-    return None
+def http_routes(servers: Mapping[str, MCPServer], default: str, settings: Settings) -> list[Route]:
+    """The MCP endpoints: `/mcp/<profile>` for each profile's server, and `/mcp`, which serves
+    the profile named by its `tools` query parameter (`/mcp?tools=worker`), else `default`.
+    Stateless, with JSON answers: any replica answers any request."""
+    apps: dict[str, ASGIApp] = {}
+    for profile, server in servers.items():
+        app = server.streamable_http_app(
+            streamable_http_path=f"/mcp/{profile}",
+            stateless_http=True,
+            json_response=True,
+            transport_security=transport_security(settings),
+        )
+        (route,) = [r for r in app.routes if isinstance(r, Route)]
+        apps[profile] = route.app
+    by_query = _ByQuery(apps, default)
+    return [Route("/mcp", by_query), *(Route(f"/mcp/{p}", app) for p, app in apps.items())]
+
+
+class _ByQuery:
+    """`/mcp`: hands each request to the server of the profile its `tools` parameter names.
+    (A query rather than only a path: some clients keep a URL only when it ends in /mcp.)"""
+
+    def __init__(self, apps: Mapping[str, ASGIApp], default: str) -> None:
+        self.apps = apps
+        self.default = default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        profile = Request(scope).query_params.get("tools", self.default)
+        app = self.apps.get(profile)
+        if app is None:
+            message = f"tools must be one of {', '.join(self.apps)}, not {profile!r}"
+            error = {"code": INVALID_PARAMS, "message": message, "data": {"field": "tools"}}
+            body = {"jsonrpc": "2.0", "id": None, "error": error}
+            await JSONResponse(body, status_code=400)(scope, receive, send)
+            return
+        await app(scope, receive, send)
 
 
 def transport_security(settings: Settings) -> TransportSecuritySettings:
