@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -32,7 +33,7 @@ from api.settings import Settings
 from api.store import open_store
 from api.store.base import SCHEMA_VERSION
 from tests import mcp_tasks_client as tasks
-from tests.conftest import GraphQLClient, ServerProcess
+from tests.conftest import FakeClock, GraphQLClient, ServerProcess
 
 RUN = {"work_directory": "/srv/repo", "prompt": "fix the test"}
 
@@ -231,6 +232,23 @@ async def test_handles_are_bound_to_their_owner(tools: MCPServer, service: TaskS
     assert mine is not None
     assert await service.resolve_handle(created.task_id, "key:someone-else") is None
     assert await service.resolve_handle("x" * 1000, "anonymous") is None
+
+
+async def test_a_handle_goes_with_its_task_when_retention_prunes_it(
+    service: TaskService, clock: FakeClock
+) -> None:
+    from api.core.validation import task_spec
+
+    task = await service.submit(task_spec(work_directory="/srv/repo", prompt="p"))
+    handle = await service.give_handle(task.id, "anonymous")
+    kept = await service.give_handle(
+        (await service.submit(task_spec(work_directory="/other", prompt="q"))).id, "anonymous"
+    )
+    await complete_next(service, None)
+    clock.advance(3600)
+    assert await service.prune(timedelta(minutes=1)) == 1
+    assert await service.store.handles.find_handle(handle.handle) is None
+    assert await service.store.handles.find_handle(kept.handle) == kept
 
 
 async def test_many_concurrent_run_tasks_get_distinct_resolvable_handles(
