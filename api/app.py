@@ -26,7 +26,7 @@ from api.interfaces.gql.fanout import Fanout
 from api.interfaces.gql.ide import graphiql_assets, graphiql_page, is_ide_request
 from api.interfaces.gql.schema import build_schema
 from api.interfaces.gql.security import SecuredTransportWS, guard_extensions
-from api.interfaces.mcp import build_mcp, http_sessions, transport_security
+from api.interfaces.mcp import PROFILES, build_mcp, http_routes, http_sessions
 from api.ops.health import QueueCounts, health
 from api.ops.logs import AccessLog
 from api.ops.metrics import metrics, observe_commit, observe_request
@@ -79,7 +79,9 @@ def create_app(settings: Settings) -> Starlette:
             app.state.started = time.monotonic()
             app.state.queue_counts = QueueCounts(running.store)
             log.info("taskorch %s serving %s", __version__, settings.database_url)
-            async with http_sessions(mcp_server):
+            async with contextlib.AsyncExitStack() as sessions:
+                for mcp_server in mcp_servers.values():
+                    await sessions.enter_async_context(http_sessions(mcp_server))
                 yield
 
     view = GraphQLView(
@@ -87,14 +89,7 @@ def create_app(settings: Settings) -> Starlette:
         graphql_ide="graphiql" if settings.graphiql else None,
         subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
     )
-    # Stateless: any replica can answer any MCP request, as with every other route.
-    mcp_server = build_mcp(lambda: app.state.service)
-    mcp_http = mcp_server.streamable_http_app(
-        streamable_http_path="/mcp",
-        stateless_http=True,
-        json_response=True,
-        transport_security=transport_security(settings),
-    )
+    mcp_servers = {name: build_mcp(lambda: app.state.service, name) for name in PROFILES}
     app = Starlette(
         routes=[
             Route("/graphql", view, methods=["GET", "POST"]),
@@ -102,7 +97,7 @@ def create_app(settings: Settings) -> Starlette:
             Route("/health", health, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             *rest.routes,
-            *mcp_http.routes,
+            *http_routes(mcp_servers, settings.mcp_tools, settings),
             *([graphiql_assets()] if settings.graphiql else []),
         ],
         middleware=[

@@ -12,6 +12,7 @@ from typing import Any
 from api.database_url import Backend, DatabaseUrlError, backend_of, sqlite_path
 
 DEFAULT_DATABASE_URL = "sqlite:///./taskorch.db"
+MCP_PROFILES = ("worker", "producer", "admin", "all")  # the tool sets MCP serves (see mcp.py)
 MAX_WORKERS = 64  # each is a whole server with its own connections (11 each on PostgreSQL)
 
 
@@ -44,6 +45,7 @@ class Settings:
     retention: str = "off"  # finished tasks older than this are pruned automatically, e.g. 30d
     shutdown_timeout: int = 10  # seconds in-flight requests get to finish on SIGTERM
     workers: int = 1  # server processes sharing the port (`serve --workers`)
+    mcp_tools: str = "all"  # the tool profile `/mcp` serves; `/mcp/<profile>` serves each
 
     def __post_init__(self) -> None:
         problem = _database_url_problem(self.database_url)
@@ -68,6 +70,7 @@ class Settings:
             "retention",
             "use off or a duration such as 30d, 12h, 90m or 45s",
         )
+        _check(self.mcp_tools in MCP_PROFILES, "mcp_tools", f"use one of {', '.join(MCP_PROFILES)}")
         _check(self.shutdown_timeout > 0, "shutdown_timeout", "use a positive number of seconds")
         _check(
             1 <= self.workers <= MAX_WORKERS, "workers", f"use 1 to {MAX_WORKERS} server processes"

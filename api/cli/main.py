@@ -13,7 +13,7 @@ from pathlib import Path
 from api import __version__
 from api.cli.keys import add_keys_commands
 from api.ops import logs
-from api.settings import Settings, SettingsError, parse_duration
+from api.settings import MCP_PROFILES, Settings, SettingsError, parse_duration
 from api.store import open_store
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -207,7 +207,7 @@ async def serve_mcp_stdio(settings: Settings) -> None:
     from api.runtime import runtime
 
     async with runtime(settings) as running:
-        await build_mcp(lambda: running.service).run_stdio_async()
+        await build_mcp(lambda: running.service, settings.mcp_tools).run_stdio_async()
 
 
 def cmd_work(args: argparse.Namespace, settings: Settings) -> int:
@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="server processes sharing the port (default 1; env TASKORCH_WORKERS)",
     )
     serve.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    serve.add_argument(
+        "--mcp-tools",
+        choices=MCP_PROFILES,
+        help="the tool profile /mcp serves (default all; env TASKORCH_MCP_TOOLS);"
+        " /mcp/<profile> serves each",
+    )
     _database_flag(serve)
     serve.set_defaults(run=cmd_serve)
 
@@ -292,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     mcp = commands.add_parser("mcp", help="serve the MCP tools over stdio, for a local agent")
     _database_flag(mcp)
+    mcp.add_argument(
+        "--tools",
+        dest="mcp_tools",
+        choices=MCP_PROFILES,
+        help="which tools to serve (default all; env TASKORCH_MCP_TOOLS)",
+    )
     mcp.set_defaults(run=cmd_mcp)
 
     from api.worker import add_arguments as add_work_arguments
@@ -305,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-SETTING_FLAGS = ("database_url", "host", "port", "durability", "log_level", "workers")
+SETTING_FLAGS = ("database_url", "host", "port", "durability", "log_level", "workers", "mcp_tools")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

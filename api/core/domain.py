@@ -21,6 +21,7 @@ MAX_IDEMPOTENCY_KEY = 255
 MAX_LEASE_SECONDS = 24 * 3600
 DEFAULT_LEASE_SECONDS = 300
 MAX_WAIT_SECONDS = 60.0
+MAX_RUN_WAIT_SECONDS = 300.0  # longest a blocking run_task call waits for its task
 MAX_BATCH = 1000
 MAX_PAGE = 1000
 MAX_INT32 = 2**31 - 1
@@ -111,6 +112,17 @@ class ApiKey:
     last_used_at: datetime | None
     revoked_at: datetime | None
     rate_limit: int | None = None  # requests a minute; None: the server's default
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHandle:
+    """An unguessable name for one task, given to the caller that created it through MCP: only
+    that caller (`owner`, the identity of its API key) may follow or cancel the task by it."""
+
+    handle: str
+    task_id: str
+    owner: str
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)

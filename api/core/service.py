@@ -6,6 +6,7 @@ import asyncio
 import base64
 import logging
 import random
+import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
@@ -21,12 +22,13 @@ from api.core.domain import (
     TaskChanges,
     TaskEvent,
     TaskFilter,
+    TaskHandle,
     TaskPage,
     TaskSpec,
     TaskStatus,
 )
 from api.core.errors import Conflict, NotFound, ValidationError
-from api.events.bus import EventBus, Waiter
+from api.events.bus import EventBus, SlowSubscriber, Waiter
 from api.store.base import TaskStore
 
 log = logging.getLogger("taskorch.service")
@@ -293,6 +295,47 @@ class TaskService:
             f"cannot {action} task {task_id}: it is held by another worker, not {worker_id!r};"
             " only the worker that claimed it may do this"
         )
+
+    # --- handles (MCP tasks) ---
+
+    async def give_handle(self, task_id: str, owner: str) -> TaskHandle:
+        """A new unguessable handle for `task_id`, stored before it is returned, that only
+        `owner` can resolve."""
+        handle = TaskHandle(secrets.token_urlsafe(24), task_id, owner, self._clock())
+        await self.store.handles.add_handle(handle)
+        return handle
+
+    async def resolve_handle(self, handle: str, owner: str) -> TaskHandle | None:
+        """The handle, when it exists and belongs to `owner`; None otherwise, the same either
+        way, so another caller learns nothing of it."""
+        if not isinstance(handle, str) or not 0 < len(handle) <= 100:
+            return None
+        found = await self.store.handles.find_handle(handle)
+        if found is None or not secrets.compare_digest(found.owner, owner):
+            return None
+        return found
+
+    async def wait_finished(self, task_id: str, timeout: float) -> Task:
+        """The task once it is COMPLETED, FAILED or CANCELLED, or as it is after `timeout`
+        seconds. Woken by its own events; re-read at least every second, so an event missed
+        (another replica's, before this subscription) costs at most that."""
+        deadline = time.monotonic() + timeout
+        subscription = self.bus.subscribe(EventFilter(task_id=task_id), 16)
+        try:
+            while True:
+                task = await self.get(task_id)
+                remaining = deadline - time.monotonic()
+                if task.status.is_final or remaining <= 0 or self._stopping:
+                    return task
+                wait = min(remaining, 1.0)
+                try:
+                    await asyncio.wait_for(subscription.next(), wait)
+                except TimeoutError:
+                    pass
+                except SlowSubscriber:  # only a re-read matters here: poll from now on
+                    await asyncio.sleep(wait)
+        finally:
+            subscription.close()
 
     # --- leases and retention ---
 

@@ -24,6 +24,7 @@ from api.core.domain import (
     MAX_PROMPT,
     MAX_RESULT_BYTES,
     MAX_RETRIES,
+    MAX_RUN_WAIT_SECONDS,
     MAX_TAG,
     MAX_TAGS,
     MAX_TEXT,
@@ -204,6 +205,17 @@ def check_wait_seconds(value: object, field: str = "wait_seconds") -> float:
         raise ValidationError(field, f"{field} must be a number of seconds")
     if not 0 <= value <= MAX_WAIT_SECONDS:
         raise ValidationError(field, f"{field} must be from 0 to {MAX_WAIT_SECONDS:g} seconds")
+    return float(value)
+
+
+def check_run_timeout(value: object, field: str = "timeout_seconds") -> float:
+    """How long a blocking run waits for its task; None is the longest."""
+    if value is None:
+        return MAX_RUN_WAIT_SECONDS
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValidationError(field, f"{field} must be a number of seconds")
+    if not 0 <= value <= MAX_RUN_WAIT_SECONDS:
+        raise ValidationError(field, f"{field} must be from 0 to {MAX_RUN_WAIT_SECONDS:g} seconds")
     return float(value)
 
 

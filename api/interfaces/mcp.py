@@ -5,22 +5,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types import INVALID_PARAMS, CallToolResult
 from pydantic import Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import __version__
 from api.core import validation
 from api.core.domain import TaskSpec
 from api.core.errors import TaskorchError, internal_error
 from api.core.service import TaskService
+from api.interfaces.mcp_tasks import RunTaskOutcome, Tasks, launching, tool_result
 from api.interfaces.models import NextTask, StatisticsOut, TaskList, TaskOut
 from api.security.auth import principal_of, require
-from api.settings import Settings
+from api.settings import MCP_PROFILES, Settings
 
 log = logging.getLogger("taskorch.mcp")
 
@@ -32,8 +38,22 @@ INSTRUCTIONS = (
     "taskorch is a durable task queue. A task is a prompt to run in a work directory."
     " Producers call create_task; workers call get_next_task for their work directory, do the"
     " work there, then complete_task or fail_task (and heartbeat meanwhile when the work takes"
-    " longer than the lease). Inspect with get_task, list_tasks and get_statistics."
+    " longer than the lease). Inspect with get_task, list_tasks and get_statistics. To hand"
+    " work to a worker and get its result back, call run_task."
 )
+
+# The tools each profile serves (`taskorch mcp --tools`, `/mcp/<profile>`): one table.
+_WORKER = {"get_next_task", "heartbeat", "complete_task", "fail_task", "release_task", "get_task"}
+_PRODUCER = {"create_task", "run_task", "get_task", "list_tasks", "cancel_task", "retry_task",
+             "get_statistics"}  # fmt: skip
+_ADMIN = {"get_task", "list_tasks", "cancel_task", "retry_task", "get_statistics"}
+PROFILES: dict[str, frozenset[str]] = {
+    "worker": frozenset(_WORKER),
+    "producer": frozenset(_PRODUCER),
+    "admin": frozenset(_ADMIN),
+    "all": frozenset(_WORKER | _PRODUCER | _ADMIN),
+}
+assert tuple(PROFILES) == MCP_PROFILES
 
 Priority = Literal["LOW", "MEDIUM", "HIGH"]
 Status = Literal["WAITING", "WORKING", "COMPLETED", "FAILED", "CANCELLED"]
@@ -52,12 +72,14 @@ LeaseSeconds = Annotated[
 ]
 
 
-async def _call(ctx: Context, operation: str, work: Callable[[], Awaitable[T]]) -> T:
-    """Run service `operation`; a client error becomes a tool error carrying the service's message."""
+async def _call(ctx: Context, operation: str, work: Callable[[], Awaitable[T]], *also: str) -> T:
+    """Run service `operation` (which may need the scopes of the operations in `also` too); a
+    client error becomes a tool error carrying the service's message."""
     try:
         request = ctx.request_context.request
         if request is not None:  # over stdio the caller is the local user, who holds the database
-            require(principal_of(request), operation)
+            for needed in (operation, *also):
+                require(principal_of(request), needed)
         return await work()
     except TaskorchError as exc:
         raise ToolError(exc.message) from exc
@@ -68,11 +90,20 @@ async def _call(ctx: Context, operation: str, work: Callable[[], Awaitable[T]]) 
         raise ToolError(internal_error().message) from exc
 
 
-def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
-    """The tools, bound to `service()` (looked up per call: the app creates it at start-up)."""
-    server: MCPServer = MCPServer("taskorch", version=__version__, instructions=INSTRUCTIONS)
+def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPServer:
+    """The tools of `profile`, bound to `service()` (looked up per call: the app creates it at
+    start-up), with the Tasks extension for run_task."""
+    served = PROFILES[profile]
+    server: MCPServer = MCPServer(
+        "taskorch", version=__version__, instructions=INSTRUCTIONS, extensions=[Tasks(service)]
+    )
 
-    @server.tool()
+    def tool(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if fn.__name__ in served:
+            server.add_tool(fn)
+        return fn
+
+    @tool
     async def create_task(
         ctx: Context,
         work_directory: WorkDirectory,
@@ -106,7 +137,7 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
 
         return TaskOut.of(await _call(ctx, "submit", lambda: service().submit(spec())))
 
-    @server.tool()
+    @tool
     async def get_next_task(
         ctx: Context,
         work_directory: WorkDirectory,
@@ -131,7 +162,7 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
         )
         return NextTask.of(tasks[0] if tasks else None)
 
-    @server.tool()
+    @tool
     async def complete_task(
         ctx: Context,
         task_id: TaskId,
@@ -146,7 +177,7 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
             await _call(ctx, "complete", lambda: service().complete(task_id, worker_id, result))
         )
 
-    @server.tool()
+    @tool
     async def fail_task(
         ctx: Context,
         task_id: TaskId,
@@ -163,7 +194,7 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
             await _call(ctx, "fail", lambda: service().fail(task_id, worker_id, error, retry))
         )
 
-    @server.tool()
+    @tool
     async def heartbeat(
         ctx: Context, task_id: TaskId, worker_id: WorkerId, lease_seconds: LeaseSeconds = None
     ) -> TaskOut:
@@ -176,13 +207,73 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
             )
         )
 
-    @server.tool()
+    @tool
+    async def release_task(ctx: Context, task_id: TaskId, worker_id: WorkerId) -> TaskOut:
+        """Give a task you claimed back to the queue, untouched and without counting an
+        attempt, e.g. when you are shutting down. Someone else can then claim it."""
+        return TaskOut.of(
+            await _call(ctx, "release", lambda: service().release(task_id, worker_id))
+        )
+
+    @tool
+    async def run_task(
+        ctx: Context,
+        work_directory: WorkDirectory,
+        prompt: Annotated[str, Field(description="What to do, as you would tell an agent.")],
+        priority: Priority | None = None,
+        tags: list[str] | None = None,
+        max_retries: Annotated[
+            int | None, Field(description="Retries after a failure (default 3, max 100).")
+        ] = None,
+        metadata: Annotated[
+            dict[str, Any] | None, Field(description="Any JSON object to keep with the task.")
+        ] = None,
+        idempotency_key: Annotated[
+            str | None,
+            Field(description="Send the same key again and you get the same task, not a new one."),
+        ] = None,
+        timeout_seconds: Annotated[
+            float | None,
+            Field(description="Wait up to this long for the result (default and max 300 s)."),
+        ] = None,
+    ) -> Annotated[CallToolResult, RunTaskOutcome]:
+        """Delegate a task to a worker and get its result: queues the prompt for the work
+        directory and answers when a worker finishes it, with the worker's result (an error
+        result if it failed or was cancelled). A client with the MCP Tasks extension gets a task
+        handle at once and follows it with tasks/get. Otherwise the call waits up to
+        timeout_seconds; if the task is still running then, the answer says so (finished:
+        false) and the task goes on: follow it with get_task(task_id)."""
+
+        def spec() -> TaskSpec:
+            return validation.task_spec(
+                work_directory=work_directory,
+                prompt=prompt,
+                priority=priority,
+                tags=tags,
+                max_retries=max_retries,
+                metadata=metadata,
+                idempotency_key=idempotency_key,
+            )
+
+        async def submit() -> CallToolResult:
+            timeout = validation.check_run_timeout(timeout_seconds)
+            task = await service().submit(spec())
+            launch = launching()
+            if launch is not None:  # a Tasks client: answer with a handle, not the result
+                launch.handle = await service().give_handle(task.id, launch.owner)
+                launch.task = task
+                return tool_result(task)
+            return tool_result(await service().wait_finished(task.id, timeout), timeout)
+
+        return await _call(ctx, "submit", submit, "read")  # it reads the task back
+
+    @tool
     async def get_task(ctx: Context, task_id: TaskId) -> TaskOut:
         """Look at one task: its status, result, error and who works on it. Use it to follow a task
         you created; it is finished when status is COMPLETED, FAILED or CANCELLED."""
         return TaskOut.of(await _call(ctx, "read", lambda: service().get(task_id)))
 
-    @server.tool()
+    @tool
     async def list_tasks(
         ctx: Context,
         status: Status | None = None,
@@ -210,7 +301,7 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
 
         return await _call(ctx, "read", page)
 
-    @server.tool()
+    @tool
     async def cancel_task(
         ctx: Context,
         task_id: TaskId,
@@ -220,13 +311,13 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
         queues it again later."""
         return TaskOut.of(await _call(ctx, "cancel", lambda: service().cancel(task_id, reason)))
 
-    @server.tool()
+    @tool
     async def retry_task(ctx: Context, task_id: TaskId) -> TaskOut:
         """Queue a FAILED or CANCELLED task again, with a fresh retry budget. Next: get_task to
         follow it."""
         return TaskOut.of(await _call(ctx, "retry", lambda: service().retry(task_id)))
 
-    @server.tool()
+    @tool
     async def get_statistics(
         ctx: Context, work_directory: WorkDirectory | None = None
     ) -> StatisticsOut:
@@ -237,6 +328,44 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
         )
 
     return server
+
+
+def http_routes(servers: Mapping[str, MCPServer], default: str, settings: Settings) -> list[Route]:
+    """The MCP endpoints: `/mcp/<profile>` for each profile's server, and `/mcp`, which serves
+    the profile named by its `tools` query parameter (`/mcp?tools=worker`), else `default`.
+    Stateless, with JSON answers: any replica answers any request."""
+    apps: dict[str, ASGIApp] = {}
+    for profile, server in servers.items():
+        app = server.streamable_http_app(
+            streamable_http_path=f"/mcp/{profile}",
+            stateless_http=True,
+            json_response=True,
+            transport_security=transport_security(settings),
+        )
+        (route,) = [r for r in app.routes if isinstance(r, Route)]
+        apps[profile] = route.app
+    by_query = _ByQuery(apps, default)
+    return [Route("/mcp", by_query), *(Route(f"/mcp/{p}", app) for p, app in apps.items())]
+
+
+class _ByQuery:
+    """`/mcp`: hands each request to the server of the profile its `tools` parameter names.
+    (A query rather than only a path: some clients keep a URL only when it ends in /mcp.)"""
+
+    def __init__(self, apps: Mapping[str, ASGIApp], default: str) -> None:
+        self.apps = apps
+        self.default = default
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        profile = Request(scope).query_params.get("tools", self.default)
+        app = self.apps.get(profile)
+        if app is None:
+            message = f"tools must be one of {', '.join(self.apps)}, not {profile!r}"
+            error = {"code": INVALID_PARAMS, "message": message, "data": {"field": "tools"}}
+            body = {"jsonrpc": "2.0", "id": None, "error": error}
+            await JSONResponse(body, status_code=400)(scope, receive, send)
+            return
+        await app(scope, receive, send)
 
 
 def transport_security(settings: Settings) -> TransportSecuritySettings:

@@ -90,6 +90,7 @@ def worker_environment(settings: Settings) -> dict[str, str]:
         "TASKORCH_PORT": str(settings.port),
         "TASKORCH_DURABILITY": settings.durability,
         "TASKORCH_LOG_LEVEL": settings.log_level,
+        "TASKORCH_MCP_TOOLS": settings.mcp_tools,
         "TASKORCH_WORKERS": "1",
     }
 

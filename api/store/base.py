@@ -7,7 +7,16 @@ from datetime import datetime
 from typing import Protocol
 
 from api.core import domain
-from api.core.domain import ApiKey, Completion, Task, TaskChanges, TaskEvent, TaskPage, TaskStatus
+from api.core.domain import (
+    ApiKey,
+    Completion,
+    Task,
+    TaskChanges,
+    TaskEvent,
+    TaskHandle,
+    TaskPage,
+    TaskStatus,
+)
 from api.core.lifecycle import Outcome
 
 # Called with the events of each committed transaction. On SQLite they carry their ids, in id
@@ -16,7 +25,7 @@ CommitListener = Callable[[Sequence[TaskEvent]], None]
 # Decides a lifecycle change from the task as stored; None when the change does not apply.
 Decide = Callable[[Task], Outcome | None]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class TaskStore(Protocol):
@@ -26,6 +35,10 @@ class TaskStore(Protocol):
     @property
     def keys(self) -> KeyStore:
         """The API keys kept in the same database."""
+
+    @property
+    def handles(self) -> HandleStore:
+        """The MCP task handles kept in the same database."""
 
     async def open(self) -> None:
         """Connect and bring the schema up to date."""
@@ -123,3 +136,11 @@ class KeyStore(Protocol):
         """Record a use of the key."""
 
     async def count_active_keys(self) -> int: ...
+
+
+class HandleStore(Protocol):
+    """Task handles: a handle names one task for one owner; handles go when their task does."""
+
+    async def add_handle(self, handle: TaskHandle) -> None: ...
+
+    async def find_handle(self, handle: str) -> TaskHandle | None: ...

@@ -157,5 +157,6 @@ def prune(c: Catalogue, finished_before: datetime, limit: int) -> Program[int]:
         ids = [row["id"] for row in rows]
         params: dict[str, Any] = {}
         yield f"DELETE FROM task_history WHERE {sql.one_of('task_id', 'id', ids, params)}", params
+        yield f"DELETE FROM task_handles WHERE {sql.one_of('task_id', 'id', ids, params)}", params
         yield f"DELETE FROM tasks WHERE {sql.one_of('id', 'id', ids, params)}", params
     return len(rows), []

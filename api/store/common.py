@@ -12,7 +12,7 @@ from api.core import domain, lifecycle
 from api.core.domain import Completion, Task, TaskPage, TaskStatus
 from api.store import changes as programs
 from api.store import sql
-from api.store.base import Decide, KeyStore
+from api.store.base import Decide, HandleStore, KeyStore
 from api.store.changes import Program, Query
 from api.store.rows import NotAll, Row, event_of, task_of
 from api.store.sql import Catalogue
@@ -23,6 +23,7 @@ T = TypeVar("T")
 class SqlTaskStore(ABC):
     sql: Catalogue
     keys: KeyStore
+    handles: HandleStore
 
     @abstractmethod
     async def _read(self, query: Query) -> list[Row]:

@@ -77,6 +77,18 @@ _MIGRATIONS: list[list[str]] = [
     # A key's own requests a minute; NULL (every key made before) keeps the server's default.
     ["ALTER TABLE api_keys ADD COLUMN rate_limit INTEGER"],
     ["{history_positions}"],
+    # MCP task handles: an unguessable name for a task, bound to the key that created it.
+    [
+        """
+        CREATE TABLE task_handles (
+            handle TEXT PRIMARY KEY,
+            task_id {uuid} NOT NULL,
+            owner TEXT NOT NULL,
+            created_at {time} NOT NULL
+        )
+        """,
+        "CREATE INDEX task_handles_task ON task_handles (task_id)",
+    ],
 ]
 
 # Only PostgreSQL can index a JSON array's members.

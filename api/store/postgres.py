@@ -17,6 +17,7 @@ from api.store import sql
 from api.store.base import CommitListener
 from api.store.changes import Program, Query
 from api.store.common import SqlTaskStore
+from api.store.handle_store import SqlHandleStore
 from api.store.key_store import SqlKeyStore
 from api.store.pg_schema import WAKE_STAMPER, insert_history, migrate
 from api.store.rows import Row, event_of
@@ -59,6 +60,7 @@ class PostgresStore(SqlTaskStore):
         self._waking: asyncio.Task[None] | None = None
         self._wake_again = False
         self.keys = SqlKeyStore(POSTGRES, self._read, self._write)
+        self.handles = SqlHandleStore(POSTGRES, self._read, self._write)
 
     @property
     def pool(self) -> asyncpg.Pool:

@@ -228,6 +228,12 @@ REVOKE_KEY = (
 TOUCH_KEY = "UPDATE api_keys SET last_used_at = :now WHERE key_hash = :key_hash RETURNING name"
 ACTIVE_KEYS = "SELECT count(*) AS count FROM api_keys WHERE revoked_at IS NULL"
 
+INSERT_HANDLE = (
+    "INSERT INTO task_handles (handle, task_id, owner, created_at)"
+    " VALUES (:handle, :task_id, :owner, :now) RETURNING handle"
+)
+FIND_HANDLE = "SELECT handle, task_id, owner, created_at FROM task_handles WHERE handle = :handle"
+
 
 def one_of(column: str, name: str, values: Sequence[Any], params: dict[str, Any]) -> str:
     """`column IN (:name0, :name1, ...)`, adding the values to `params`."""

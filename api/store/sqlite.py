@@ -17,6 +17,7 @@ from api.store import migrations
 from api.store.base import CommitListener
 from api.store.changes import Program, Query
 from api.store.common import SqlTaskStore
+from api.store.handle_store import SqlHandleStore
 from api.store.key_store import SqlKeyStore
 from api.store.rows import Row, event_of, history_row
 from api.store.sql import RECORD, SCHEMA_VERSION_NOW, SQLITE, SQLITE_SQL, to_us
@@ -69,6 +70,7 @@ class SqliteStore(SqlTaskStore):
         # since for an indexed read of a tiny table the hop to a reader thread costs far more.
         self._loop_reader: sqlite3.Connection | None = None
         self.keys = SqlKeyStore(SQLITE, self._key_read, self._write)
+        self.handles = SqlHandleStore(SQLITE, self._read, self._write)
 
     # --- lifecycle ---
 
