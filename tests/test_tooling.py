@@ -53,3 +53,14 @@ def test_lint_checks_and_format_checks_every_python_folder() -> None:
     mypy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
     assert set(mypy["packages"]) == folders - {"tests"}
     assert re.search(r"^test: lint$", makefile, re.MULTILINE)
+
+
+def test_no_asyncio_wait_for_in_the_server() -> None:
+    # On Python 3.11 `asyncio.wait_for` can lose a cancellation that arrives as the awaited thing
+    # finishes, and a loop waiting in it then never stops; `asyncio.timeout` does not.
+    users = [
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "api").rglob("*.py")
+        if re.search(r"\bwait_for\(", path.read_text())
+    ]
+    assert users == []

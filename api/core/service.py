@@ -329,7 +329,8 @@ class TaskService:
                     return task
                 wait = min(remaining, 1.0)
                 try:
-                    await asyncio.wait_for(subscription.next(), wait)
+                    async with asyncio.timeout(wait):  # not wait_for: it can lose a cancellation
+                        await subscription.next()
                 except TimeoutError:
                     pass
                 except SlowSubscriber:  # only a re-read matters here: poll from now on
