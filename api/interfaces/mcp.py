@@ -36,7 +36,7 @@ INSTRUCTIONS = (
 )
 
 Priority = Literal["LOW", "MEDIUM", "HIGH"]
-Status = Literal["WAITING", "WORKING", "COMPLETED", "FAILED", "CANCELLED"]
+Status = Literal["BLOCKED", "WAITING", "WORKING", "IN_REVIEW", "COMPLETED", "FAILED", "CANCELLED"]
 TaskId = Annotated[str, Field(description="The task id returned by create_task or get_next_task.")]
 WorkerId = Annotated[
     str, Field(description="A stable name for you as a worker; use the same one for every call.")
@@ -89,9 +89,21 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
             str | None,
             Field(description="Send the same key again and you get the same task, not a new one."),
         ] = None,
+        depends_on: Annotated[
+            list[str] | None,
+            Field(
+                description="Ids of existing tasks (at most 100) that must complete first; until "
+                "then the task is BLOCKED, and it is cancelled if one of them fails."
+            ),
+        ] = None,
+        require_review: Annotated[
+            bool | None,
+            Field(description="True: its completion waits IN_REVIEW for approve_task."),
+        ] = None,
     ) -> TaskOut:
         """Queue a new task: a prompt to run in a work directory. Use it to hand work to a worker.
-        Returns the task, status WAITING; keep its id. Next: get_task or list_tasks to follow it."""
+        Returns the task, status WAITING (BLOCKED while depends_on tasks are unfinished); keep
+        its id. Next: get_task or list_tasks to follow it."""
 
         def spec() -> TaskSpec:
             return validation.task_spec(
@@ -102,6 +114,8 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
                 max_retries=max_retries,
                 metadata=metadata,
                 idempotency_key=idempotency_key,
+                depends_on=depends_on,
+                require_review=require_review,
             )
 
         return TaskOut.of(await _call(ctx, "submit", lambda: service().submit(spec())))
@@ -216,8 +230,8 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
         task_id: TaskId,
         reason: Annotated[str | None, Field(description="Why, kept in the task's history.")] = None,
     ) -> TaskOut:
-        """Cancel a task that is WAITING or WORKING, so nobody (else) works on it. retry_task
-        queues it again later."""
+        """Cancel a task that is BLOCKED, WAITING, WORKING or IN_REVIEW, so nobody (else) works on
+        it; tasks that depend on it are cancelled too. retry_task queues it again later."""
         return TaskOut.of(await _call(ctx, "cancel", lambda: service().cancel(task_id, reason)))
 
     @server.tool()
@@ -225,6 +239,35 @@ def build_mcp(service: Callable[[], TaskService]) -> MCPServer:
         """Queue a FAILED or CANCELLED task again, with a fresh retry budget. Next: get_task to
         follow it."""
         return TaskOut.of(await _call(ctx, "retry", lambda: service().retry(task_id)))
+
+    @server.tool()
+    async def approve_task(
+        ctx: Context,
+        task_id: TaskId,
+        note: Annotated[str | None, Field(description="Why, kept in the task's history.")] = None,
+    ) -> TaskOut:
+        """Accept the result of a task that is IN_REVIEW (its worker completed it and it requires
+        a review): it becomes COMPLETED, and tasks that depend on it may run. Look at its result
+        with get_task first; reject_task instead when it is not good enough."""
+        return TaskOut.of(await _call(ctx, "approve", lambda: service().approve(task_id, note)))
+
+    @server.tool()
+    async def reject_task(
+        ctx: Context,
+        task_id: TaskId,
+        feedback: Annotated[
+            str, Field(description="What is wrong: the next attempt is given this text.")
+        ],
+        retry: Annotated[
+            bool, Field(description="False fails the task for good instead of another attempt.")
+        ] = True,
+    ) -> TaskOut:
+        """Refuse the result of a task that is IN_REVIEW. It goes back to WAITING with your
+        feedback in review_feedback (counted as a retry; FAILED once its retries are spent), or
+        to FAILED when retry is false (tasks that depend on it are then cancelled)."""
+        return TaskOut.of(
+            await _call(ctx, "reject", lambda: service().reject(task_id, feedback, retry))
+        )
 
     @server.tool()
     async def get_statistics(
