@@ -32,7 +32,9 @@ INSTRUCTIONS = (
     "taskorch is a durable task queue. A task is a prompt to run in a work directory."
     " Producers call create_task; workers call get_next_task for their work directory, do the"
     " work there, then complete_task or fail_task (and heartbeat meanwhile when the work takes"
-    " longer than the lease). Inspect with get_task, list_tasks and get_statistics."
+    " longer than the lease). Inspect with get_task, list_tasks and get_statistics. A task created"
+    " with depends_on stays BLOCKED until those tasks complete; one created with require_review"
+    " waits IN_REVIEW after completion until a reviewer calls approve_task or reject_task."
 )
 
 Priority = Literal["LOW", "MEDIUM", "HIGH"]

@@ -38,13 +38,18 @@ def task_of(d: Dialect, row: Row) -> Task:
         status=TaskStatus(row["status"]),
         result=None if result is None else d.unjson(result),
         metadata=d.unjson(row["metadata"]),
-        depends_on=tuple(d.unjson(row["depends_on"])),
-        blocked_by=tuple(d.unjson(row["blocked_by"])),
+        depends_on=_ids(d, row["depends_on"]),
+        blocked_by=_ids(d, row["blocked_by"]),
         require_review=bool(row["require_review"]),
         has_dependents=bool(row["has_dependents"]),
         **{name: row[name] for name in _TASK_PLAIN},
         **{name: d.instant(row[name]) for name in _TASK_TIMES},
     )
+
+
+def _ids(d: Dialect, value: Any) -> tuple[str, ...]:
+    # Almost every task has none: skip decoding the empty list on every row read.
+    return () if value == "[]" or value == [] else tuple(d.unjson(value))
 
 
 def event_of(d: Dialect, row: Row) -> TaskEvent:
