@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from api.core.domain import Completion, TaskStatus
+from api.core.domain import Completion, EventFilter, TaskStatus
 from api.core.errors import Conflict, ValidationError
 from api.core.service import TaskService
 from api.core.validation import task_spec
@@ -21,6 +21,7 @@ from api.settings import Settings
 from api.store import open_store
 from api.store.migrations import POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS
 from tests.conftest import FakeClock
+from tests.test_postgres import replica
 
 Submit = Callable[..., Awaitable[Any]]
 B, W, C = TaskStatus.BLOCKED, TaskStatus.WAITING, TaskStatus.COMPLETED
@@ -428,3 +429,49 @@ async def test_a_schema_2_database_keeps_its_tasks_and_history(
         assert next(e.id for e in await store.history(blocked.id)) > 5
     finally:
         await store.close()
+
+
+async def test_a_subscriber_sees_the_dependent_unblock(
+    service: TaskService, submit_task: Submit
+) -> None:
+    a = await submit_task(work_directory="/a")
+    d = await submit_task(depends_on=[a.id])
+    subscription = service.bus.subscribe(EventFilter(task_id=d.id), 10)
+    try:
+        await finish(service, a.id)
+        async with asyncio.timeout(10):
+            event = await subscription.next()
+        assert (event.status, event.previous_status, event.details) == (
+            W, B, {"reason": "unblocked"},
+        )  # fmt: skip
+    finally:
+        subscription.close()
+
+
+async def test_dependencies_completed_on_two_replicas_unblock_each_dependent_once(
+    postgres_url: str,
+) -> None:
+    async with replica(postgres_url) as (_, _, one), replica(postgres_url) as (_, _, two):
+        for _ in range(3):
+            tag = uuid.uuid4().hex[:8]
+            directories = [f"/r{i}-{tag}" for i in range(10)]
+            deps = [
+                (await one.submit(task_spec(work_directory=d, prompt="p"))).id for d in directories
+            ]
+            joint = [
+                (
+                    await two.submit(
+                        task_spec(work_directory=f"/j-{tag}", prompt="j", depends_on=deps)
+                    )
+                ).id
+                for _ in range(5)
+            ]
+            sides = [one if i % 2 else two for i in range(len(deps))]
+            for side, directory in zip(sides, directories, strict=True):
+                await side.claim(directory, "w")
+            await asyncio.gather(
+                *(side.complete(t, "w") for side, t in zip(sides, deps, strict=True))
+            )
+            for task_id in joint:
+                assert (await one.get(task_id)).status is W
+                assert [e.status for e in await one.history(task_id)] == [B, W]
