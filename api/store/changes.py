@@ -30,11 +30,11 @@ def submit(c: Catalogue, specs: Sequence[TaskSpec], now: datetime) -> Program[li
     d = c.dialect
     tasks: list[Task] = []
     pending: list[Pending] = []
-    for number, spec in enumerate(specs):
+    statuses = yield from _lock_dependencies(c, specs)
+    for spec in specs:
         status = TaskStatus.WAITING
         blocked_by: tuple[str, ...] = ()
         if spec.depends_on:
-            statuses = yield from _lock_dependencies(c, number, spec.depends_on)
             status, blocked_by = lifecycle.submitted_status(spec.depends_on, statuses)
         rows = yield (
             sql.SUBMIT,
@@ -71,16 +71,21 @@ def submit(c: Catalogue, specs: Sequence[TaskSpec], now: datetime) -> Program[li
 
 
 def _lock_dependencies(
-    c: Catalogue, number: int, depends_on: Sequence[str]
+    c: Catalogue, specs: Sequence[TaskSpec]
 ) -> Generator[Query, list[Row], dict[str, TaskStatus]]:
-    """Lock the tasks a new one depends on (a failure or completion of one waits for this
-    submit's commit, and then sees the new dependent) and refuse a missing or failed one."""
-    params: dict[str, Any] = {}
-    rows = yield c.lock_dependencies.format(sql.one_of("id", "dep", depends_on, params)), params
+    """Lock every task the new ones depend on, in one statement (in seq order, so this never
+    waits in a cycle with a change that locks dependents), and refuse a missing or failed one. A
+    failure or completion of a dependency then waits for this commit, and sees the new tasks."""
+    wanted = list(dict.fromkeys(d for spec in specs for d in spec.depends_on))
+    if not wanted:
+        return {}
+    # The list as one parameter: a JSON array on SQLite, an array on PostgreSQL.
+    rows = yield c.lock_dependencies, {"ids": c.dialect.json(wanted)}
     statuses = {str(row["id"]): TaskStatus(row["status"]) for row in rows}
-    for index, task_id in enumerate(depends_on):
-        if lifecycle.refuses_dependency(statuses.get(task_id)):
-            raise RefusedDependency(number, index, task_id, statuses.get(task_id))
+    for number, spec in enumerate(specs):
+        for index, task_id in enumerate(spec.depends_on):
+            if lifecycle.refuses_dependency(statuses.get(task_id)):
+                raise RefusedDependency(number, index, task_id, statuses.get(task_id))
     return statuses
 
 

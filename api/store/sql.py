@@ -70,6 +70,7 @@ class Dialect:
     for_update: str  # appended to a SELECT whose row the change decides on
     has_tag: str  # a clause: the task's tags hold :tag
     pick: str  # a clause: seq is one of the rows the subquery {} picks
+    among: str  # a clause: id is one of the list :ids (any length: one parameter)
     types: dict[str, str]  # DDL column types
 
 
@@ -83,6 +84,7 @@ SQLITE = Dialect(
     for_update="",
     has_tag="EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE value = :tag)",
     pick="seq IN ({})",
+    among="id IN (SELECT value FROM json_each(:ids))",
     types={
         "seq": "INTEGER PRIMARY KEY AUTOINCREMENT",
         "uuid": "TEXT",
@@ -103,6 +105,7 @@ POSTGRES = Dialect(
     # ANY(ARRAY(...)), not IN (...): the planner then reads the picked rows through the primary
     # key instead of hash-joining a scan of the whole table.
     pick="seq = ANY(ARRAY({}))",
+    among="id = ANY(CAST(:ids AS uuid[]))",
     types={
         "seq": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
         "uuid": "UUID",
@@ -146,7 +149,7 @@ class Catalogue:
     expired: str
     finished: str
     complete: str
-    lock_dependencies: str  # the tasks a submit depends on, locked, in seq order: {} the ids
+    lock_dependencies: str  # the tasks a submit depends on (:ids), locked, in seq order
     lock_dependents: str  # tasks to settle, locked, in seq order: {} the ids
 
 
@@ -183,7 +186,7 @@ def catalogue(d: Dialect) -> Catalogue:
             f" RETURNING {TASK_COLUMNS}"
         ),
         # Locked in one order (seq) by every transaction, so two never wait on each other.
-        lock_dependencies=f"SELECT id, status FROM tasks WHERE {{}} ORDER BY seq{d.for_update}",
+        lock_dependencies=f"SELECT id, status FROM tasks WHERE {d.among} ORDER BY seq{d.for_update}",
         lock_dependents=f"SELECT {TASK_COLUMNS} FROM tasks WHERE {{}} ORDER BY seq{d.for_update}",
     )
 
