@@ -19,7 +19,8 @@ from typing import Any, Literal
 from api import database_url
 from api.database_url import DatabaseUrlError, backend_of
 
-STATUSES = ("WAITING", "WORKING", "COMPLETED", "FAILED", "CANCELLED")
+# A status is read as its position in this tuple; newer statuses are appended.
+STATUSES = ("WAITING", "WORKING", "COMPLETED", "FAILED", "CANCELLED", "BLOCKED", "IN_REVIEW")
 PRIORITIES = ("LOW", "MEDIUM", "HIGH")
 
 TASK_FIELDS = (

@@ -22,7 +22,7 @@ log = logging.getLogger("taskorch.worker")
 TAIL_BYTES = 4096
 CLAIM_WAIT_SECONDS = 30.0  # the server answers at once when a task arrives; this only bounds a call
 KILL_WAIT_SECONDS = 5.0  # between SIGTERM and SIGKILL of a command's process group
-TASK_FIELDS = "id prompt workDirectory version"
+TASK_FIELDS = "id prompt workDirectory version reviewFeedback"
 
 CLAIM = f"""mutation Claim($dir: String!, $worker: String!, $lease: Int, $wait: Float) {{
   claimTask(workDirectory: $dir, workerId: $worker, leaseSeconds: $lease, waitSeconds: $wait) {{
@@ -244,6 +244,10 @@ class Worker:
     async def _execute(self, task: dict[str, Any], lost: asyncio.Event) -> Outcome:
         started = time.monotonic()
         env = {**os.environ, "TASKORCH_PROMPT": task["prompt"], "TASKORCH_TASK_ID": task["id"]}
+        env.pop("TASKORCH_REVIEW_FEEDBACK", None)  # only ever this task's own
+        if task.get("reviewFeedback") is not None:
+            # A reviewer rejected the last attempt: the next one is told why.
+            env["TASKORCH_REVIEW_FEEDBACK"] = task["reviewFeedback"]
         try:
             process = await asyncio.create_subprocess_exec(
                 *self.config.command,

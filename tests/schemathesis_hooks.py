@@ -1,7 +1,9 @@
-"""Schemathesis hooks for the REST v1 run: keep waiting claims short."""
+"""Schemathesis hooks for the REST v1 run: keep waiting claims short, and depend only on tasks
+that exist."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import schemathesis
@@ -20,3 +22,23 @@ def before_call(context: schemathesis.HookContext, case: schemathesis.Case, kwar
         seconds = None
     if seconds is not None and SHORT_WAIT < seconds <= 60 and case.query is not None:
         case.query["wait_seconds"] = SHORT_WAIT
+    # A well-formed list of random task ids names tasks that do not exist, which the server must
+    # refuse (400, naming the item); generated ids cannot name real tasks, so a schema-valid list
+    # is sent empty. Malformed lists are left alone: the server must refuse those too.
+    body = case.body
+    if case.method == "POST" and case.path.endswith("/tasks") and isinstance(body, dict):
+        depends_on = body.get("depends_on")
+        if (
+            isinstance(depends_on, list)
+            and len(depends_on) <= 100
+            and all(map(_is_uuid, depends_on))
+        ):
+            body["depends_on"] = []
+
+
+def _is_uuid(value: object) -> bool:
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        return False
+    return isinstance(value, str)

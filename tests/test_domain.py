@@ -138,7 +138,10 @@ def test_backoff_grows_and_stays_within_half_and_all_of_the_cap(
 
 def test_history_reasons_are_the_stored_words() -> None:
     # Existing databases and the analytics read these exact strings.
-    assert {r.value for r in HistoryReason} == {"released", "retried", "lease_expired"}
+    assert {r.value for r in HistoryReason} == {
+        "released", "retried", "lease_expired", "unblocked", "dependency_failed", "approved",
+        "rejected",
+    }  # fmt: skip
     assert HistoryReason.LEASE_EXPIRED == "lease_expired"
 
 

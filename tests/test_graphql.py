@@ -371,3 +371,89 @@ async def test_validation_errors_name_fields_as_graphql_spells_them(
     error = await gql.error(document)
     assert error["message"] == message
     assert error["extensions"] == {"code": "VALIDATION_ERROR", "field": field}
+
+
+DEPS = """mutation($input: SubmitTaskInput!) { submitTask(input: $input) {
+  id status dependsOn blockedBy requireReview reviewFeedback } }"""
+REVIEW = """mutation($id: ID!, $note: String, $feedback: String!, $approve: Boolean!,
+    $retry: Boolean) {
+  approveTask(id: $id, note: $note) @include(if: $approve) { id status }
+  rejectTask(id: $id, feedback: $feedback, retry: $retry) @skip(if: $approve) {
+    id status reviewFeedback retryCount }
+}"""
+
+
+async def test_dependencies_and_review_gates_over_graphql(gql: GraphQLClient) -> None:
+    first = (
+        await gql.ok(DEPS, input={"workDirectory": "/a", "prompt": "p", "requireReview": True})
+    )["submitTask"]
+    assert (first["requireReview"], first["dependsOn"], first["reviewFeedback"]) == (True, [], None)
+    then = (
+        await gql.ok(DEPS, input={"workDirectory": "/b", "prompt": "q", "dependsOn": [first["id"]]})
+    )["submitTask"]
+    assert (then["status"], then["blockedBy"], then["requireReview"]) == (
+        "BLOCKED", [first["id"]], False,
+    )  # fmt: skip
+    missing = "00000000-0000-0000-0000-000000000001"
+    batch = """mutation($inputs: [SubmitTaskInput!]!) { submitTasks(inputs: $inputs) { id } }"""
+    error = await gql.error(
+        batch,
+        inputs=[
+            {"workDirectory": "/b", "prompt": "ok"},
+            {"workDirectory": "/b", "prompt": "bad", "dependsOn": [first["id"], missing]},
+        ],
+    )
+    assert error["extensions"] == {"code": "VALIDATION_ERROR", "field": "inputs[1].dependsOn[1]"}
+    blocked = await gql.ok("{ tasks(status: [BLOCKED]) { totalCount } statistics { blocked } }")
+    assert (blocked["tasks"]["totalCount"], blocked["statistics"]["blocked"]) == (1, 1)
+    error = await gql.error(REVIEW, id=first["id"], feedback="x", approve=True)
+    assert error["extensions"]["code"] == "CONFLICT"
+    assert (await gql.ok(CLAIM, dir="/a", worker="w"))["claimTask"]["id"] == first["id"]
+    done = (await gql.ok(COMPLETE, id=first["id"], worker="w", result={"n": 1}))["completeTask"]
+    assert (done["status"], done["result"], done["completedAt"]) == ("IN_REVIEW", {"n": 1}, None)
+    stats = await gql.ok("{ statistics { inReview blocked } }")
+    assert stats["statistics"] == {"inReview": 1, "blocked": 1}
+    rejected = (await gql.ok(REVIEW, id=first["id"], feedback="add tests", approve=False))[
+        "rejectTask"
+    ]
+    assert rejected == {
+        "id": first["id"], "status": "WAITING", "reviewFeedback": "add tests", "retryCount": 1,
+    }  # fmt: skip
+    await gql.ok(CLAIM, dir="/a", worker="w")
+    await gql.ok(COMPLETE, id=first["id"], worker="w", result={"n": 2})
+    approved = (await gql.ok(REVIEW, id=first["id"], note="good", feedback="", approve=True))[
+        "approveTask"
+    ]
+    assert approved["status"] == "COMPLETED"
+    history = await gql.ok(
+        "query($id: ID!) { task(id: $id) { history { status details } } }", id=first["id"]
+    )
+    assert history["task"]["history"][-1] == {
+        "status": "COMPLETED", "details": {"reason": "approved", "note": "good"},
+    }  # fmt: skip
+    after = await gql.ok(
+        "query($id: ID!) { task(id: $id) { status blockedBy history { status details } } }",
+        id=then["id"],
+    )
+    assert after["task"]["status"] == "WAITING"
+    assert after["task"]["blockedBy"] == []
+    assert after["task"]["history"][-1] == {"status": "WAITING", "details": {"reason": "unblocked"}}
+
+
+async def test_a_failed_dependency_cancels_its_dependents_over_graphql(gql: GraphQLClient) -> None:
+    first = await submit(gql, workDirectory="/a", maxRetries=0)
+    then = (
+        await gql.ok(DEPS, input={"workDirectory": "/b", "prompt": "q", "dependsOn": [first["id"]]})
+    )["submitTask"]
+    await gql.ok(CLAIM, dir="/a", worker="w")
+    await gql.ok(FAIL, id=first["id"], worker="w", error="boom")
+    after = await gql.ok(
+        "query($id: ID!) { task(id: $id) { status history { details } } }", id=then["id"]
+    )
+    assert after["task"]["status"] == "CANCELLED"
+    assert after["task"]["history"][-1]["details"] == {
+        "reason": "dependency_failed", "dependency": first["id"],
+    }  # fmt: skip
+    error = await gql.error("mutation($id: ID!) { retryTask(id: $id) { id } }", id=then["id"])
+    assert error["extensions"]["code"] == "CONFLICT"
+    assert first["id"] in error["message"]

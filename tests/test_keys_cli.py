@@ -210,3 +210,35 @@ async def test_the_rate_limit_migration_keeps_existing_keys(database_url: str) -
         assert limited.rate_limit == 5
     finally:
         await store.close()
+
+
+async def test_a_review_key_may_approve_and_reject_and_nothing_else(database_url: str) -> None:
+    from tests.conftest import GraphQLClient, running_app
+
+    keys = {}
+    for name, scopes in (("reviewer", "review"), ("worker", "work,read,submit")):
+        made = taskorch(
+            "keys", "create", "--name", name, "--scopes", scopes, "--database", database_url
+        )
+        assert made.returncode == 0, made.stderr
+        keys[name] = made.stdout.strip()
+    approve = 'mutation { approveTask(id: "00000000-0000-0000-0000-000000000001") { id } }'
+    reject = (
+        'mutation { rejectTask(id: "00000000-0000-0000-0000-000000000001", feedback: "x") { id } }'
+    )
+    submit = 'mutation { submitTask(input: {workDirectory: "/r", prompt: "p"}) { id } }'
+    async with running_app(Settings(database_url=database_url, durability="normal")) as http:
+        gql = GraphQLClient(http)
+        http.headers["Authorization"] = f"Bearer {keys['reviewer']}"
+        for query in (approve, reject):  # allowed: the task is just not there
+            assert (await gql.error(query))["extensions"]["code"] == "NOT_FOUND"
+        refused = await http.post("/graphql", json={"query": submit})
+        assert refused.status_code == 403
+        http.headers["Authorization"] = f"Bearer {keys['worker']}"
+        for query in (approve, reject):
+            refused = await http.post("/graphql", json={"query": query})
+            assert refused.status_code == 403
+            (error,) = refused.json()["errors"]
+            assert (error["extensions"]["code"], error["extensions"]["requiredScope"]) == (
+                "FORBIDDEN", "review",
+            )  # fmt: skip

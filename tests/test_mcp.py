@@ -18,7 +18,7 @@ from tests.conftest import FakeClock, GraphQLClient, ServerProcess, eventually
 TOOLS = {
     "create_task", "get_next_task", "complete_task", "fail_task", "heartbeat",
     "get_task", "list_tasks", "cancel_task", "retry_task", "get_statistics", "release_task",
-    "run_task",
+    "run_task", "approve_task", "reject_task",
 }  # fmt: skip
 
 
@@ -142,6 +142,8 @@ async def test_fail_cancel_retry_list_and_statistics(tools: MCPServer) -> None:
             "completed": 0,
             "failed": 0,
             "cancelled": 1,
+            "blocked": 0,
+            "in_review": 0,
         }
         assert (await call(client, "get_statistics", work_directory="/other"))["total"] == 1
 
@@ -250,3 +252,35 @@ async def test_http_tools_need_a_key_with_their_scope(
         assert (await call(client, "get_statistics"))["total"] == 0
         refused = await error(client, "create_task", work_directory="/srv", prompt="p")
         assert "lacks the 'submit' scope" in refused
+
+
+async def test_dependencies_and_reviews_through_the_tools(tools: MCPServer) -> None:
+    async with Client(tools) as client:
+        first = await call(
+            client, "create_task", work_directory="/a", prompt="p", require_review=True
+        )
+        then = await call(client, "create_task", work_directory="/b", prompt="q",
+                          depends_on=[first["id"]])  # fmt: skip
+        assert (then["status"], then["blocked_by"]) == ("BLOCKED", [first["id"]])
+        text = await error(client, "create_task", work_directory="/b", prompt="q",
+                           depends_on=["00000000-0000-0000-0000-000000000000"])  # fmt: skip
+        assert "depends_on[0]" in text
+        await call(client, "get_next_task", work_directory="/a", worker_id="w")
+        done = await call(client, "complete_task", task_id=first["id"], worker_id="w")
+        assert done["status"] == "IN_REVIEW"
+        assert "IN_REVIEW" in await error(client, "approve_task", task_id=then["id"])
+        again = await call(client, "reject_task", task_id=first["id"], feedback="more tests")
+        assert (again["status"], again["review_feedback"]) == ("WAITING", "more tests")
+        await call(client, "get_next_task", work_directory="/a", worker_id="w")
+        await call(client, "complete_task", task_id=first["id"], worker_id="w")
+        approved = await call(client, "approve_task", task_id=first["id"], note="ok")
+        assert approved["status"] == "COMPLETED"
+        assert (await call(client, "get_task", task_id=then["id"]))["status"] == "WAITING"
+        stats = await call(client, "get_statistics")
+        assert (stats["blocked"], stats["in_review"], stats["waiting"]) == (0, 0, 1)
+        failed = await call(client, "create_task", work_directory="/c", prompt="r",
+                            require_review=True)  # fmt: skip
+        await call(client, "get_next_task", work_directory="/c", worker_id="w")
+        await call(client, "complete_task", task_id=failed["id"], worker_id="w")
+        final = await call(client, "reject_task", task_id=failed["id"], feedback="no", retry=False)
+        assert final["status"] == "FAILED"

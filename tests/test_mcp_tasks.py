@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -15,7 +14,6 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
-import asyncpg
 import httpx2
 import pytest
 from mcp import Client
@@ -29,9 +27,6 @@ from api.core.domain import TaskStatus
 from api.core.service import TaskService
 from api.interfaces.mcp import PROFILES, build_mcp
 from api.interfaces.mcp_tasks import MCP_STATUS
-from api.settings import Settings
-from api.store import open_store
-from api.store.base import SCHEMA_VERSION
 from tests import mcp_tasks_client as tasks
 from tests.conftest import FakeClock, GraphQLClient, ServerProcess
 
@@ -151,6 +146,50 @@ async def test_tasks_update_is_acknowledged_and_ignores_keys_not_outstanding(
         assert unknown.value.error.code == INVALID_PARAMS
 
 
+async def test_a_task_in_review_asks_its_requester_to_approve_or_reject(
+    tools: MCPServer, service: TaskService
+) -> None:
+    async with Client(tools, extensions=[tasks.Tasks()]) as client:
+        created = await tasks.start(client, "run_task", {**RUN, "require_review": True})
+        task_id = await complete_next(service, {"diff": "+1"})
+        state = await tasks.get_task(client.session, created.task_id)
+        assert state.status == "input_required"
+        assert state.input_requests is not None
+        ((key, request),) = state.input_requests.items()
+        assert request["method"] == "elicitation/create"
+        assert '{"diff": "+1"}' in request["params"]["message"]
+        assert request["params"]["requestedSchema"]["required"] == ["decision"]
+        # declining leaves it in review; rejecting sends it back with the feedback
+        await tasks.update_task(client.session, created.task_id, {key: {"action": "decline"}})
+        assert (await service.get(task_id)).status is TaskStatus.IN_REVIEW
+        answer = {"action": "accept", "content": {"decision": "reject", "feedback": "add a test"}}
+        await tasks.update_task(client.session, created.task_id, {key: answer})
+        rejected = await service.get(task_id)
+        assert (rejected.status, rejected.review_feedback) == (TaskStatus.WAITING, "add a test")
+        state = await tasks.get_task(client.session, created.task_id)
+        assert (state.status, state.input_requests) == ("working", None)
+        # the same key again is no longer outstanding: ignored
+        await tasks.update_task(client.session, created.task_id, {key: answer})
+        assert (await service.get(task_id)).status is TaskStatus.WAITING
+
+        await complete_next(service, {"diff": "+2"})
+        state = await tasks.get_task(client.session, created.task_id)
+        assert state.input_requests is not None
+        (second,) = state.input_requests
+        assert second != key  # a new review, a new key
+        maybe = {"action": "accept", "content": {"decision": "maybe"}}
+        with pytest.raises(MCPError) as bad:
+            await tasks.update_task(client.session, created.task_id, {second: maybe})
+        assert bad.value.error.code == INVALID_PARAMS
+        assert "decision must be approve or reject" in bad.value.error.message
+        approve = {"action": "accept", "content": {"decision": "approve", "feedback": "good"}}
+        await tasks.update_task(client.session, created.task_id, {second: approve})
+        state = await tasks.get_task(client.session, created.task_id)
+        assert state.status == "completed"
+        assert state.result is not None
+        assert structured(state.result)["result"] == {"diff": "+2"}
+
+
 async def test_unknown_handles_and_clients_without_the_extension_get_protocol_errors(
     tools: MCPServer,
 ) -> None:
@@ -268,49 +307,6 @@ async def test_many_concurrent_run_tasks_get_distinct_resolvable_handles(
         assert sorted(structured(s.result or {})["result"] for s in states) == sorted(
             f"p{i}" for i in range(30)
         )
-
-
-async def test_the_migration_keeps_existing_tasks(database_url: str) -> None:
-    store = open_store(Settings(database_url=database_url))
-    await store.open()
-    service = TaskService(store, _NoBus())  # type: ignore[arg-type]
-    from api.core.validation import task_spec
-
-    kept = await service.submit(task_spec(work_directory="/old", prompt="from before"))
-    await store.close()
-    await _back_to_version_4(database_url)
-
-    store = open_store(Settings(database_url=database_url))
-    await store.open()
-    try:
-        assert await store.schema_version() == SCHEMA_VERSION == 5
-        assert (await store.get(kept.id)) == kept
-        service = TaskService(store, _NoBus())  # type: ignore[arg-type]
-        handle = await service.give_handle(kept.id, "anonymous")
-        assert await service.resolve_handle(handle.handle, "anonymous") == handle
-    finally:
-        await store.close()
-
-
-class _NoBus:
-    """The migration test submits and reads only; nothing is published."""
-
-
-async def _back_to_version_4(url: str) -> None:
-    undo = ["DROP TABLE task_handles", "DELETE FROM schema_migrations WHERE version = 5"]
-    if url.startswith("sqlite"):
-        conn = sqlite3.connect(Settings(database_url=url).sqlite_path)
-        for statement in undo:
-            conn.execute(statement)
-        conn.commit()
-        conn.close()
-        return
-    pg = await asyncpg.connect(url)
-    try:
-        for statement in undo:
-            await pg.execute(statement)
-    finally:
-        await pg.close()
 
 
 def _all() -> Any:

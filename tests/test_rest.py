@@ -274,6 +274,8 @@ async def test_statistics(http: httpx.AsyncClient) -> None:
         "completed": 0,
         "failed": 0,
         "cancelled": 0,
+        "blocked": 0,
+        "in_review": 0,
     }
     assert (
         ok(await http.get(f"{API}/statistics", params={"work_directory": "/other"}))["total"] == 1
@@ -295,6 +297,8 @@ async def test_openapi_lists_every_route(http: httpx.AsyncClient) -> None:
         "/api/v1/tasks/{id}/fail": ["post"],
         "/api/v1/tasks/{id}/cancel": ["post"],
         "/api/v1/tasks/{id}/retry": ["post"],
+        "/api/v1/tasks/{id}/approve": ["post"],
+        "/api/v1/tasks/{id}/reject": ["post"],
         "/api/v1/statistics": ["get"],
     }
 
@@ -383,3 +387,64 @@ async def test_openapi_declares_bearer_keys_and_the_middlewares_refusals(
             assert "Retry-After" in operation["responses"]["429"]["headers"]
     update = document["paths"]["/api/v1/tasks/{id}"]["put"]["requestBody"]
     assert "anyOf" in update["content"]["application/json"]["schema"]
+
+
+async def test_dependencies_and_reviews_over_rest(database_url: str) -> None:
+    from datetime import UTC, datetime
+
+    from api.security.keys import issue_key
+    from api.store import open_store
+
+    store = open_store(Settings(database_url=database_url, durability="normal"))
+    await store.open()
+    try:
+        _, admin = await issue_key(store.keys, "admin", "admin", datetime.now(UTC))
+        _, worker = await issue_key(store.keys, "worker", "work,submit,read", datetime.now(UTC))
+        _, reviewer = await issue_key(store.keys, "reviewer", "review", datetime.now(UTC))
+    finally:
+        await store.close()
+    settings = Settings(database_url=database_url, durability="normal")
+    async with running_app(settings) as http:
+        http.headers["Authorization"] = f"Bearer {admin}"
+        first = await submit(http, work_directory="/a", require_review=True)
+        assert (first["require_review"], first["depends_on"]) == (True, [])
+        then = await submit(http, depends_on=[first["id"]])
+        assert (then["status"], then["blocked_by"]) == ("BLOCKED", [first["id"]])
+        missing = str(uuid.uuid4())
+        error = failed(
+            await http.post(
+                f"{API}/tasks",
+                json={"work_directory": "/r", "prompt": "p", "depends_on": [first["id"], missing]},
+            ),
+            400,
+            "VALIDATION_ERROR",
+        )
+        assert error["details"] == {"field": "depends_on[1]"}
+        assert (await claim(http, path="/a"))["id"] == first["id"]
+        done = ok(await http.post(f"{API}/tasks/{first['id']}/complete", json={"worker_id": "w1"}))
+        assert done["status"] == "IN_REVIEW"
+        stats = ok(await http.get(f"{API}/statistics"))
+        assert (stats["blocked"], stats["in_review"]) == (1, 1)
+        as_worker = {"Authorization": f"Bearer {worker}"}
+        as_reviewer = {"Authorization": f"Bearer {reviewer}"}
+        approve = f"{API}/tasks/{first['id']}/approve"
+        failed(await http.post(approve, headers=as_worker), 403, "FORBIDDEN")
+        rejected = ok(
+            await http.post(
+                f"{API}/tasks/{first['id']}/reject",
+                json={"feedback": "tests?"},
+                headers=as_reviewer,
+            )
+        )
+        assert (rejected["status"], rejected["review_feedback"], rejected["retry_count"]) == (
+            "WAITING", "tests?", 1,
+        )  # fmt: skip
+        failed(await http.post(approve, headers=as_reviewer), 409, "CONFLICT")
+        await claim(http, path="/a")
+        await http.post(f"{API}/tasks/{first['id']}/complete", json={"worker_id": "w1"})
+        approved = ok(await http.post(approve, json={"note": "fine"}, headers=as_reviewer))
+        assert approved["status"] == "COMPLETED"
+        after = ok(await http.get(f"{API}/tasks/{then['id']}"))
+        assert (after["status"], after["blocked_by"]) == ("WAITING", [])
+        listed = ok(await http.get(f"{API}/tasks", params={"status": "WAITING"}))
+        assert [t["id"] for t in listed["tasks"]] == [then["id"]]

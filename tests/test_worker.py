@@ -22,6 +22,8 @@ import os, pathlib, sys, time
 prompt = sys.stdin.read()
 assert prompt == os.environ["TASKORCH_PROMPT"], "stdin and the environment disagree"
 pathlib.Path("ran-" + os.environ["TASKORCH_TASK_ID"]).write_text(prompt)
+with open("feedback-" + os.environ["TASKORCH_TASK_ID"], "a") as feedback:
+    print(os.environ.get("TASKORCH_REVIEW_FEEDBACK", "<none>"), file=feedback)
 print("out:" + prompt)
 word, _, arg = prompt.partition(" ")
 if word == "fail":
@@ -122,6 +124,22 @@ def test_completes_and_fails_real_tasks_and_heartbeats_past_the_lease(
         },
     ).json()["data"]["task"]["history"]
     assert [e["status"] for e in history] == ["WAITING", "WORKING", "COMPLETED"]  # never requeued
+
+
+@on_sqlite
+def test_the_next_attempt_after_a_rejection_gets_the_review_feedback(
+    server: ServerProcess, workdir: Path, start_worker: Worker
+) -> None:
+    task_id = submit(server, workdir, "hello", require_review=True)
+    start_worker()
+    wait_for(lambda: get(server, task_id)["status"] == "IN_REVIEW")
+    response = httpx.post(
+        f"{server.url}/api/v1/tasks/{task_id}/reject", json={"feedback": "say it louder"}
+    )
+    assert response.status_code == 200, response.text
+    wait_for(lambda: get(server, task_id)["status"] == "IN_REVIEW")
+    runs = (workdir / f"feedback-{task_id}").read_text().splitlines()
+    assert runs == ["<none>", "say it louder"]
 
 
 @on_sqlite

@@ -26,18 +26,26 @@ MAX_BATCH = 1000
 MAX_PAGE = 1000
 MAX_INT32 = 2**31 - 1
 MAX_INT64 = 2**63 - 1
+MAX_DEPENDENCIES = 100
 
 
 class TaskStatus(enum.Enum):
+    BLOCKED = "BLOCKED"  # waits for its dependencies to complete
     WAITING = "WAITING"
     WORKING = "WORKING"
     COMPLETED = "COMPLETED"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    IN_REVIEW = "IN_REVIEW"  # done by its worker, waits for approval
 
     @property
     def is_final(self) -> bool:
         return self in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+    @property
+    def is_unsuccessful(self) -> bool:
+        """Finally failed or cancelled: its dependents can never run."""
+        return self in (TaskStatus.FAILED, TaskStatus.CANCELLED)
 
 
 class TaskPriority(enum.Enum):
@@ -59,8 +67,9 @@ _RANKS = {TaskPriority.LOW: 0, TaskPriority.MEDIUM: 1, TaskPriority.HIGH: 2}
 _BY_RANK = {rank: priority for priority, rank in _RANKS.items()}
 
 # Which statuses each operation may start from.
-CANCELLABLE = (TaskStatus.WAITING, TaskStatus.WORKING)
+CANCELLABLE = (TaskStatus.BLOCKED, TaskStatus.WAITING, TaskStatus.WORKING, TaskStatus.IN_REVIEW)
 RETRYABLE = (TaskStatus.FAILED, TaskStatus.CANCELLED)
+UPDATABLE = (TaskStatus.BLOCKED, TaskStatus.WAITING)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +95,11 @@ class Task:
     run_after: datetime | None
     idempotency_key: str | None
     seq: int = 0  # submission order: ties in priority are claimed first-in first-out
+    depends_on: tuple[str, ...] = ()  # the tasks that must complete first, as submitted
+    blocked_by: tuple[str, ...] = ()  # those of them not COMPLETED yet
+    require_review: bool = False  # a completion waits IN_REVIEW for approveTask
+    review_feedback: str | None = None  # the last rejection's feedback
+    has_dependents: bool = False  # some task depends on this one: its end settles them
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +151,8 @@ class TaskSpec:
     metadata: dict[str, Any] = field(default_factory=dict)
     idempotency_key: str | None = None
     run_after: datetime | None = None
+    depends_on: tuple[str, ...] = ()
+    require_review: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ Pure, no I/O."""
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +19,10 @@ class HistoryReason(enum.StrEnum):
     RELEASED = "released"
     RETRIED = "retried"
     LEASE_EXPIRED = "lease_expired"
+    UNBLOCKED = "unblocked"  # every dependency completed
+    DEPENDENCY_FAILED = "dependency_failed"  # a dependency ended FAILED or CANCELLED
+    APPROVED = "approved"
+    REJECTED = "rejected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +86,43 @@ def heartbeat(task: Task, worker_id: str, lease_until: datetime, now: datetime) 
 
 
 def complete(task: Task, worker_id: str, result: Any, now: datetime) -> Task | None:
+    """The holder is done: COMPLETED, or IN_REVIEW (result kept, still no end) when the task
+    requires a review."""
     if not held_by(task, worker_id):
         return None
+    if task.require_review:
+        return _changed(task, now, status=TaskStatus.IN_REVIEW, result=result)
     return _changed(task, now, status=TaskStatus.COMPLETED, result=result, completed_at=now)
+
+
+def approve(task: Task, note: str | None, now: datetime) -> Outcome | None:
+    """A reviewer accepts the result: the task completes (and only now unblocks its dependents)."""
+    if task.status is not TaskStatus.IN_REVIEW:
+        return None
+    changed = _changed(task, now, status=TaskStatus.COMPLETED, completed_at=now)
+    details: dict[str, Any] = {"reason": HistoryReason.APPROVED.value}
+    if note is not None:
+        details["note"] = note
+    return Outcome(changed, TaskStatus.IN_REVIEW, details, task.worker_id)
+
+
+def reject(task: Task, feedback: str, retry: bool, now: datetime) -> Outcome | None:
+    """A reviewer refuses the result: another attempt with the feedback (one retry counted), or
+    FAILED when `retry` is false or the retries are spent."""
+    if task.status is not TaskStatus.IN_REVIEW:
+        return None
+    error = f"rejected in review: {feedback}"
+    details: dict[str, Any] = {
+        "reason": HistoryReason.REJECTED.value, "feedback": feedback, "retry": retry,
+    }  # fmt: skip
+    if retry and task.retry_count < task.max_retries:
+        changed = replace(_attempt_spent(task, now, error, None), result=None)
+        details["attempt"] = changed.retry_count
+    else:
+        changed = _changed(task, now, status=TaskStatus.FAILED, completed_at=now,
+                           error_message=error)  # fmt: skip
+    return Outcome(replace(changed, review_feedback=feedback), TaskStatus.IN_REVIEW, details,
+                   task.worker_id)  # fmt: skip
 
 
 def fail(
@@ -142,12 +180,72 @@ def cancel(task: Task, reason: str | None, now: datetime) -> Outcome | None:
     return Outcome(changed, task.status, details, changed.worker_id)
 
 
-def retry(task: Task, now: datetime) -> Outcome | None:
-    """Send a finished, unsuccessful task back to the queue with its attempts reset."""
-    if task.status not in RETRYABLE:
+def retry(
+    task: Task, now: datetime, unfinished: Mapping[str, TaskStatus] | None = None
+) -> Outcome | None:
+    """Send a finished, unsuccessful task back to the queue with its attempts reset; a task with
+    dependencies goes back to BLOCKED while some are `unfinished` (not COMPLETED), and is refused
+    (None) while one of them is FAILED or CANCELLED (`failed_dependency` says which)."""
+    unfinished = unfinished or {}
+    if task.status not in RETRYABLE or failed_dependency(task, unfinished) is not None:
         return None
-    changed = _requeued(task, now, retry_count=0, error_message=None, run_after=None)
+    blocked_by = still_blocked_by(task, unfinished)
+    changed = _requeued(task, now, retry_count=0, error_message=None, run_after=None,
+                        blocked_by=blocked_by)  # fmt: skip
+    if blocked_by:
+        changed = replace(changed, status=TaskStatus.BLOCKED)
     return Outcome(changed, task.status, {"reason": HistoryReason.RETRIED.value}, None)
+
+
+# --- dependencies ---
+
+
+def refuses_dependency(status: TaskStatus | None) -> bool:
+    """A new task may not depend on a missing task, nor on one that already failed or was
+    cancelled (it could never run)."""
+    return status is None or status.is_unsuccessful
+
+
+def submitted_status(
+    depends_on: Sequence[str], statuses: Mapping[str, TaskStatus]
+) -> tuple[TaskStatus, tuple[str, ...]]:
+    """A new task's status and the dependencies it waits for; COMPLETED ones count as done."""
+    blocked_by = tuple(d for d in depends_on if statuses[d] is not TaskStatus.COMPLETED)
+    return (TaskStatus.BLOCKED if blocked_by else TaskStatus.WAITING), blocked_by
+
+
+def still_blocked_by(task: Task, unfinished: Mapping[str, TaskStatus]) -> tuple[str, ...]:
+    """The task's dependencies not COMPLETED yet, in the order given at submit."""
+    return tuple(d for d in task.depends_on if d in unfinished)
+
+
+def failed_dependency(task: Task, unfinished: Mapping[str, TaskStatus]) -> str | None:
+    """The first dependency that ended FAILED or CANCELLED, if any."""
+    return next((d for d in task.depends_on if d in unfinished and unfinished[d].is_unsuccessful),
+                None)  # fmt: skip
+
+
+def unblock(task: Task, unfinished: Mapping[str, TaskStatus], now: datetime) -> Outcome | None:
+    """A dependency completed: a BLOCKED task whose dependencies all completed becomes WAITING."""
+    if task.status is not TaskStatus.BLOCKED or still_blocked_by(task, unfinished):
+        return None
+    changed = replace(_changed(task, now, status=TaskStatus.WAITING), blocked_by=())
+    return Outcome(changed, TaskStatus.BLOCKED, {"reason": HistoryReason.UNBLOCKED.value}, None)
+
+
+def dependency_failed(task: Task, dependency: str, now: datetime) -> Outcome | None:
+    """A dependency ended FAILED or CANCELLED: a BLOCKED dependent can never run, so it is
+    cancelled (and its own dependents after it)."""
+    if task.status is not TaskStatus.BLOCKED:
+        return None
+    changed = _changed(task, now, status=TaskStatus.CANCELLED, completed_at=now)
+    details = {"reason": HistoryReason.DEPENDENCY_FAILED.value, "dependency": dependency}
+    return Outcome(changed, TaskStatus.BLOCKED, details, None)
+
+
+def settles_dependents(task: Task) -> bool:
+    """Whether this change of `task` decides something for the tasks that depend on it."""
+    return task.has_dependents and task.status.is_final
 
 
 def history_details(details: Mapping[str, Any]) -> dict[str, Any]:

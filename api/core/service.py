@@ -29,7 +29,7 @@ from api.core.domain import (
 )
 from api.core.errors import Conflict, NotFound, ValidationError
 from api.events.bus import EventBus, SlowSubscriber, Waiter
-from api.store.base import TaskStore
+from api.store.base import RefusedDependency, TaskStore
 
 log = logging.getLogger("taskorch.service")
 
@@ -96,12 +96,27 @@ class TaskService:
     # --- producers ---
 
     async def submit(self, spec: TaskSpec) -> Task:
-        (task,) = await self.store.submit([spec], self._clock())
+        (task,) = await self._submit([spec], "")
         return task
 
     async def submit_many(self, specs: Sequence[TaskSpec]) -> list[Task]:
         validation.check_batch(specs, "inputs")
-        return await self.store.submit(specs, self._clock())
+        return await self._submit(specs, "inputs[{}].")
+
+    async def _submit(self, specs: Sequence[TaskSpec], prefix: str) -> list[Task]:
+        try:
+            return await self.store.submit(specs, self._clock())
+        except RefusedDependency as refused:
+            field = f"{prefix.format(refused.spec)}depends_on[{refused.index}]"
+            if refused.status is None:
+                raise ValidationError(
+                    field, f"{field}: no task with id {refused.task_id}; depend on existing tasks"
+                ) from None
+            raise ValidationError(
+                field,
+                f"{field}: task {refused.task_id} is {refused.status.value}, so the new task could"
+                " never run; retry that task first, or leave it out",
+            ) from None
 
     async def update(self, task_id: str, expected_version: int, changes: TaskChanges) -> Task:
         task_id = validation.check_task_id(task_id)
@@ -110,9 +125,10 @@ class TaskService:
         if task is not None:
             return task
         current = await self.get(task_id)
-        if current.status is not TaskStatus.WAITING:
+        if current.status not in domain.UPDATABLE:
             raise Conflict(
-                f"task {task_id} is {current.status.value}; only WAITING tasks can be updated"
+                f"task {task_id} is {current.status.value}; only WAITING or BLOCKED tasks can be"
+                " updated"
             )
         raise Conflict(
             f"task {task_id} is at version {current.version}, not {expected_version}:"
@@ -129,22 +145,58 @@ class TaskService:
         if task is None:
             current = await self.get(task_id)
             raise Conflict(
-                f"task {task_id} is {current.status.value}; only WAITING or WORKING tasks can be"
-                " cancelled"
+                f"task {task_id} is {current.status.value}; only BLOCKED, WAITING, WORKING or"
+                " IN_REVIEW tasks can be cancelled"
             )
         return task
 
     async def retry(self, task_id: str) -> Task:
         task_id = validation.check_task_id(task_id)
+        task = await self.store.retry(task_id, self._clock())
+        if task is not None:
+            return task
+        current = await self.get(task_id)
+        if current.status in domain.RETRYABLE:
+            unfinished = await self.store.unfinished_dependencies(task_id)
+            failed = lifecycle.failed_dependency(current, unfinished)
+            if failed is not None:
+                raise Conflict(
+                    f"cannot retry task {task_id}: its dependency {failed} is"
+                    f" {unfinished[failed].value}; retry that task first",
+                    details={"dependency": failed},
+                )
+            raise Conflict(f"task {task_id} changed while retrying it; try again")
+        raise Conflict(
+            f"task {task_id} is {current.status.value}; only FAILED or CANCELLED tasks can be"
+            " retried"
+        )
+
+    # --- reviewers ---
+
+    async def approve(self, task_id: str, note: str | None = None) -> Task:
+        """Accept the result of a task IN_REVIEW: it completes, and its dependents may run."""
+        task_id = validation.check_task_id(task_id)
+        note = validation.check_text(note, "note", required=False)
         now = self._clock()
-        task = await self.store.change(task_id, lambda t: lifecycle.retry(t, now))
-        if task is None:
-            current = await self.get(task_id)
-            raise Conflict(
-                f"task {task_id} is {current.status.value}; only FAILED or CANCELLED tasks can be"
-                " retried"
-            )
-        return task
+        task = await self.store.change(task_id, lambda t: lifecycle.approve(t, note, now))
+        return task or await self._not_in_review(task_id, "approve")
+
+    async def reject(self, task_id: str, feedback: str, retry: bool = True) -> Task:
+        """Refuse the result of a task IN_REVIEW: another attempt with the feedback, or FAILED."""
+        task_id = validation.check_task_id(task_id)
+        text = validation.check_text(feedback, "feedback")
+        assert text is not None
+        retry = validation.check_bool(retry, "retry")
+        now = self._clock()
+        task = await self.store.change(task_id, lambda t: lifecycle.reject(t, text, retry, now))
+        return task or await self._not_in_review(task_id, "reject")
+
+    async def _not_in_review(self, task_id: str, action: str) -> Task:
+        current = await self.get(task_id)
+        raise Conflict(
+            f"cannot {action} task {task_id}: it is {current.status.value}, not IN_REVIEW (only a"
+            " completed task that requires a review waits for one)"
+        )
 
     # --- workers ---
 

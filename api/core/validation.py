@@ -15,6 +15,7 @@ from api.core.domain import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_RETRIES,
     MAX_BATCH,
+    MAX_DEPENDENCIES,
     MAX_IDEMPOTENCY_KEY,
     MAX_INT32,
     MAX_INT64,
@@ -248,6 +249,26 @@ def check_batch(items: Sequence[Any], field: str, maximum: int = MAX_BATCH) -> S
     return items
 
 
+def check_depends_on(value: object, field: str = "depends_on") -> tuple[str, ...]:
+    """Task ids, at most MAX_DEPENDENCIES; a repeated id counts once (the first place is kept)."""
+    if value is None:
+        return ()
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValidationError(field, f"{field} must be a list of task ids")
+    if len(value) > MAX_DEPENDENCIES:
+        raise ValidationError(field, f"{field} may name at most {MAX_DEPENDENCIES} tasks")
+    seen: dict[str, None] = {}
+    for index, item in enumerate(value):
+        seen[check_task_id(item, f"{field}[{index}]")] = None
+    return tuple(seen)
+
+
+def check_bool(value: object, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(field, f"{field} must be true or false")
+    return value
+
+
 def check_aware(value: datetime, field: str) -> datetime:
     if value.tzinfo is None:
         raise ValidationError(field, f"{field} must include a timezone, e.g. 2030-01-01T00:00:00Z")
@@ -264,6 +285,8 @@ def task_spec(
     metadata: object = None,
     idempotency_key: object = None,
     run_after: datetime | None = None,
+    depends_on: object = None,
+    require_review: object = None,
     prefix: str = "",
 ) -> TaskSpec:
     """Validate one submission; `prefix` names its place in a batch, e.g. `inputs[3].`."""
@@ -280,6 +303,10 @@ def task_spec(
         metadata=check_metadata(metadata, f"{prefix}metadata"),
         idempotency_key=check_idempotency_key(idempotency_key, f"{prefix}idempotency_key"),
         run_after=None if run_after is None else check_aware(run_after, f"{prefix}run_after"),
+        depends_on=check_depends_on(depends_on, f"{prefix}depends_on"),
+        require_review=False
+        if require_review is None
+        else check_bool(require_review, f"{prefix}require_review"),
     )
 
 

@@ -39,14 +39,17 @@ INSTRUCTIONS = (
     " Producers call create_task; workers call get_next_task for their work directory, do the"
     " work there, then complete_task or fail_task (and heartbeat meanwhile when the work takes"
     " longer than the lease). Inspect with get_task, list_tasks and get_statistics. To hand"
-    " work to a worker and get its result back, call run_task."
+    " work to a worker and get its result back, call run_task. A task created with depends_on"
+    " stays BLOCKED until those tasks complete; one created with require_review waits IN_REVIEW"
+    " after completion until a reviewer calls approve_task or reject_task."
 )
 
 # The tools each profile serves (`taskorch mcp --tools`, `/mcp/<profile>`): one table.
 _WORKER = {"get_next_task", "heartbeat", "complete_task", "fail_task", "release_task", "get_task"}
 _PRODUCER = {"create_task", "run_task", "get_task", "list_tasks", "cancel_task", "retry_task",
-             "get_statistics"}  # fmt: skip
-_ADMIN = {"get_task", "list_tasks", "cancel_task", "retry_task", "get_statistics"}
+             "get_statistics", "approve_task", "reject_task"}  # fmt: skip
+_ADMIN = {"get_task", "list_tasks", "cancel_task", "retry_task", "get_statistics", "approve_task",
+          "reject_task"}  # fmt: skip
 PROFILES: dict[str, frozenset[str]] = {
     "worker": frozenset(_WORKER),
     "producer": frozenset(_PRODUCER),
@@ -56,7 +59,29 @@ PROFILES: dict[str, frozenset[str]] = {
 assert tuple(PROFILES) == MCP_PROFILES
 
 Priority = Literal["LOW", "MEDIUM", "HIGH"]
-Status = Literal["WAITING", "WORKING", "COMPLETED", "FAILED", "CANCELLED"]
+Prompt = Annotated[str, Field(description="What to do, as you would tell an agent.")]
+MaxRetries = Annotated[
+    int | None, Field(description="Retries after a failure (default 3, max 100).")
+]
+Metadata = Annotated[
+    dict[str, Any] | None, Field(description="Any JSON object to keep with the task.")
+]
+IdempotencyKey = Annotated[
+    str | None,
+    Field(description="Send the same key again and you get the same task, not a new one."),
+]
+DependsOn = Annotated[
+    list[str] | None,
+    Field(
+        description="Ids of existing tasks (at most 100) that must complete first; until then the"
+        " task is BLOCKED, and it is cancelled if one of them fails."
+    ),
+]
+RequireReview = Annotated[
+    bool | None,
+    Field(description="True: its completion waits IN_REVIEW for approve_task."),
+]
+Status = Literal["BLOCKED", "WAITING", "WORKING", "IN_REVIEW", "COMPLETED", "FAILED", "CANCELLED"]
 TaskId = Annotated[str, Field(description="The task id returned by create_task or get_next_task.")]
 WorkerId = Annotated[
     str, Field(description="A stable name for you as a worker; use the same one for every call.")
@@ -107,22 +132,18 @@ def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPSe
     async def create_task(
         ctx: Context,
         work_directory: WorkDirectory,
-        prompt: Annotated[str, Field(description="What to do, as you would tell an agent.")],
+        prompt: Prompt,
         priority: Priority | None = None,
         tags: list[str] | None = None,
-        max_retries: Annotated[
-            int | None, Field(description="Retries after a failure (default 3, max 100).")
-        ] = None,
-        metadata: Annotated[
-            dict[str, Any] | None, Field(description="Any JSON object to keep with the task.")
-        ] = None,
-        idempotency_key: Annotated[
-            str | None,
-            Field(description="Send the same key again and you get the same task, not a new one."),
-        ] = None,
+        max_retries: MaxRetries = None,
+        metadata: Metadata = None,
+        idempotency_key: IdempotencyKey = None,
+        depends_on: DependsOn = None,
+        require_review: RequireReview = None,
     ) -> TaskOut:
         """Queue a new task: a prompt to run in a work directory. Use it to hand work to a worker.
-        Returns the task, status WAITING; keep its id. Next: get_task or list_tasks to follow it."""
+        Returns the task, status WAITING (BLOCKED while depends_on tasks are unfinished); keep
+        its id. Next: get_task or list_tasks to follow it."""
 
         def spec() -> TaskSpec:
             return validation.task_spec(
@@ -133,6 +154,8 @@ def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPSe
                 max_retries=max_retries,
                 metadata=metadata,
                 idempotency_key=idempotency_key,
+                depends_on=depends_on,
+                require_review=require_review,
             )
 
         return TaskOut.of(await _call(ctx, "submit", lambda: service().submit(spec())))
@@ -219,19 +242,14 @@ def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPSe
     async def run_task(
         ctx: Context,
         work_directory: WorkDirectory,
-        prompt: Annotated[str, Field(description="What to do, as you would tell an agent.")],
+        prompt: Prompt,
         priority: Priority | None = None,
         tags: list[str] | None = None,
-        max_retries: Annotated[
-            int | None, Field(description="Retries after a failure (default 3, max 100).")
-        ] = None,
-        metadata: Annotated[
-            dict[str, Any] | None, Field(description="Any JSON object to keep with the task.")
-        ] = None,
-        idempotency_key: Annotated[
-            str | None,
-            Field(description="Send the same key again and you get the same task, not a new one."),
-        ] = None,
+        max_retries: MaxRetries = None,
+        metadata: Metadata = None,
+        idempotency_key: IdempotencyKey = None,
+        depends_on: DependsOn = None,
+        require_review: RequireReview = None,
         timeout_seconds: Annotated[
             float | None,
             Field(description="Wait up to this long for the result (default and max 300 s)."),
@@ -253,6 +271,8 @@ def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPSe
                 max_retries=max_retries,
                 metadata=metadata,
                 idempotency_key=idempotency_key,
+                depends_on=depends_on,
+                require_review=require_review,
             )
 
         async def submit() -> CallToolResult:
@@ -307,8 +327,8 @@ def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPSe
         task_id: TaskId,
         reason: Annotated[str | None, Field(description="Why, kept in the task's history.")] = None,
     ) -> TaskOut:
-        """Cancel a task that is WAITING or WORKING, so nobody (else) works on it. retry_task
-        queues it again later."""
+        """Cancel a task that is BLOCKED, WAITING, WORKING or IN_REVIEW, so nobody (else) works on
+        it; tasks that depend on it are cancelled too. retry_task queues it again later."""
         return TaskOut.of(await _call(ctx, "cancel", lambda: service().cancel(task_id, reason)))
 
     @tool
@@ -316,6 +336,35 @@ def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPSe
         """Queue a FAILED or CANCELLED task again, with a fresh retry budget. Next: get_task to
         follow it."""
         return TaskOut.of(await _call(ctx, "retry", lambda: service().retry(task_id)))
+
+    @tool
+    async def approve_task(
+        ctx: Context,
+        task_id: TaskId,
+        note: Annotated[str | None, Field(description="Why, kept in the task's history.")] = None,
+    ) -> TaskOut:
+        """Accept the result of a task that is IN_REVIEW (its worker completed it and it requires
+        a review): it becomes COMPLETED, and tasks that depend on it may run. Look at its result
+        with get_task first; reject_task instead when it is not good enough."""
+        return TaskOut.of(await _call(ctx, "approve", lambda: service().approve(task_id, note)))
+
+    @tool
+    async def reject_task(
+        ctx: Context,
+        task_id: TaskId,
+        feedback: Annotated[
+            str, Field(description="What is wrong: the next attempt is given this text.")
+        ],
+        retry: Annotated[
+            bool, Field(description="False fails the task for good instead of another attempt.")
+        ] = True,
+    ) -> TaskOut:
+        """Refuse the result of a task that is IN_REVIEW. It goes back to WAITING with your
+        feedback in review_feedback (counted as a retry; FAILED once its retries are spent), or
+        to FAILED when retry is false (tasks that depend on it are then cancelled)."""
+        return TaskOut.of(
+            await _call(ctx, "reject", lambda: service().reject(task_id, feedback, retry))
+        )
 
     @tool
     async def get_statistics(

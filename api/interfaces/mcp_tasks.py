@@ -36,9 +36,9 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, Field
 
 from api.core.domain import Task, TaskHandle, TaskStatus
-from api.core.errors import Conflict
+from api.core.errors import Conflict, TaskorchError, ValidationError
 from api.core.service import TaskService
-from api.security.auth import principal_of
+from api.security.auth import principal_of, require
 
 TASKS = "io.modelcontextprotocol/tasks"
 TASK_TOOLS = frozenset({"run_task"})
@@ -51,8 +51,10 @@ McpStatus = Literal["working", "input_required", "completed", "failed", "cancell
 # failed: `completed`, its result carrying isError. MCP's `failed` is kept for a failure of the
 # protocol machinery itself (a JSON-RPC error), which taskorch never stores.
 MCP_STATUS: dict[TaskStatus, McpStatus] = {
+    TaskStatus.BLOCKED: "working",
     TaskStatus.WAITING: "working",
     TaskStatus.WORKING: "working",
+    TaskStatus.IN_REVIEW: "input_required",  # the requester approves or rejects: tasks/update
     TaskStatus.COMPLETED: "completed",
     TaskStatus.FAILED: "completed",
     TaskStatus.CANCELLED: "cancelled",
@@ -66,16 +68,69 @@ def mcp_status(status: TaskStatus) -> McpStatus:
 @dataclass(frozen=True, slots=True)
 class InputRequest:
     """A request to the client that a task in `input_required` waits on: the MRTR request shown
-    in `tasks/get`'s `inputRequests`, and what to do with the client's `tasks/update` answer."""
+    in `tasks/get`'s `inputRequests`, the service operation whose scope answering needs, and what
+    to do with the client's `tasks/update` answer."""
 
     request: dict[str, Any]
+    operation: str
     answer: Callable[[TaskService, Task, Any], Awaitable[None]]
 
 
+REVIEW_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "decision": {
+            "type": "string",
+            "enum": ["approve", "reject"],
+            "description": "approve: the task is COMPLETED; reject: it is sent back or failed.",
+        },
+        "feedback": {
+            "type": "string",
+            "description": "Why: a note kept with an approval, or what is wrong for a rejection"
+            " (the next attempt is given it).",
+        },
+        "retry": {
+            "type": "boolean",
+            "default": True,
+            "description": "On reject, false fails the task instead of another attempt.",
+        },
+    },
+    "required": ["decision"],
+}
+
+
+async def _answer_review(service: TaskService, task: Task, response: Any) -> None:
+    """An elicitation answer to a review request: `accept` with a decision approves or rejects;
+    `decline` and `cancel` leave the task IN_REVIEW."""
+    if not isinstance(response, dict) or response.get("action") != "accept":
+        return
+    content = response.get("content") or {}
+    if not isinstance(content, dict):
+        raise ValidationError("content", "content must be an object with a decision")
+    decision, feedback = content.get("decision"), content.get("feedback")
+    if decision == "approve":
+        await service.approve(task.id, feedback)
+    elif decision == "reject":
+        retry = content.get("retry", True)
+        await service.reject(task.id, feedback or "rejected without feedback", retry is not False)
+    else:
+        raise ValidationError("decision", "decision must be approve or reject")
+
+
 def input_requests(task: Task) -> dict[str, InputRequest]:
-    """The outstanding input requests of `task`, by key (unique over the task's life). No
-    taskorch status waits on the client yet, so there are none."""
-    return {}
+    """The outstanding input requests of `task`, by key (unique over the task's life: a task can
+    come back to review after a rejection, at another version)."""
+    if task.status is not TaskStatus.IN_REVIEW:
+        return {}
+    message = (
+        f"task {task.id} is IN_REVIEW: its worker finished with the result"
+        f" {json.dumps(task.result)}. Approve it, or reject it with feedback."
+    )
+    request = {
+        "method": "elicitation/create",
+        "params": {"mode": "form", "message": message, "requestedSchema": REVIEW_SCHEMA},
+    }
+    return {f"review-{task.version}": InputRequest(request, "approve", _answer_review)}
 
 
 # --- the tool's answer ---
@@ -131,6 +186,10 @@ def _instant(moment: datetime) -> str:
 
 def status_message(task: Task) -> str:
     match task.status:
+        case TaskStatus.BLOCKED:
+            return f"blocked: waiting for {len(task.blocked_by)} task(s) it depends on"
+        case TaskStatus.IN_REVIEW:
+            return "in review: approve or reject its result (tasks/update)"
         case TaskStatus.WAITING:
             return "queued: waiting for a worker"
         case TaskStatus.WORKING:
@@ -272,8 +331,15 @@ class Tasks(Extension):
         _, task = await self._resolve(ctx, params.task_id)
         outstanding = input_requests(task)
         for key, response in params.input_responses.items():
-            if key in outstanding:
-                await outstanding[key].answer(self._service(), task, response)
+            if key not in outstanding:
+                continue
+            wanted = outstanding[key]
+            try:
+                if ctx.request is not None:  # over stdio the caller holds the database
+                    require(principal_of(ctx.request), wanted.operation)
+                await wanted.answer(self._service(), task, response)
+            except TaskorchError as error:
+                raise MCPError(code=INVALID_PARAMS, message=error.message) from error
         return {"resultType": "complete"}
 
     async def cancel(

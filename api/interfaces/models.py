@@ -19,7 +19,9 @@ class TaskOut(BaseModel):
     prompt: str
     priority: str = Field(description="LOW, MEDIUM or HIGH")
     tags: list[str]
-    status: str = Field(description="WAITING, WORKING, COMPLETED, FAILED or CANCELLED")
+    status: str = Field(
+        description="BLOCKED, WAITING, WORKING, IN_REVIEW, COMPLETED, FAILED or CANCELLED"
+    )
     worker_id: str | None
     created_at: datetime
     started_at: datetime | None
@@ -34,6 +36,10 @@ class TaskOut(BaseModel):
     lease_expires_at: datetime | None
     run_after: datetime | None
     idempotency_key: str | None
+    depends_on: list[str] = Field(description="Tasks that must complete before this one runs.")
+    blocked_by: list[str] = Field(description="Those of depends_on not COMPLETED yet.")
+    require_review: bool = Field(description="A completion waits IN_REVIEW for approval.")
+    review_feedback: str | None = Field(description="The last rejection's feedback.")
 
     @classmethod
     def of(cls, task: Task) -> TaskOut:
@@ -58,6 +64,10 @@ class TaskOut(BaseModel):
             lease_expires_at=task.lease_expires_at,
             run_after=task.run_after,
             idempotency_key=task.idempotency_key,
+            depends_on=list(task.depends_on),
+            blocked_by=list(task.blocked_by),
+            require_review=task.require_review,
+            review_feedback=task.review_feedback,
         )
 
 
@@ -101,6 +111,8 @@ class StatisticsOut(BaseModel):
     completed: int
     failed: int
     cancelled: int
+    blocked: int
+    in_review: int
 
     @classmethod
     def of(cls, stats: Statistics) -> StatisticsOut:

@@ -14,7 +14,7 @@ from api.interfaces.models import StatisticsOut, TaskList, TaskOut
 REF = "#/components/schemas/{model}"
 
 PRIORITIES = ["LOW", "MEDIUM", "HIGH"]
-STATUSES = ["WAITING", "WORKING", "COMPLETED", "FAILED", "CANCELLED"]
+STATUSES = [status.value for status in domain.TaskStatus]
 
 _ERROR_STATUSES = {
     "400": "VALIDATION_ERROR: the request is malformed; `details.field` names the field",
@@ -206,6 +206,15 @@ def document() -> dict[str, Any]:
                 {"type": "string", "minLength": 1, "maxLength": domain.MAX_IDEMPOTENCY_KEY}
             ),
             "run_after": _nullable({"type": "string", "format": "date-time"}),
+            "depends_on": _nullable(
+                {
+                    "type": "array",
+                    "items": {"type": "string", "format": "uuid"},
+                    "maxItems": domain.MAX_DEPENDENCIES,
+                    "description": "Existing tasks that must complete first (repeats count once)",
+                }
+            ),
+            "require_review": _nullable({"type": "boolean"}),
         },
         ["work_directory", "prompt"],
     )
@@ -303,7 +312,7 @@ def document() -> dict[str, Any]:
                     "responses": {"200": _ok("The task", _TASK), **_errors()},
                 },
                 "put": _task_action(
-                    "Edit a WAITING task",
+                    "Edit a WAITING or BLOCKED task",
                     update,
                     "Only while the task is still at expected_version.",
                 ),
@@ -338,7 +347,7 @@ def document() -> dict[str, Any]:
             },
             f"{PREFIX}/tasks/{{id}}/cancel": {
                 "post": _task_action(
-                    "Cancel a WAITING or WORKING task",
+                    "Cancel a BLOCKED, WAITING, WORKING or IN_REVIEW task",
                     _body(
                         {"reason": _nullable({"type": "string", "maxLength": domain.MAX_TEXT})},
                         [],
@@ -350,6 +359,28 @@ def document() -> dict[str, Any]:
             f"{PREFIX}/tasks/{{id}}/retry": {
                 "post": _task_action(
                     "Queue a FAILED or CANCELLED task again", None, "With a fresh retry budget."
+                ),
+            },
+            f"{PREFIX}/tasks/{{id}}/approve": {
+                "post": _task_action(
+                    "Approve a task IN_REVIEW",
+                    _body(
+                        {"note": _nullable({"type": "string", "maxLength": domain.MAX_TEXT})},
+                        [],
+                        optional=True,
+                    ),
+                    "It becomes COMPLETED and its dependents may run. Needs the review scope.",
+                ),
+            },
+            f"{PREFIX}/tasks/{{id}}/reject": {
+                "post": _task_action(
+                    "Reject a task IN_REVIEW",
+                    _body(
+                        {"feedback": _MESSAGE, "retry": {"type": "boolean"}},
+                        ["feedback"],
+                    ),
+                    "Back to WAITING with review_feedback (one retry counted; FAILED once the"
+                    " retries are spent), or FAILED when retry is false. Needs the review scope.",
                 ),
             },
             f"{PREFIX}/statistics": {

@@ -167,7 +167,7 @@ def _claim_directory(request: Request) -> str:
 
 SUBMIT_FIELDS = {
     "work_directory", "prompt", "priority", "tags", "max_retries", "metadata",
-    "idempotency_key", "run_after",
+    "idempotency_key", "run_after", "depends_on", "require_review",
 }  # fmt: skip
 UPDATE_FIELDS = {"expected_version", "prompt", "priority", "tags", "metadata", "max_retries"}
 
@@ -184,6 +184,8 @@ async def create_task(request: Request) -> tuple[Any, int]:
         metadata=body.get("metadata"),
         idempotency_key=body.get("idempotency_key"),
         run_after=_run_after(body.get("run_after")),
+        depends_on=body.get("depends_on"),
+        require_review=body.get("require_review"),
     )
     return TaskOut.of(await _service(request).submit(spec)), 201
 
@@ -282,6 +284,22 @@ async def retry_task(request: Request) -> tuple[Any, int]:
     return TaskOut.of(await _service(request).retry(request.path_params["id"])), 200
 
 
+@endpoint("approve")
+async def approve_task(request: Request) -> tuple[Any, int]:
+    body = await _body(request, {"note"}, optional=True)
+    task = await _service(request).approve(request.path_params["id"], body.get("note"))
+    return TaskOut.of(task), 200
+
+
+@endpoint("reject")
+async def reject_task(request: Request) -> tuple[Any, int]:
+    body = await _body(request, {"feedback", "retry"})
+    task = await _service(request).reject(
+        request.path_params["id"], body.get("feedback", ""), _bool(body, "retry", True)
+    )
+    return TaskOut.of(task), 200
+
+
 @endpoint("read")
 async def statistics(request: Request) -> tuple[Any, int]:
     stats = await _service(request).statistics(request.query_params.get("work_directory"))
@@ -333,5 +351,7 @@ routes = [
     resource("/tasks/{id}/fail", post=fail_task),
     resource("/tasks/{id}/cancel", post=cancel_task),
     resource("/tasks/{id}/retry", post=retry_task),
+    resource("/tasks/{id}/approve", post=approve_task),
+    resource("/tasks/{id}/reject", post=reject_task),
     resource("/statistics", get=statistics),
 ]

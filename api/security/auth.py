@@ -12,7 +12,7 @@ Interfaces enforce scopes with one call, the same everywhere, naming the service
 
 `OPERATION_SCOPES` is the one table of which scope each operation needs: `read` (reads and
 subscriptions), `submit` (submit, cancel, retry, update), `work` (claim, heartbeat, complete, fail,
-release); `admin` allows everything, and is what an operation missing from the table needs.
+release), `review` (approve, reject); `admin` allows everything, and is what an operation missing from the table needs.
 
 Errors the middleware answers itself: 401 UNAUTHENTICATED, 429 RATE_LIMITED (with Retry-After),
 413 PAYLOAD_TOO_LARGE, 503 UNAVAILABLE. Under `/api/v1` the body is the REST envelope; elsewhere it
@@ -44,7 +44,7 @@ from api.core.errors import (
 from api.interfaces.envelope import envelope, is_rest
 from api.invocation import command
 from api.ops.metrics import RATE_LIMITED
-from api.security.keys import ADMIN, READ, SCOPES, SUBMIT, WORK, hash_key
+from api.security.keys import ADMIN, READ, REVIEW, SCOPES, SUBMIT, WORK, hash_key
 from api.security.ratelimit import RateLimiter
 from api.security.redact import redact
 from api.settings import Settings
@@ -98,6 +98,8 @@ OPERATION_SCOPES = {
     "complete": WORK,
     "fail": WORK,
     "release": WORK,
+    "approve": REVIEW,
+    "reject": REVIEW,
 }
 
 

@@ -15,8 +15,9 @@ from api.store.base import KeyStore
 READ = "read"
 SUBMIT = "submit"
 WORK = "work"
+REVIEW = "review"
 ADMIN = "admin"
-SCOPES = (READ, SUBMIT, WORK, ADMIN)
+SCOPES = (READ, SUBMIT, WORK, REVIEW, ADMIN)
 
 KEY_PREFIX = "tko_"
 MAX_NAME = 64

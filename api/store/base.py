@@ -25,7 +25,16 @@ CommitListener = Callable[[Sequence[TaskEvent]], None]
 # Decides a lifecycle change from the task as stored; None when the change does not apply.
 Decide = Callable[[Task], Outcome | None]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
+
+
+class RefusedDependency(Exception):
+    """Raised inside a submit to roll it back: spec `spec`'s dependency number `index` is missing
+    (`status` None) or already failed or cancelled."""
+
+    def __init__(self, spec: int, index: int, task_id: str, status: TaskStatus | None) -> None:
+        super().__init__(task_id)
+        self.spec, self.index, self.task_id, self.status = spec, index, task_id, status
 
 
 class TaskStore(Protocol):
@@ -77,7 +86,8 @@ class TaskStore(Protocol):
 
     # --- changes ---
     async def submit(self, specs: Sequence[domain.TaskSpec], now: datetime) -> list[Task]:
-        """Insert all or none; an existing idempotency key returns the stored task instead."""
+        """Insert all or none; an existing idempotency key returns the stored task instead.
+        Raises RefusedDependency (nothing stored) for a missing or failed dependency."""
 
     async def claim(
         self, work_directory: str, worker_id: str, limit: int, lease_until: datetime, now: datetime
@@ -91,6 +101,13 @@ class TaskStore(Protocol):
         self, items: Sequence[Completion], worker_id: str, now: datetime
     ) -> list[Task] | None:
         """Complete all the items held by `worker_id`, or none (None) if any is not."""
+
+    async def retry(self, task_id: str, now: datetime) -> Task | None:
+        """Retry a failed or cancelled task, deciding on its dependencies as they are once it is
+        locked; None when it is in no state to retry or a dependency failed."""
+
+    async def unfinished_dependencies(self, task_id: str) -> dict[str, TaskStatus]:
+        """The task's dependencies that are not COMPLETED, with their status."""
 
     async def change(self, task_id: str, decide: Decide) -> Task | None:
         """Decide a lifecycle change on the task as stored (read under a lock, in the change's

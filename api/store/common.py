@@ -135,6 +135,15 @@ class SqlTaskStore(ABC):
     async def change(self, task_id: str, decide: Decide) -> Task | None:
         return await self._run(programs.decided(self.sql, task_id, decide))
 
+    async def retry(self, task_id: str, now: datetime) -> Task | None:
+        return await self._run(programs.retry(self.sql, task_id, now))
+
+    async def unfinished_dependencies(self, task_id: str) -> dict[str, TaskStatus]:
+        params: dict[str, Any] = {"task_id": task_id}
+        query = sql.UNFINISHED_DEPENDENCIES.format("d.task_id = :task_id")
+        rows = await self._read((query, params))
+        return {str(r["depends_on"]): TaskStatus(r["status"]) for r in rows}
+
     async def release(self, task_id: str, worker_id: str, now: datetime) -> Task | None:
         return await self.change(task_id, lambda task: lifecycle.release(task, worker_id, now))
 

@@ -7,9 +7,102 @@ from api.store.base import SCHEMA_VERSION
 from api.store.sql import FINISHED, POSTGRES, SQLITE, Dialect
 
 _STATUSES = "'WAITING', 'WORKING', 'COMPLETED', 'FAILED', 'CANCELLED'"
+_STATUSES_5 = f"{_STATUSES}, 'BLOCKED', 'IN_REVIEW'"
+
+# A statement is SQL for both dialects, or (dialect name, SQL) for that dialect only.
+Statement = str | tuple[str, str]
+
+_TASK_COLUMNS_4 = (
+    "seq, id, work_directory, prompt, priority, tags, status, worker_id, created_at, started_at,"
+    " completed_at, updated_at, result, error_message, retry_count, max_retries, metadata,"
+    " version, lease_expires_at, run_after, idempotency_key"
+)
+_HISTORY_COLUMNS = "id, task_id, work_directory, status, previous_status, worker_id, at, details"
+_TASK_INDEXES = [
+    # The claim reads this index in order: waiting tasks of one directory, best priority, oldest.
+    "CREATE INDEX tasks_claim ON tasks (work_directory, priority DESC, seq)"
+    " WHERE status = 'WAITING'",
+    "CREATE INDEX tasks_lease ON tasks (lease_expires_at) WHERE status = 'WORKING'",
+    "CREATE INDEX tasks_status ON tasks (status, work_directory)",
+    "CREATE INDEX tasks_directory ON tasks (work_directory, seq)",
+    f"CREATE INDEX tasks_finished ON tasks (completed_at) WHERE status IN ({FINISHED})",
+]
+_HISTORY_INDEXES = [
+    "CREATE INDEX task_history_task ON task_history (task_id, id)",
+    "CREATE INDEX task_history_at ON task_history (at)",
+]
+
+
+def _sqlite_rebuild(table: str, create: str, columns: str, indexes: list[str]) -> list[Statement]:
+    """SQLite cannot alter a CHECK constraint: build the table anew, copy every row (ids and
+    seq as they are), keep its AUTOINCREMENT counter, swap it in and index it again."""
+    new = f"{table}_new"
+    created = create.format(table=new).replace("{", "{{").replace("}", "}}")  # formatted again
+    return [
+        (SQLITE.name, created),
+        (SQLITE.name, f"INSERT INTO {new} ({columns}) SELECT {columns} FROM {table}"),
+        (SQLITE.name, f"DELETE FROM sqlite_sequence WHERE name = '{new}'"),
+        (SQLITE.name, f"UPDATE sqlite_sequence SET name = '{new}' WHERE name = '{table}'"),
+        (SQLITE.name, f"DROP TABLE {table}"),
+        (SQLITE.name, f"ALTER TABLE {new} RENAME TO {table}"),
+        *((SQLITE.name, index) for index in indexes),
+    ]
+
+
+def _pg_widen(table: str, column: str) -> Statement:
+    constraint = f"{table}_{column}_check"
+    return (
+        POSTGRES.name,
+        f"ALTER TABLE {table} DROP CONSTRAINT {constraint}, ADD CONSTRAINT {constraint}"
+        f" CHECK ({column} IN ({_STATUSES_5}))",
+    )
+
+
+_TASKS_5 = f"""
+    CREATE TABLE {{table}} (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        work_directory TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        priority INTEGER NOT NULL CHECK (priority IN (0, 1, 2)),
+        tags TEXT NOT NULL DEFAULT '[]',
+        status TEXT NOT NULL CHECK (status IN ({_STATUSES_5})),
+        worker_id TEXT,
+        created_at INTEGER NOT NULL,
+        started_at INTEGER,
+        completed_at INTEGER,
+        updated_at INTEGER NOT NULL,
+        result TEXT,
+        error_message TEXT,
+        retry_count INTEGER NOT NULL DEFAULT 0,
+        max_retries INTEGER NOT NULL DEFAULT 3,
+        metadata TEXT NOT NULL DEFAULT '{{{{}}}}',
+        version INTEGER NOT NULL DEFAULT 1,
+        lease_expires_at INTEGER,
+        run_after INTEGER,
+        idempotency_key TEXT UNIQUE,
+        depends_on TEXT NOT NULL DEFAULT '[]',
+        blocked_by TEXT NOT NULL DEFAULT '[]',
+        require_review INTEGER NOT NULL DEFAULT 0,
+        review_feedback TEXT,
+        has_dependents INTEGER NOT NULL DEFAULT 0
+    )
+"""
+_HISTORY_5 = f"""
+    CREATE TABLE {{table}} (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_id TEXT NOT NULL,
+        work_directory TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ({_STATUSES_5})),
+        previous_status TEXT CHECK (previous_status IN ({_STATUSES_5})),
+        worker_id TEXT,
+        at INTEGER NOT NULL,
+        details TEXT NOT NULL DEFAULT '{{{{}}}}'
+    )
+"""
 
 # {seq}, {uuid}, {json}, {time} and {small} are the dialect's column types.
-_MIGRATIONS: list[list[str]] = [
+_MIGRATIONS: list[list[Statement]] = [
     [
         f"""
         CREATE TABLE tasks (
@@ -77,6 +170,33 @@ _MIGRATIONS: list[list[str]] = [
     # A key's own requests a minute; NULL (every key made before) keeps the server's default.
     ["ALTER TABLE api_keys ADD COLUMN rate_limit INTEGER"],
     ["{history_positions}"],
+    # Dependencies and review gates: statuses BLOCKED and IN_REVIEW, the columns they need, and
+    # which task depends on which (read both ways: a task's dependencies, a task's dependents).
+    [
+        *_sqlite_rebuild("tasks", _TASKS_5, _TASK_COLUMNS_4, _TASK_INDEXES),
+        *_sqlite_rebuild("task_history", _HISTORY_5, _HISTORY_COLUMNS, _HISTORY_INDEXES),
+        _pg_widen("tasks", "status"),
+        _pg_widen("task_history", "status"),
+        _pg_widen("task_history", "previous_status"),
+        *(
+            (POSTGRES.name, f"ALTER TABLE tasks ADD COLUMN {column}")
+            for column in (
+                "depends_on JSONB NOT NULL DEFAULT '[]'",
+                "blocked_by JSONB NOT NULL DEFAULT '[]'",
+                "require_review SMALLINT NOT NULL DEFAULT 0",
+                "review_feedback TEXT",
+                "has_dependents SMALLINT NOT NULL DEFAULT 0",
+            )
+        ),
+        """
+        CREATE TABLE task_dependencies (
+            task_id {uuid} NOT NULL,
+            depends_on {uuid} NOT NULL,
+            PRIMARY KEY (task_id, depends_on)
+        )
+        """,
+        "CREATE INDEX task_dependencies_dependents ON task_dependencies (depends_on, task_id)",
+    ],
     # MCP task handles: an unguessable name for a task, bound to the key that created it.
     [
         """
@@ -114,13 +234,20 @@ _HISTORY_POSITIONS = {
 }
 
 
+def _for(d: Dialect, statement: Statement) -> str:
+    if isinstance(statement, tuple):
+        return statement[1] if statement[0] == d.name else ""
+    return statement
+
+
 def migrations(d: Dialect) -> list[list[str]]:
     types = {
         **d.types,
         "tag_index": _TAG_INDEX[d.name],
         "history_positions": _HISTORY_POSITIONS[d.name],
     }
-    return [[s.format(**types) for s in script if s.format(**types)] for script in _MIGRATIONS]
+    scripts = [[_for(d, s).format(**types) for s in script] for script in _MIGRATIONS]
+    return [[s for s in script if s] for script in scripts]
 
 
 SQLITE_MIGRATIONS = migrations(SQLITE)

@@ -24,7 +24,7 @@ class NotAll(Exception):
 
 # Columns whose stored value is the domain's value as it is.
 _TASK_PLAIN = ("seq", "work_directory", "prompt", "worker_id", "error_message", "retry_count",
-               "max_retries", "version", "idempotency_key")  # fmt: skip
+               "max_retries", "version", "idempotency_key", "review_feedback")  # fmt: skip
 _TASK_TIMES = ("created_at", "started_at", "completed_at", "updated_at", "lease_expires_at",
                "run_after")  # fmt: skip
 
@@ -38,9 +38,18 @@ def task_of(d: Dialect, row: Row) -> Task:
         status=TaskStatus(row["status"]),
         result=None if result is None else d.unjson(result),
         metadata=d.unjson(row["metadata"]),
+        depends_on=_ids(d, row["depends_on"]),
+        blocked_by=_ids(d, row["blocked_by"]),
+        require_review=bool(row["require_review"]),
+        has_dependents=bool(row["has_dependents"]),
         **{name: row[name] for name in _TASK_PLAIN},
         **{name: d.instant(row[name]) for name in _TASK_TIMES},
     )
+
+
+def _ids(d: Dialect, value: Any) -> tuple[str, ...]:
+    # Almost every task has none: skip decoding the empty list on every row read.
+    return () if value == "[]" or value == [] else tuple(d.unjson(value))
 
 
 def event_of(d: Dialect, row: Row) -> TaskEvent:
@@ -83,6 +92,9 @@ def applied(d: Dialect, task: Task, expected_version: int) -> dict[str, Any]:
         "lease_expires_at": d.time(task.lease_expires_at),
         "updated_at": d.time(task.updated_at),
         "version": task.version,
+        "result": None if task.result is None else d.json(task.result),
+        "blocked_by": d.json(list(task.blocked_by)),
+        "review_feedback": task.review_feedback,
     }
 
 

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from api.core import domain
 from api.core.domain import EventFilter, TaskFilter, TaskStatus
 
 TASK_FIELDS = (
     "seq", "id", "work_directory", "prompt", "priority", "tags", "status", "worker_id",
     "created_at", "started_at", "completed_at", "updated_at", "result", "error_message",
     "retry_count", "max_retries", "metadata", "version", "lease_expires_at", "run_after",
-    "idempotency_key",
+    "idempotency_key", "depends_on", "blocked_by", "require_review", "review_feedback",
+    "has_dependents",
 )  # fmt: skip
 EVENT_FIELDS = ("id", "task_id", "work_directory", "status", "previous_status", "worker_id", "at",
                 "details")  # fmt: skip
@@ -27,6 +29,8 @@ EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
 KEY_COLUMNS = ", ".join(KEY_FIELDS)
 
 WAITING, WORKING = TaskStatus.WAITING.value, TaskStatus.WORKING.value
+COMPLETED, IN_REVIEW = TaskStatus.COMPLETED.value, TaskStatus.IN_REVIEW.value
+UPDATABLE = ", ".join(f"'{s.value}'" for s in domain.UPDATABLE)
 FINISHED = ", ".join(f"'{s.value}'" for s in TaskStatus if s.is_final)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -66,6 +70,7 @@ class Dialect:
     for_update: str  # appended to a SELECT whose row the change decides on
     has_tag: str  # a clause: the task's tags hold :tag
     pick: str  # a clause: seq is one of the rows the subquery {} picks
+    among: str  # a clause: id is one of the list :ids (any length: one parameter)
     types: dict[str, str]  # DDL column types
 
 
@@ -79,6 +84,7 @@ SQLITE = Dialect(
     for_update="",
     has_tag="EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE value = :tag)",
     pick="seq IN ({})",
+    among="id IN (SELECT value FROM json_each(:ids))",
     types={
         "seq": "INTEGER PRIMARY KEY AUTOINCREMENT",
         "uuid": "TEXT",
@@ -99,6 +105,7 @@ POSTGRES = Dialect(
     # ANY(ARRAY(...)), not IN (...): the planner then reads the picked rows through the primary
     # key instead of hash-joining a scan of the whole table.
     pick="seq = ANY(ARRAY({}))",
+    among="id = ANY(CAST(:ids AS uuid[]))",
     types={
         "seq": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
         "uuid": "UUID",
@@ -129,6 +136,9 @@ def positional(sql: str, params: dict[str, Any]) -> tuple[str, list[Any]]:
     return text, [params[name] for name in names]
 
 
+HELD = f"id = :id AND status = '{WORKING}' AND worker_id = :worker_id"
+
+
 @dataclass(frozen=True, slots=True)
 class Catalogue:
     """The statements whose text differs by dialect, for one dialect."""
@@ -138,6 +148,9 @@ class Catalogue:
     task_for_change: str  # the row a lifecycle change decides on
     expired: str
     finished: str
+    complete: str
+    lock_dependencies: str  # the tasks a submit depends on (:ids), locked, in seq order
+    lock_dependents: str  # tasks to settle, locked, in seq order: {} the ids
 
 
 def catalogue(d: Dialect) -> Catalogue:
@@ -163,6 +176,18 @@ def catalogue(d: Dialect) -> Catalogue:
             f"SELECT id FROM tasks WHERE status IN ({FINISHED}) AND completed_at < :cutoff"
             f" LIMIT :limit{d.skip_locked}"
         ),
+        # A task that requires a review waits IN_REVIEW, not yet completed. The cast types :now
+        # in the CASE (PostgreSQL would take it for text there).
+        complete=(
+            f"UPDATE tasks SET status = CASE WHEN require_review = 1 THEN '{IN_REVIEW}'"
+            f" ELSE '{COMPLETED}' END, result = :result, updated_at = :now, completed_at = CASE"
+            f" WHEN require_review = 1 THEN NULL ELSE CAST(:now AS {d.types['time']}) END,"
+            f" lease_expires_at = NULL, version = version + 1 WHERE {HELD}"
+            f" RETURNING {TASK_COLUMNS}"
+        ),
+        # Locked in one order (seq) by every transaction, so two never wait on each other.
+        lock_dependencies=f"SELECT id, status FROM tasks WHERE {d.among} ORDER BY seq{d.for_update}",
+        lock_dependents=f"SELECT {TASK_COLUMNS} FROM tasks WHERE {{}} ORDER BY seq{d.for_update}",
     )
 
 
@@ -180,18 +205,28 @@ NEXT_RUN_AFTER = (
 )
 SUBMIT = (
     "INSERT INTO tasks (id, work_directory, prompt, priority, tags, status, created_at,"
-    " updated_at, max_retries, metadata, run_after, idempotency_key) VALUES (:id, :work_directory,"
-    f" :prompt, :priority, :tags, '{WAITING}', :now, :now, :max_retries, :metadata, :run_after,"
-    f" :idempotency_key) ON CONFLICT (idempotency_key) DO NOTHING RETURNING {TASK_COLUMNS}"
+    " updated_at, max_retries, metadata, run_after, idempotency_key, depends_on, blocked_by,"
+    " require_review) VALUES (:id, :work_directory, :prompt, :priority, :tags, :status, :now,"
+    " :now, :max_retries, :metadata, :run_after, :idempotency_key, :depends_on, :blocked_by,"
+    f" :require_review) ON CONFLICT (idempotency_key) DO NOTHING RETURNING {TASK_COLUMNS}"
 )
+ADD_DEPENDENCY = (
+    "INSERT INTO task_dependencies (task_id, depends_on) VALUES (:task_id, :depends_on)"
+)
+# Tells the hot path (complete, fail) that this task's end settles other tasks; set once.
+MARK_DEPENDED_ON = "UPDATE tasks SET has_dependents = 1 WHERE {} AND has_dependents = 0"
+DEPENDENTS = "SELECT task_id, depends_on FROM task_dependencies WHERE {}"
+# Read after the dependents are locked, in a statement of its own: on PostgreSQL it then sees
+# every completion committed before the lock was granted (READ COMMITTED takes a new snapshot
+# per statement), so of two transactions completing a task's last two dependencies, the second
+# one to lock it sees both done.
+UNFINISHED_DEPENDENCIES = (
+    "SELECT d.task_id, d.depends_on, t.status FROM task_dependencies d"
+    f" JOIN tasks t ON t.id = d.depends_on WHERE {{}} AND t.status <> '{COMPLETED}'"
+)
+SET_BLOCKED_BY = "UPDATE tasks SET blocked_by = :blocked_by WHERE seq = :seq"
 # complete and heartbeat stay one compare-and-set statement each: they are the hot path, and
 # what they decide (the holder still holds the task) is the WHERE clause alone.
-HELD = f"id = :id AND status = '{WORKING}' AND worker_id = :worker_id"
-COMPLETE = (
-    "UPDATE tasks SET status = 'COMPLETED', result = :result, completed_at = :now,"
-    f" updated_at = :now, lease_expires_at = NULL, version = version + 1 WHERE {HELD}"
-    f" RETURNING {TASK_COLUMNS}"
-)
 HEARTBEAT = (
     "UPDATE tasks SET lease_expires_at = :lease, updated_at = :now, version = version + 1"
     f" WHERE {HELD} RETURNING {TASK_COLUMNS}"
@@ -200,12 +235,13 @@ UPDATE = (
     "UPDATE tasks SET prompt = coalesce(:prompt, prompt), priority = coalesce(:priority, priority),"
     " tags = coalesce(:tags, tags), metadata = coalesce(:metadata, metadata),"
     " max_retries = coalesce(:max_retries, max_retries), updated_at = :now,"
-    f" version = version + 1 WHERE id = :id AND status = '{WAITING}' AND version = :version"
+    f" version = version + 1 WHERE id = :id AND status IN ({UPDATABLE}) AND version = :version"
     f" RETURNING {TASK_COLUMNS}"
 )
 # Writes a decided outcome; the version check makes it a compare-and-set on what was decided on.
 APPLIED_FIELDS = ("status", "retry_count", "worker_id", "started_at", "completed_at", "run_after",
-                  "error_message", "lease_expires_at", "updated_at", "version")  # fmt: skip
+                  "error_message", "lease_expires_at", "updated_at", "version", "result",
+                  "blocked_by", "review_feedback")  # fmt: skip
 APPLY = (
     f"UPDATE tasks SET {', '.join(f'{name} = :{name}' for name in APPLIED_FIELDS)}"
     f" WHERE seq = :seq AND version = :expected_version RETURNING {TASK_COLUMNS}"

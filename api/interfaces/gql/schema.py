@@ -188,7 +188,26 @@ class Mutation:
     async def release_task(self, info: Info, id: strawberry.ID, worker_id: str) -> TaskType:
         return as_task(await info.context.service.release(id, worker_id))
 
-    @strawberry.mutation(description="Cancel a WAITING or WORKING task.")
+    @strawberry.mutation(
+        description="Accept the result of a task IN_REVIEW: it becomes COMPLETED and its "
+        "dependents may run. Needs the review scope."
+    )
+    async def approve_task(
+        self, info: Info, id: strawberry.ID, note: str | None = None
+    ) -> TaskType:
+        return as_task(await info.context.service.approve(id, note))
+
+    @strawberry.mutation(
+        description="Refuse the result of a task IN_REVIEW: it goes back to WAITING with "
+        "reviewFeedback (one retry counted; FAILED once retries are spent), or to FAILED when "
+        "retry is false. Needs the review scope."
+    )
+    async def reject_task(
+        self, info: Info, id: strawberry.ID, feedback: str, retry: bool | None = True
+    ) -> TaskType:
+        return as_task(await info.context.service.reject(id, feedback, retry is not False))
+
+    @strawberry.mutation(description="Cancel a BLOCKED, WAITING, WORKING or IN_REVIEW task.")
     async def cancel_task(
         self, info: Info, id: strawberry.ID, reason: str | None = None
     ) -> TaskType:
@@ -198,7 +217,9 @@ class Mutation:
     async def retry_task(self, info: Info, id: strawberry.ID) -> TaskType:
         return as_task(await info.context.service.retry(id))
 
-    @strawberry.mutation(description="Edit a WAITING task whose version is still expectedVersion.")
+    @strawberry.mutation(
+        description="Edit a WAITING or BLOCKED task whose version is still expectedVersion."
+    )
     async def update_task(
         self, info: Info, id: strawberry.ID, expected_version: int, input: UpdateTaskInput
     ) -> TaskType:

@@ -71,6 +71,8 @@ MUTATION_OPERATIONS = {
     "completeTasks": "complete",
     "failTask": "fail",
     "releaseTask": "release",
+    "approveTask": "approve",
+    "rejectTask": "reject",
 }
 
 

@@ -40,6 +40,18 @@ class TaskType:
     lease_expires_at: datetime | None
     run_after: datetime | None
     idempotency_key: str | None
+    depends_on: list[strawberry.ID] = strawberry.field(
+        description="The tasks that must complete before this one can be claimed."
+    )
+    blocked_by: list[strawberry.ID] = strawberry.field(
+        description="Those of dependsOn that are not COMPLETED yet."
+    )
+    require_review: bool = strawberry.field(
+        description="A completion waits IN_REVIEW until approveTask (or rejectTask)."
+    )
+    review_feedback: str | None = strawberry.field(
+        description="The feedback of the last rejectTask, for the next attempt."
+    )
 
     @strawberry.field(description="Every status change of this task, oldest first.")
     async def history(self, info: Info) -> list[TaskEventType]:
@@ -81,6 +93,15 @@ class SubmitTaskInput:
     metadata: JSON | None = None
     idempotency_key: str | None = None
     run_after: datetime | None = None
+    depends_on: list[strawberry.ID] | None = strawberry.field(
+        default=None,
+        description="Existing tasks (at most 100) that must complete first; until then this one "
+        "is BLOCKED. If one ends FAILED or CANCELLED, this one is cancelled. Repeats count once.",
+    )
+    require_review: bool | None = strawberry.field(
+        default=False,
+        description="Completing it moves it to IN_REVIEW; approveTask completes it.",
+    )
 
     def to_spec(self, prefix: str = "") -> domain.TaskSpec:
         return validation.task_spec(
@@ -92,6 +113,8 @@ class SubmitTaskInput:
             metadata=self.metadata,
             idempotency_key=self.idempotency_key,
             run_after=self.run_after,
+            depends_on=self.depends_on,
+            require_review=self.require_review,
             prefix=prefix,
         )
 
@@ -147,6 +170,8 @@ class StatisticsType:
     completed: int
     failed: int
     cancelled: int
+    blocked: int
+    in_review: int
 
 
 @strawberry.input
