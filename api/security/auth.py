@@ -98,6 +98,10 @@ OPERATION_SCOPES = {
     "complete": WORK,
     "fail": WORK,
     "release": WORK,
+    # Bulk changes and work-directory controls reach every task of a directory: admin only.
+    "cancel_tasks": ADMIN,
+    "retry_tasks": ADMIN,
+    "configure_work_directory": ADMIN,
 }
 
 

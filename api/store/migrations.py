@@ -77,6 +77,17 @@ _MIGRATIONS: list[list[str]] = [
     # A key's own requests a minute; NULL (every key made before) keeps the server's default.
     ["ALTER TABLE api_keys ADD COLUMN rate_limit INTEGER"],
     ["{history_positions}"],
+    # Work-directory controls; a directory without a row has no cap and is not paused.
+    [
+        """
+        CREATE TABLE work_directories (
+            work_directory TEXT PRIMARY KEY,
+            max_working INTEGER CHECK (max_working IS NULL OR max_working >= 1),
+            paused {bool} NOT NULL DEFAULT FALSE,
+            updated_at {time} NOT NULL
+        )
+        """,
+    ],
 ]
 
 # Only PostgreSQL can index a JSON array's members.

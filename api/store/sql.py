@@ -21,10 +21,12 @@ TASK_FIELDS = (
 )  # fmt: skip
 EVENT_FIELDS = ("id", "task_id", "work_directory", "status", "previous_status", "worker_id", "at",
                 "details")  # fmt: skip
+DIRECTORY_FIELDS = ("work_directory", "max_working", "paused", "updated_at")
 KEY_FIELDS = ("name", "scopes", "created_at", "last_used_at", "revoked_at", "rate_limit")
 TASK_COLUMNS = ", ".join(TASK_FIELDS)
 EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
 KEY_COLUMNS = ", ".join(KEY_FIELDS)
+DIRECTORY_COLUMNS = ", ".join(DIRECTORY_FIELDS)
 
 WAITING, WORKING = TaskStatus.WAITING.value, TaskStatus.WORKING.value
 FINISHED = ", ".join(f"'{s.value}'" for s in TaskStatus if s.is_final)
@@ -85,6 +87,7 @@ SQLITE = Dialect(
         "json": "TEXT",
         "time": "INTEGER",
         "small": "INTEGER",
+        "bool": "INTEGER",
     },
 )
 POSTGRES = Dialect(
@@ -105,6 +108,7 @@ POSTGRES = Dialect(
         "json": "JSONB",
         "time": "TIMESTAMPTZ",
         "small": "SMALLINT",
+        "bool": "BOOLEAN",
     },
 )
 
@@ -134,7 +138,9 @@ class Catalogue:
     """The statements whose text differs by dialect, for one dialect."""
 
     dialect: Dialect
-    claim: str
+    claim: str  # directories without controls only: the hot path, one statement
+    claim_controlled: str  # the same, for any directory, once its controls allow `limit` more
+    directory_for_claim: str  # the controls a claim decides on (locked on PostgreSQL)
     task_for_change: str  # the row a lifecycle change decides on
     expired: str
     finished: str
@@ -143,15 +149,24 @@ class Catalogue:
 def catalogue(d: Dialect) -> Catalogue:
     picked = (
         f"SELECT seq FROM tasks WHERE status = '{WAITING}' AND work_directory = :work_directory"
-        " AND (run_after IS NULL OR run_after <= :now) ORDER BY priority DESC, seq LIMIT :limit"
-        f"{d.skip_locked}"
+        " AND (run_after IS NULL OR run_after <= :now){guard} ORDER BY priority DESC, seq"
+        f" LIMIT :limit{d.skip_locked}"
+    )
+    claim = (
+        f"UPDATE tasks SET status = '{WORKING}', worker_id = :worker_id, started_at = :now,"
+        " updated_at = :now, lease_expires_at = :lease, version = version + 1"
+        f" WHERE {d.pick.format(picked)} RETURNING {TASK_COLUMNS}"
     )
     return Catalogue(
         dialect=d,
-        claim=(
-            f"UPDATE tasks SET status = '{WORKING}', worker_id = :worker_id, started_at = :now,"
-            " updated_at = :now, lease_expires_at = :lease, version = version + 1"
-            f" WHERE {d.pick.format(picked)} RETURNING {TASK_COLUMNS}"
+        # An uncorrelated subquery: both databases evaluate it once per statement, so a directory
+        # with no controls pays one primary-key probe; one with controls gets nothing here and
+        # takes the controlled path.
+        claim=claim.replace("{guard}", f" AND NOT EXISTS ({RESTRICTED})"),
+        claim_controlled=claim.replace("{guard}", ""),
+        directory_for_claim=(
+            f"SELECT {DIRECTORY_COLUMNS} FROM work_directories"
+            f" WHERE work_directory = :work_directory{d.for_update}"
         ),
         task_for_change=f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = :id{d.for_update}",
         expired=(
@@ -165,6 +180,12 @@ def catalogue(d: Dialect) -> Catalogue:
         ),
     )
 
+
+# A directory whose controls a claim must look at: paused, or capped.
+RESTRICTED = (
+    "SELECT 1 FROM work_directories WHERE work_directory = :work_directory"
+    " AND (paused OR max_working IS NOT NULL)"
+)
 
 SQLITE_SQL = catalogue(SQLITE)
 POSTGRES_SQL = catalogue(POSTGRES)
@@ -215,6 +236,27 @@ RECORD = (
     " details) VALUES (:task_id, :work_directory, :status, :previous_status, :worker_id, :at,"
     f" :details) RETURNING {EVENT_COLUMNS}"
 )
+# Counted after the directory's controls are locked, in a statement of its own, so it sees every
+# claim committed before the lock was granted.
+COUNT_WORKING = (
+    f"SELECT count(*) AS n FROM tasks WHERE status = '{WORKING}'"
+    " AND work_directory = :work_directory"
+)
+CONFIGURE = (
+    "INSERT INTO work_directories (work_directory, max_working, paused, updated_at) VALUES"
+    " (:work_directory, :max_working, coalesce(:paused, FALSE), :now) ON CONFLICT (work_directory)"
+    " DO UPDATE SET max_working = CASE WHEN :set_max_working THEN :max_working"
+    " ELSE work_directories.max_working END,"
+    " paused = coalesce(:paused, work_directories.paused), updated_at = :now"
+    f" RETURNING {DIRECTORY_COLUMNS}"
+)
+DIRECTORY = (
+    f"SELECT {DIRECTORY_COLUMNS} FROM work_directories WHERE work_directory = :work_directory"
+)
+DIRECTORIES = f"SELECT {DIRECTORY_COLUMNS} FROM work_directories"
+COUNTS_BY_DIRECTORY = (
+    "SELECT work_directory, status, count(*) AS n FROM tasks{where} GROUP BY work_directory, status"
+)
 INSERT_KEY = (
     "INSERT INTO api_keys (name, key_hash, scopes, created_at, rate_limit) VALUES (:name,"
     f" :key_hash, :scopes, :now, :rate_limit) ON CONFLICT DO NOTHING RETURNING {KEY_COLUMNS}"
@@ -255,6 +297,12 @@ def task_filter(d: Dialect, filter: TaskFilter, params: dict[str, Any]) -> list[
     if filter.tag is not None:
         clauses.append(d.has_tag)
         params["tag"] = filter.tag
+    if filter.created_before is not None:
+        clauses.append("created_at < :created_before")
+        params["created_before"] = d.time(filter.created_before)
+    if filter.created_after is not None:
+        clauses.append("created_at > :created_after")
+        params["created_after"] = d.time(filter.created_after)
     return clauses
 
 

@@ -61,6 +61,9 @@ MUTATION_OPERATIONS = {
     "completeTasks": "complete",
     "failTask": "fail",
     "releaseTask": "release",
+    "cancelTasks": "cancel_tasks",
+    "retryTasks": "retry_tasks",
+    "configureWorkDirectory": "configure_work_directory",
 }
 
 
