@@ -100,17 +100,20 @@ def claim(
 def _controlled_claim(
     c: Catalogue, params: dict[str, Any]
 ) -> Generator[Query, list[Row], list[Row]]:
-    """Claim under the directory's controls. On PostgreSQL the controls' row stays locked until
-    the claim commits, so claims of one capped directory take turns, and each counts its WORKING
-    tasks in a statement that starts after the previous claim committed: the cap holds across
-    replicas. SQLite's single writer serialises them anyway."""
-    found = yield c.directory_for_claim, {"work_directory": params["work_directory"]}
-    if not found:
-        return []
-    settings = directory_of(c.dialect, found[0])
+    """Claim under the directory's controls. On PostgreSQL claims of a controlled directory take
+    turns (an advisory lock held until commit), and each counts the WORKING tasks in a statement
+    that starts after the previous claim committed: the cap holds across replicas. SQLite's
+    single writer serialises them anyway."""
+    wd = {"work_directory": params["work_directory"]}
+    found = yield c.directory_for_claim, wd
+    settings = directory_of(c.dialect, found[0]) if found else None
+    if settings is None or not settings.restricts:
+        return []  # the first claim was not held back: nothing is claimable
     working = 0
-    if settings.max_working is not None:
-        counted = yield sql.COUNT_WORKING, {"work_directory": params["work_directory"]}
+    if settings.max_working is not None and not settings.paused:
+        if c.dialect.claim_turn:
+            yield c.dialect.claim_turn, wd
+        counted = yield sql.COUNT_WORKING, wd
         working = int(counted[0]["n"])
     allowed = lifecycle.claim_allowance(settings, working, params["limit"])
     if allowed <= 0:

@@ -66,6 +66,7 @@ class Dialect:
     unjson: Callable[[Any], Any]
     skip_locked: str  # appended to a SELECT whose rows the change takes, leaving held rows
     for_update: str  # appended to a SELECT whose row the change decides on
+    claim_turn: str  # a statement making claims of one directory take turns ("": not needed)
     has_tag: str  # a clause: the task's tags hold :tag
     pick: str  # a clause: seq is one of the rows the subquery {} picks
     types: dict[str, str]  # DDL column types
@@ -79,6 +80,7 @@ SQLITE = Dialect(
     unjson=_maybe(json.loads),
     skip_locked="",  # the writer holds the database for the whole transaction
     for_update="",
+    claim_turn="",  # the writer holds the database for the whole transaction
     has_tag="EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE value = :tag)",
     pick="seq IN ({})",
     types={
@@ -98,6 +100,14 @@ POSTGRES = Dialect(
     unjson=_same,
     skip_locked=" FOR UPDATE SKIP LOCKED",
     for_update=" FOR UPDATE",
+    # An advisory lock, not FOR UPDATE on the controls' row: locking a row gives the transaction
+    # its xid at once, and history positions follow xids, so a claim that locked early but
+    # counted after a completion committed would be positioned before that completion. Taken
+    # without an xid, the claim's xid comes with its UPDATE, after everything it counted.
+    claim_turn=(
+        "SELECT 1 AS locked FROM (SELECT pg_advisory_xact_lock(hashtextextended("
+        "current_schema() || ':' || :work_directory, 2052849668))) AS turn"
+    ),
     has_tag="tags ? :tag",
     # ANY(ARRAY(...)), not IN (...): the planner then reads the picked rows through the primary
     # key instead of hash-joining a scan of the whole table.
@@ -140,7 +150,7 @@ class Catalogue:
     dialect: Dialect
     claim: str  # directories without controls only: the hot path, one statement
     claim_controlled: str  # the same, for any directory, once its controls allow `limit` more
-    directory_for_claim: str  # the controls a claim decides on (locked on PostgreSQL)
+    directory_for_claim: str  # the controls a claim decides on
     task_for_change: str  # the row a lifecycle change decides on
     expired: str
     finished: str
@@ -166,7 +176,7 @@ def catalogue(d: Dialect) -> Catalogue:
         claim_controlled=claim.replace("{guard}", ""),
         directory_for_claim=(
             f"SELECT {DIRECTORY_COLUMNS} FROM work_directories"
-            f" WHERE work_directory = :work_directory{d.for_update}"
+            " WHERE work_directory = :work_directory"
         ),
         task_for_change=f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = :id{d.for_update}",
         expired=(
