@@ -249,3 +249,59 @@ async def test_a_bulk_filter_is_checked_before_anything_changes(service: TaskSer
     assert refused.value.field == "filter"
     with pytest.raises(ValidationError):
         await service.retry_many(TaskFilter(statuses=(TaskStatus.WAITING,)))
+
+
+async def test_rest_and_mcp_serve_the_controls_and_bulk_changes(
+    service: TaskService, server: ServerProcess
+) -> None:
+    from mcp import Client
+
+    from api.interfaces.mcp import build_mcp
+
+    api = f"{server.url}/api/v1"
+    async with httpx.AsyncClient(timeout=30) as http:
+        for i in range(3):
+            await http.post(f"{api}/tasks", json={"work_directory": "/rest", "prompt": f"p{i}"})
+        put = await http.put(
+            f"{api}/work-directories", json={"work_directory": "/rest", "max_working": 1}
+        )
+        assert put.status_code == 200, put.text
+        assert (put.json()["data"]["max_working"], put.json()["data"]["waiting"]) == (1, 3)
+        kept = await http.put(f"{api}/work-directories", json={"work_directory": "/rest"})
+        assert kept.json()["data"]["max_working"] == 1
+        bad = await http.put(
+            f"{api}/work-directories", json={"work_directory": "/rest", "max_working": -2}
+        )
+        assert (bad.status_code, bad.json()["error"]["details"]) == (400, {"field": "max_working"})
+        listed = (await http.get(f"{api}/work-directories")).json()["data"]["work_directories"]
+        assert [(d["work_directory"], d["max_working"]) for d in listed] == [("/rest", 1)]
+        refused = await http.post(f"{api}/tasks/cancel", json={"filter": {}})
+        assert refused.json()["error"]["details"] == {"field": "filter"}
+        done = await http.post(
+            f"{api}/tasks/cancel", json={"filter": {"work_directory": "/rest"}, "reason": "r"}
+        )
+        assert (done.json()["data"]["matched"], done.json()["data"]["changed"]) == (3, 3)
+        again = await http.post(f"{api}/tasks/retry", json={"filter": {"statuses": ["CANCELLED"]}})
+        assert again.json()["data"]["changed"] == 3
+
+    async with Client(build_mcp(lambda: service)) as client:
+        await service.submit_many([task_spec(work_directory="/mcp", prompt="x")])
+        result = await client.call_tool(
+            "configure_work_directory", {"work_directory": "/mcp", "paused": True}
+        )
+        assert result.structured_content is not None
+        assert result.structured_content["paused"] is True
+        assert await service.claim("/mcp", "w") == []
+        result = await client.call_tool("list_work_directories", {"work_directory": "/mcp"})
+        assert result.structured_content is not None
+        assert [d["paused"] for d in result.structured_content["work_directories"]] == [True]
+        result = await client.call_tool("cancel_tasks", {})
+        assert result.is_error
+        result = await client.call_tool("cancel_tasks", {"work_directory": "/mcp"})
+        assert result.structured_content is not None
+        assert result.structured_content["changed"] == 1
+        result = await client.call_tool(
+            "retry_tasks", {"statuses": ["CANCELLED"], "work_directory": "/mcp"}
+        )
+        assert result.structured_content is not None
+        assert result.structured_content["changed"] == 1
