@@ -296,6 +296,9 @@ async def test_openapi_lists_every_route(http: httpx.AsyncClient) -> None:
         "/api/v1/tasks/{id}/cancel": ["post"],
         "/api/v1/tasks/{id}/retry": ["post"],
         "/api/v1/statistics": ["get"],
+        "/api/v1/tasks/cancel": ["post"],
+        "/api/v1/tasks/retry": ["post"],
+        "/api/v1/work-directories": ["get", "put"],
     }
 
 

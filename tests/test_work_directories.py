@@ -305,3 +305,43 @@ async def test_rest_and_mcp_serve_the_controls_and_bulk_changes(
         )
         assert result.structured_content is not None
         assert result.structured_content["changed"] == 1
+
+
+async def test_controls_and_bulk_changes_need_the_admin_scope(database_url: str) -> None:
+    from datetime import UTC, datetime
+
+    from api.security.keys import issue_key
+    from api.settings import Settings
+    from api.store import open_store
+    from tests.conftest import running_app
+
+    store = open_store(Settings(database_url=database_url, durability="normal"))
+    await store.open()
+    try:
+        now = datetime.now(UTC)
+        _, submitter = await issue_key(store.keys, "submitter", "read,submit,work", now)
+        _, admin = await issue_key(store.keys, "admin", "admin", now)
+    finally:
+        await store.close()
+    async with running_app(Settings(database_url=database_url, durability="normal")) as http:
+        client = GraphQLClient(http)
+        for key, allowed in ((submitter, False), (admin, True)):
+            http.headers["Authorization"] = f"Bearer {key}"
+            for query, variables in (
+                (CONFIGURE, {"dir": "/scoped", "max": 1}),
+                (BULK, {"filter": {"workDirectory": "/scoped"}}),
+                (RETRY, {"filter": {"workDirectory": "/scoped"}}),
+            ):
+                sent = await http.post("/graphql", json={"query": query, "variables": variables})
+                body = sent.json()
+                if allowed:
+                    assert not body.get("errors"), body
+                else:
+                    assert (sent.status_code, body["errors"][0]["extensions"]["code"]) == (
+                        403,
+                        "FORBIDDEN",
+                    )
+            assert (await client.ok(DIRECTORIES))["workDirectories"] is not None
+        http.headers["Authorization"] = f"Bearer {submitter}"
+        put = await http.put("/api/v1/work-directories", json={"work_directory": "/scoped"})
+        assert put.status_code == 403
