@@ -18,7 +18,8 @@ from tests.conftest import FakeClock, GraphQLClient, ServerProcess, eventually
 TOOLS = {
     "create_task", "get_next_task", "complete_task", "fail_task", "heartbeat",
     "get_task", "list_tasks", "cancel_task", "retry_task", "get_statistics", "release_task",
-    "run_task", "approve_task", "reject_task",
+    "run_task", "approve_task", "reject_task", "list_work_directories",
+    "configure_work_directory", "cancel_tasks", "retry_tasks",
 }  # fmt: skip
 
 

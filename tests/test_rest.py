@@ -300,6 +300,9 @@ async def test_openapi_lists_every_route(http: httpx.AsyncClient) -> None:
         "/api/v1/tasks/{id}/approve": ["post"],
         "/api/v1/tasks/{id}/reject": ["post"],
         "/api/v1/statistics": ["get"],
+        "/api/v1/tasks/cancel": ["post"],
+        "/api/v1/tasks/retry": ["post"],
+        "/api/v1/work-directories": ["get", "put"],
     }
 
 

@@ -179,6 +179,118 @@ class TaskFilter:
     work_directory: str | None = None
     priority: TaskPriority | None = None
     tag: str | None = None
+    created_before: datetime | None = None  # created strictly before this instant
+    created_after: datetime | None = None  # created strictly after this instant
+
+    @property
+    def is_empty(self) -> bool:
+        """True when the filter selects every task."""
+        return not self.statuses and all(
+            value is None
+            for value in (
+                self.work_directory, self.priority, self.tag, self.created_before,
+                self.created_after,
+            )
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class DirectorySettings:
+    """The controls of one work directory. A directory nobody configured has no cap and is not
+    paused."""
+
+    work_directory: str
+    max_working: int | None = None  # at most this many WORKING tasks at once; None: no cap
+    paused: bool = False  # a paused directory hands out no task
+    updated_at: datetime | None = None  # None: never configured
+
+    @property
+    def restricts(self) -> bool:
+        """True when claims must look at the directory's WORKING count or refuse outright."""
+        return self.paused or self.max_working is not None
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryChanges:
+    """A validated edit of a directory's controls; a field not `set_` keeps its value."""
+
+    set_max_working: bool = False
+    max_working: int | None = None  # with set_max_working: the new cap, or None for no cap
+    paused: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkDirectory:
+    """A known work directory (configured, or holding tasks): its controls and task counts."""
+
+    settings: DirectorySettings
+    counts: dict[TaskStatus, int]
+
+    @property
+    def work_directory(self) -> str:
+        return self.settings.work_directory
+
+    @property
+    def max_working(self) -> int | None:
+        return self.settings.max_working
+
+    @property
+    def paused(self) -> bool:
+        return self.settings.paused
+
+    @property
+    def configured(self) -> bool:
+        return self.settings.updated_at is not None
+
+    @property
+    def updated_at(self) -> datetime | None:
+        return self.settings.updated_at
+
+    def count(self, status: TaskStatus) -> int:
+        return self.counts.get(status, 0)
+
+    @property
+    def waiting(self) -> int:
+        return self.count(TaskStatus.WAITING)
+
+    @property
+    def working(self) -> int:
+        return self.count(TaskStatus.WORKING)
+
+    @property
+    def completed(self) -> int:
+        return self.count(TaskStatus.COMPLETED)
+
+    @property
+    def failed(self) -> int:
+        return self.count(TaskStatus.FAILED)
+
+    @property
+    def cancelled(self) -> int:
+        return self.count(TaskStatus.CANCELLED)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    """What a bulk change did: the tasks the filter matched in a state the change starts from,
+    which of them changed (each with its history row), and which were skipped because they had
+    changed meanwhile (claimed, finished, edited out of the filter)."""
+
+    matched: int
+    changed_ids: tuple[str, ...]
+    skipped_ids: tuple[str, ...]
+
+    @property
+    def changed(self) -> int:
+        return len(self.changed_ids)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_ids)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from api.core.domain import CANCELLABLE, RETRYABLE, Backoff, Task, TaskStatus
+from api.core.domain import CANCELLABLE, RETRYABLE, Backoff, DirectorySettings, Task, TaskStatus
 
 
 class HistoryReason(enum.StrEnum):
@@ -77,6 +77,16 @@ def claim(task: Task, worker_id: str, lease_until: datetime, now: datetime) -> T
         task, status=TaskStatus.WORKING, worker_id=worker_id, started_at=now, updated_at=now,
         lease_expires_at=lease_until, version=task.version + 1,
     )  # fmt: skip
+
+
+def claim_allowance(settings: DirectorySettings, working: int, limit: int) -> int:
+    """How many of `limit` tasks a claim may take from a directory that has `working` tasks
+    WORKING: none while it is paused, and never more than its cap leaves room for."""
+    if settings.paused:
+        return 0
+    if settings.max_working is None:
+        return limit
+    return max(0, min(limit, settings.max_working - working))
 
 
 def heartbeat(task: Task, worker_id: str, lease_until: datetime, now: datetime) -> Task | None:

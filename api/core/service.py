@@ -16,7 +16,10 @@ from typing import Any
 from api.core import domain, lifecycle, validation
 from api.core.domain import (
     Backoff,
+    BulkResult,
     Completion,
+    DirectoryChanges,
+    DirectorySettings,
     EventFilter,
     Task,
     TaskChanges,
@@ -26,14 +29,19 @@ from api.core.domain import (
     TaskPage,
     TaskSpec,
     TaskStatus,
+    WorkDirectory,
 )
 from api.core.errors import Conflict, NotFound, ValidationError
 from api.events.bus import EventBus, SlowSubscriber, Waiter
-from api.store.base import RefusedDependency, TaskStore
+from api.store.base import BulkDecide, RefusedDependency, TaskStore
 
 log = logging.getLogger("taskorch.service")
 
 REPLAY_PAGE = 500
+BULK_CHUNK = 500  # tasks a bulk change decides on in one transaction
+# A claim its directory's controls hold back is woken by a resume or a freed place; it also looks
+# again this often, in case that wake-up was lost (a listener reconnecting, say).
+HELD_BACK_RECHECK = 2.0
 SWEEP_BATCH = 500
 MAX_OFFSET = 10_000  # offset paging reads the skipped rows; cursors (`list_tasks`) do not
 
@@ -92,6 +100,9 @@ class TaskService:
         self._background: set[asyncio.Task[Any]] = set()
         self._waiting: set[Waiter] = set()
         self._stopping = False
+        # Directories this process last saw paused or capped: their waiting claims also wake
+        # when a task leaves WORKING. A hint only; the claim itself reads the controls.
+        self._held_back: set[str] = set()
 
     # --- producers ---
 
@@ -198,6 +209,60 @@ class TaskService:
             " completed task that requires a review waits for one)"
         )
 
+    async def cancel_many(self, where: TaskFilter, reason: str | None = None) -> BulkResult:
+        """Cancel every task the filter matches that can be cancelled, a chunk per transaction;
+        their dependents are cancelled with them."""
+        where = validation.bulk_filter(where, domain.CANCELLABLE, "cancel")
+        reason = validation.check_text(reason, "reason", required=False)
+        return await self._bulk(where, lambda t, _: lifecycle.cancel(t, reason, self._clock()))
+
+    async def retry_many(self, where: TaskFilter) -> BulkResult:
+        """Queue again every FAILED or CANCELLED task the filter matches; one with dependencies
+        goes back to BLOCKED while they are unfinished, and is skipped while one has failed."""
+        where = validation.bulk_filter(where, domain.RETRYABLE, "retry")
+        return await self._bulk(where, lambda t, left: lifecycle.retry(t, self._clock(), left))
+
+    async def _bulk(self, where: TaskFilter, decide: BulkDecide) -> BulkResult:
+        matched = 0
+        changed: list[str] = []
+        skipped: list[str] = []
+        after = 0
+        while True:
+            chunk = await self.store.bulk(where, after, BULK_CHUNK, decide)
+            matched += len(chunk.ids)
+            done = {t.id for t in chunk.changed}
+            for task_id in chunk.busy:  # held elsewhere a moment ago: one at a time, waiting
+                if await self.store.bulk_one(where, task_id, decide) is not None:
+                    done.add(task_id)
+            for task_id in chunk.ids:
+                (changed if task_id in done else skipped).append(task_id)
+            if len(chunk.ids) < BULK_CHUNK:
+                return BulkResult(matched, tuple(changed), tuple(skipped))
+            after = chunk.last_seq
+            await asyncio.sleep(0)  # let other requests in between chunks
+
+    # --- work directories ---
+
+    async def configure_directory(
+        self, work_directory: str, changes: DirectoryChanges
+    ) -> WorkDirectory:
+        """Set a directory's cap and pause; waiting claims of it wake in every process."""
+        work_directory = validation.check_work_directory(work_directory)
+        settings = await self.store.configure(work_directory, changes, self._clock())
+        self._note(settings)
+        await self.bus.announce(work_directory)
+        (found,) = await self.store.directories(work_directory) or [WorkDirectory(settings, {})]
+        return found
+
+    async def directories(self, work_directory: str | None = None) -> list[WorkDirectory]:
+        """Every known work directory (configured or holding tasks), or only the one named."""
+        if work_directory is not None:
+            work_directory = validation.check_work_directory(work_directory)
+            return await self.store.directories(work_directory) or [
+                WorkDirectory(DirectorySettings(work_directory), {})
+            ]
+        return await self.store.directories()
+
     # --- workers ---
 
     async def claim(
@@ -221,12 +286,18 @@ class TaskService:
         while True:
             # Register before trying, so a submit between the try and the wait still wakes us.
             waiter = self.bus.waiter(work_directory)
+            waiter.held_back = work_directory in self._held_back
             self._waiting.add(waiter)
             try:
                 tasks = await self._claim_now(work_directory, worker_id, limit, lease)
                 remaining = deadline - time.monotonic()
                 if tasks or remaining <= 0 or self._stopping:
                     return tasks
+                settings = await self.store.directory(work_directory)
+                self._note(settings)
+                if settings.restricts:
+                    waiter.held_back = True
+                    remaining = min(remaining, HELD_BACK_RECHECK)
                 due = await self.store.next_run_after(work_directory, self._clock())
                 if due is not None:
                     remaining = min(remaining, max(0.0, (due - self._clock()).total_seconds()))
@@ -234,6 +305,12 @@ class TaskService:
             finally:
                 self._waiting.discard(waiter)
                 waiter.close()
+
+    def _note(self, settings: DirectorySettings) -> None:
+        if settings.restricts:
+            self._held_back.add(settings.work_directory)
+        else:
+            self._held_back.discard(settings.work_directory)
 
     def stop_waiting(self) -> None:
         """The server is shutting down: waiting claims answer now with what they have (usually

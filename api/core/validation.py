@@ -3,6 +3,7 @@ naming the field in snake_case; each interface shows the name as its clients spe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import re
@@ -32,6 +33,7 @@ from api.core.domain import (
     MAX_WAIT_SECONDS,
     MAX_WORK_DIRECTORY,
     MAX_WORKER_ID,
+    DirectoryChanges,
     TaskChanges,
     TaskFilter,
     TaskPriority,
@@ -310,19 +312,104 @@ def task_spec(
     )
 
 
+def check_instant(value: object, field: str) -> datetime:
+    """An aware datetime, or its ISO 8601 text (as REST and MCP clients send it)."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        raise ValidationError(field, f"{field} must be an ISO 8601 time, e.g. 2030-01-01T00:00:00Z")
+    return check_aware(value, field)
+
+
 def task_filter(
     *,
     statuses: Iterable[object] = (),
     work_directory: object = None,
     priority: object = None,
     tag: object = None,
+    created_before: object = None,
+    created_after: object = None,
+    prefix: str = "",
 ) -> TaskFilter:
-    """Validate the filters of a task listing; None (or no status) leaves that filter out."""
+    """Validate the filters of a task listing or bulk change; None (or no status) leaves that
+    filter out. `prefix` names where the filter sits, e.g. `filter.`."""
     return TaskFilter(
-        statuses=tuple(check_status(status) for status in statuses),
-        work_directory=None if work_directory is None else check_work_directory(work_directory),
-        priority=None if priority is None else check_priority(priority),
-        tag=None if tag is None else check_tag(tag),
+        statuses=tuple(
+            check_status(status, f"{prefix}statuses" if prefix else "status") for status in statuses
+        ),
+        work_directory=None
+        if work_directory is None
+        else check_work_directory(work_directory, f"{prefix}work_directory"),
+        priority=None if priority is None else check_priority(priority, f"{prefix}priority"),
+        tag=None if tag is None else check_tag(tag, f"{prefix}tag"),
+        created_before=None
+        if created_before is None
+        else check_instant(created_before, f"{prefix}created_before"),
+        created_after=None
+        if created_after is None
+        else check_instant(created_after, f"{prefix}created_after"),
+    )
+
+
+def bulk_filter(
+    where: TaskFilter, starts: Sequence[TaskStatus], operation: str, field: str = "filter"
+) -> TaskFilter:
+    """The filter of a bulk change, limited to the statuses the change starts from. An empty
+    filter is refused, so that nobody changes every task by accident: naming the statuses
+    (all of `starts`) is how to mean every task."""
+    names = ", ".join(s.value for s in starts)
+    if where.is_empty:
+        raise ValidationError(
+            field,
+            f"{field} must narrow the tasks to {operation}: give at least one of statuses,"
+            f" work_directory, priority, tag, created_before, created_after (to {operation} every"
+            f" task it can, give statuses {names})",
+        )
+    wrong = [s.value for s in where.statuses if s not in starts]
+    if wrong:
+        raise ValidationError(
+            f"{field}.statuses",
+            f"{field}.statuses may only hold {names}, the statuses {operation} starts from"
+            f" (not {wrong[0]})",
+        )
+    statuses = where.statuses or tuple(starts)
+    return TaskFilter(
+        statuses=tuple(dict.fromkeys(statuses)),
+        work_directory=where.work_directory,
+        priority=where.priority,
+        tag=where.tag,
+        created_before=where.created_before,
+        created_after=where.created_after,
+    )
+
+
+NO_CAP = 0  # as max_working: remove the cap (an explicit null says the same)
+
+
+def check_max_working(value: object, field: str = "max_working") -> int | None:
+    """A cap on WORKING tasks: a whole number >= 1, or None / 0 for no cap."""
+    if value is None or (value == NO_CAP and not isinstance(value, bool)):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INT32:
+        raise ValidationError(
+            field,
+            f"{field} must be a whole number from 1 to {MAX_INT32:,}, or null (or 0) for no cap",
+        )
+    return value
+
+
+def directory_changes(
+    *, max_working: object = None, set_max_working: bool, paused: object
+) -> DirectoryChanges:
+    """Validate an edit of a directory's controls; `set_max_working` False (the argument was
+    left out) keeps the cap, and `paused` None keeps the pause as it is."""
+    if paused is not None and not isinstance(paused, bool):
+        raise ValidationError("paused", "paused must be true or false")
+    return DirectoryChanges(
+        set_max_working=set_max_working,
+        max_working=check_max_working(max_working) if set_max_working else None,
+        paused=paused,
     )
 
 

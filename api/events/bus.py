@@ -41,6 +41,9 @@ class EventBus(Protocol):
 
     def waiter(self, work_directory: str) -> Waiter: ...
 
+    async def announce(self, work_directory: str) -> None:
+        """The directory's controls changed: wake its waiting claims in every process."""
+
     @property
     def subscriber_count(self) -> int: ...
 
@@ -94,6 +97,9 @@ class Waiter:
         self.work_directory = work_directory
         self._event = asyncio.Event()
         self._used = False
+        # Set by a claim its directory's controls held back (paused, or at its cap): such a claim
+        # also wakes when a task of the directory leaves WORKING, since that frees a place.
+        self.held_back = False
 
     def wake(self) -> None:
         self._event.set()
@@ -165,6 +171,22 @@ class LocalBus:
         if queue is not None and not queue:
             del self._waiters[work_directory]
 
+    def wake_held_back(self, work_directory: str, count: int) -> None:
+        queue = self._waiters.get(work_directory)
+        for waiter in [w for w in queue or () if w.held_back][:count]:
+            queue.remove(waiter)  # type: ignore[union-attr]
+            waiter.wake()
+        if queue is not None and not queue:
+            del self._waiters[work_directory]
+
+    def wake_all(self, work_directory: str) -> None:
+        queue = self._waiters.get(work_directory)
+        if queue is not None:
+            self.wake(work_directory, len(queue))
+
+    async def announce(self, work_directory: str) -> None:
+        self.wake_all(work_directory)
+
     def dispatch(self, events: Sequence[TaskEvent]) -> None:
         for subscription in list(self._subscriptions):
             for event in events:
@@ -173,9 +195,15 @@ class LocalBus:
 
     def _wake_for(self, events: Sequence[TaskEvent]) -> None:
         ready: collections.Counter[str] = collections.Counter()
+        freed: collections.Counter[str] = collections.Counter()
         loop = asyncio.get_running_loop()
         now = loop.time()
         for event in events:
+            if (
+                event.previous_status is TaskStatus.WORKING
+                and event.status is not TaskStatus.WORKING
+            ):
+                freed[event.work_directory] += 1
             if event.status is not TaskStatus.WAITING:
                 continue
             due = _due_in(event)
@@ -185,6 +213,9 @@ class LocalBus:
                 ready[event.work_directory] += 1
         for directory, count in ready.items():
             self.wake(directory, count)
+        for directory, count in freed.items():
+            if directory in self._waiters:
+                self.wake_held_back(directory, count)
 
     def _wake_later(self, work_directory: str) -> None:
         if not self._stopped:

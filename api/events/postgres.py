@@ -17,6 +17,7 @@ from api.store.pg_schema import close_dedicated
 log = logging.getLogger("taskorch.events")
 
 CHANNEL = "taskorch_events"
+DIRECTORY_CHANNEL = "taskorch_directories"  # payload: a work directory whose controls changed
 PAGE = 1000
 
 
@@ -50,6 +51,7 @@ class PostgresBus(LocalBus):
         self._conn: asyncpg.Connection | None = None
         self._wake = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        self._sending = asyncio.Lock()  # one announcement at a time on the listening connection
         self.last_seen = 0
 
     @property
@@ -80,6 +82,7 @@ class PostgresBus(LocalBus):
         )
         try:
             await conn.add_listener(CHANNEL, self._notified)
+            await conn.add_listener(DIRECTORY_CHANNEL, self._announced)
         except BaseException:  # a stop arriving now must not leave the connection open
             conn.terminate()
             raise
@@ -92,6 +95,21 @@ class PostgresBus(LocalBus):
 
     def _notified(self, conn: object, pid: int, channel: str, payload: object) -> None:
         self._wake.set()
+
+    def _announced(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        if isinstance(payload, str):
+            self.wake_all(payload)
+
+    async def announce(self, work_directory: str) -> None:
+        self.wake_all(work_directory)
+        conn = self._conn
+        if conn is None or conn.is_closed():
+            return  # waiting claims held back re-check their directory on their own, in time
+        try:
+            async with self._sending:
+                await conn.execute("SELECT pg_notify($1, $2)", DIRECTORY_CHANNEL, work_directory)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("could not announce a change of %s: %s", work_directory, exc)
 
     def _lost(self, conn: object) -> None:
         self._wake.set()

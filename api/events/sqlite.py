@@ -23,6 +23,10 @@ from api.store.base import TaskStore
 log = logging.getLogger("taskorch.events")
 
 PAGE = 1000
+# Datagrams between peers: a commit happened, or a directory's controls changed (its name follows).
+COMMITTED = b"!"
+ANNOUNCE = b"d"
+MAX_MESSAGE = 4096  # a work directory is at most 512 characters
 SAFETY_INTERVAL = 1.0  # a datagram can be missed (a peer that started a moment ago); read anyway
 
 
@@ -77,7 +81,11 @@ class SqliteBus(LocalBus):
             self._wake.set()
         self._tell_peers()
 
-    def _tell_peers(self) -> None:
+    async def announce(self, work_directory: str) -> None:
+        self.wake_all(work_directory)
+        self._tell_peers(ANNOUNCE + work_directory.encode())
+
+    def _tell_peers(self, message: bytes = COMMITTED) -> None:
         if self._socket is None:
             return
         try:
@@ -89,7 +97,7 @@ class SqliteBus(LocalBus):
             if address == self._address:
                 continue
             try:
-                self._socket.sendto(b"!", address)
+                self._socket.sendto(message, address)
             except BlockingIOError:
                 pass  # its queue is full: it has been told already
             except OSError as exc:
@@ -100,9 +108,11 @@ class SqliteBus(LocalBus):
     def _readable(self) -> None:
         assert self._socket is not None
         with contextlib.suppress(BlockingIOError):
-            while self._socket.recv(16):
-                pass
-        self._wake.set()
+            while message := self._socket.recv(MAX_MESSAGE):
+                if message.startswith(ANNOUNCE):
+                    self.wake_all(message[len(ANNOUNCE) :].decode(errors="replace"))
+                else:
+                    self._wake.set()
 
     async def _run(self) -> None:
         while True:

@@ -20,11 +20,19 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import __version__
 from api.core import validation
-from api.core.domain import TaskSpec
+from api.core.domain import TaskFilter, TaskSpec
 from api.core.errors import TaskorchError, internal_error
 from api.core.service import TaskService
 from api.interfaces.mcp_tasks import RunTaskOutcome, Tasks, launching, tool_result
-from api.interfaces.models import NextTask, StatisticsOut, TaskList, TaskOut
+from api.interfaces.models import (
+    BulkResultOut,
+    NextTask,
+    StatisticsOut,
+    TaskList,
+    TaskOut,
+    WorkDirectoryList,
+    WorkDirectoryOut,
+)
 from api.security.auth import principal_of, require
 from api.settings import MCP_PROFILES, Settings
 
@@ -49,7 +57,8 @@ _WORKER = {"get_next_task", "heartbeat", "complete_task", "fail_task", "release_
 _PRODUCER = {"create_task", "run_task", "get_task", "list_tasks", "cancel_task", "retry_task",
              "get_statistics", "approve_task", "reject_task"}  # fmt: skip
 _ADMIN = {"get_task", "list_tasks", "cancel_task", "retry_task", "get_statistics", "approve_task",
-          "reject_task"}  # fmt: skip
+          "reject_task", "list_work_directories", "configure_work_directory", "cancel_tasks",
+          "retry_tasks"}  # fmt: skip
 PROFILES: dict[str, frozenset[str]] = {
     "worker": frozenset(_WORKER),
     "producer": frozenset(_PRODUCER),
@@ -88,6 +97,12 @@ WorkerId = Annotated[
 ]
 WorkDirectory = Annotated[
     str, Field(description="Absolute path of the directory the task runs in, e.g. /srv/repo.")
+]
+CreatedBefore = Annotated[
+    str | None, Field(description="Only tasks created before this ISO 8601 time.")
+]
+CreatedAfter = Annotated[
+    str | None, Field(description="Only tasks created after this ISO 8601 time.")
 ]
 LeaseSeconds = Annotated[
     int | None,
@@ -375,6 +390,121 @@ def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPSe
         return StatisticsOut.of(
             await _call(ctx, "read", lambda: service().statistics(work_directory))
         )
+
+    @tool
+    async def list_work_directories(
+        ctx: Context, work_directory: WorkDirectory | None = None
+    ) -> WorkDirectoryList:
+        """List every known work directory (configured, or holding tasks) with its controls
+        (max_working, paused) and how many tasks it has in each status, or only the one named.
+        Use it before configure_work_directory, or to see why a directory hands out no task."""
+
+        async def found() -> WorkDirectoryList:
+            directories = await service().directories(work_directory)
+            return WorkDirectoryList(work_directories=[WorkDirectoryOut.of(d) for d in directories])
+
+        return await _call(ctx, "read", found)
+
+    @tool
+    async def configure_work_directory(
+        ctx: Context,
+        work_directory: WorkDirectory,
+        max_working: Annotated[
+            int | None,
+            Field(
+                description="At most this many tasks WORKING at once (1: one agent at a time);"
+                " 0 removes the cap; leave it out to keep the current cap."
+            ),
+        ] = None,
+        paused: Annotated[
+            bool | None,
+            Field(description="True stops the directory handing out tasks, false resumes it."),
+        ] = None,
+    ) -> WorkDirectoryOut:
+        """Cap or pause a work directory (needs the admin scope). Claims then hand out nothing
+        while it is paused, and never more WORKING tasks than max_working; waiting claims wake
+        when it resumes or a place frees. Fields left out keep their value. Next:
+        list_work_directories to check."""
+
+        async def configured() -> WorkDirectoryOut:
+            changes = validation.directory_changes(
+                max_working=max_working, set_max_working=max_working is not None, paused=paused
+            )
+            return WorkDirectoryOut.of(await service().configure_directory(work_directory, changes))
+
+        return await _call(ctx, "configure_work_directory", configured)
+
+    def bulk_filter(
+        statuses: list[str] | None,
+        work_directory: str | None,
+        tag: str | None,
+        priority: str | None,
+        created_before: str | None,
+        created_after: str | None,
+    ) -> TaskFilter:
+        return validation.task_filter(
+            statuses=statuses or (),
+            work_directory=work_directory,
+            tag=tag,
+            priority=priority,
+            created_before=created_before,
+            created_after=created_after,
+            prefix="filter.",
+        )
+
+    @tool
+    async def cancel_tasks(
+        ctx: Context,
+        statuses: Annotated[
+            list[Literal["WAITING", "WORKING"]] | None,
+            Field(description="Only these statuses (default both)."),
+        ] = None,
+        work_directory: WorkDirectory | None = None,
+        tag: str | None = None,
+        priority: Priority | None = None,
+        created_before: CreatedBefore = None,
+        created_after: CreatedAfter = None,
+        reason: Annotated[
+            str | None, Field(description="Why, kept in each task's history.")
+        ] = None,
+    ) -> BulkResultOut:
+        """Cancel every BLOCKED, WAITING, WORKING or IN_REVIEW task matching all the filters given
+        (needs the admin scope). At least one filter is required; to cancel everything, pass
+        statuses ["BLOCKED", "WAITING", "WORKING", "IN_REVIEW"]. Returns how many matched and changed, and the ids changed and
+        skipped (tasks that changed meanwhile). Next: retry_tasks undoes it."""
+
+        async def cancelled() -> BulkResultOut:
+            where = bulk_filter(
+                list(statuses or ()), work_directory, tag, priority, created_before, created_after
+            )
+            return BulkResultOut.of(await service().cancel_many(where, reason))
+
+        return await _call(ctx, "cancel_tasks", cancelled)
+
+    @tool
+    async def retry_tasks(
+        ctx: Context,
+        statuses: Annotated[
+            list[Literal["FAILED", "CANCELLED"]] | None,
+            Field(description="Only these statuses (default both)."),
+        ] = None,
+        work_directory: WorkDirectory | None = None,
+        tag: str | None = None,
+        priority: Priority | None = None,
+        created_before: CreatedBefore = None,
+        created_after: CreatedAfter = None,
+    ) -> BulkResultOut:
+        """Queue again every FAILED or CANCELLED task matching all the filters given, with fresh
+        retries (needs the admin scope). At least one filter is required; to retry everything,
+        pass statuses ["FAILED", "CANCELLED"]. Next: list_tasks to follow them."""
+
+        async def retried() -> BulkResultOut:
+            where = bulk_filter(
+                list(statuses or ()), work_directory, tag, priority, created_before, created_after
+            )
+            return BulkResultOut.of(await service().retry_many(where))
+
+        return await _call(ctx, "retry_tasks", retried)
 
     return server
 

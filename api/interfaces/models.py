@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from api.core.domain import Task
+from api.core.domain import BulkResult, Task, WorkDirectory
 from api.core.service import Statistics
 
 
@@ -117,3 +117,64 @@ class StatisticsOut(BaseModel):
     @classmethod
     def of(cls, stats: Statistics) -> StatisticsOut:
         return cls(**stats.summary())
+
+
+class WorkDirectoryOut(BaseModel):
+    """A work directory: its controls and how many of its tasks are in each status."""
+
+    work_directory: str
+    max_working: int | None = Field(
+        description="At most this many tasks WORKING at once; null: no cap."
+    )
+    paused: bool = Field(description="A paused directory hands out no task.")
+    configured: bool = Field(description="False for a directory nobody configured.")
+    updated_at: datetime | None
+    waiting: int
+    working: int
+    completed: int
+    failed: int
+    cancelled: int
+    total: int
+
+    @classmethod
+    def of(cls, directory: WorkDirectory) -> WorkDirectoryOut:
+        return cls(
+            work_directory=directory.work_directory,
+            max_working=directory.max_working,
+            paused=directory.paused,
+            configured=directory.configured,
+            updated_at=directory.updated_at,
+            waiting=directory.waiting,
+            working=directory.working,
+            completed=directory.completed,
+            failed=directory.failed,
+            cancelled=directory.cancelled,
+            total=directory.total,
+        )
+
+
+class WorkDirectoryList(BaseModel):
+    """Every known work directory (configured, or holding tasks), by name."""
+
+    work_directories: list[WorkDirectoryOut]
+
+
+class BulkResultOut(BaseModel):
+    """What a bulk change did: matched = changed + skipped. A skipped task changed meanwhile
+    (claimed, finished, or no longer matching the filter) and was left as it was."""
+
+    matched: int
+    changed: int
+    skipped: int
+    changed_ids: list[str]
+    skipped_ids: list[str]
+
+    @classmethod
+    def of(cls, result: BulkResult) -> BulkResultOut:
+        return cls(
+            matched=result.matched,
+            changed=result.changed,
+            skipped=result.skipped,
+            changed_ids=list(result.changed_ids),
+            skipped_ids=list(result.skipped_ids),
+        )

@@ -9,7 +9,14 @@ from api import __version__
 from api.core import domain
 from api.core.service import MAX_OFFSET
 from api.interfaces.envelope import PREFIX
-from api.interfaces.models import StatisticsOut, TaskList, TaskOut
+from api.interfaces.models import (
+    BulkResultOut,
+    StatisticsOut,
+    TaskList,
+    TaskOut,
+    WorkDirectoryList,
+    WorkDirectoryOut,
+)
 
 REF = "#/components/schemas/{model}"
 
@@ -166,10 +173,63 @@ def _task_action(summary: str, body: dict[str, Any] | None, description: str) ->
     return operation
 
 
+_INSTANT = {"type": "string", "format": "date-time"}
+
+
+def _bulk_filter(statuses: list[str]) -> dict[str, Any]:
+    """A bulk change's filter: the listing's filters; at least one must be given (not null)."""
+    properties: dict[str, Any] = {
+        "statuses": _nullable({"type": "array", "items": {"enum": statuses}}),
+        "work_directory": _nullable(_WORK_DIRECTORY),
+        "priority": _nullable({"enum": PRIORITIES}),
+        "tag": _nullable(_TAGS["items"]),
+        "created_before": _nullable(_INSTANT),
+        "created_after": _nullable(_INSTANT),
+    }
+    given = [
+        {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+        for name in properties
+        if name != "statuses"
+    ]
+    given.append(
+        {"required": ["statuses"], "properties": {"statuses": {"type": "array", "minItems": 1}}}
+    )
+    return {
+        "type": "object",
+        "properties": properties,
+        "additionalProperties": False,
+        "anyOf": given,
+        "description": "Every filter given must match. An empty filter is refused: to change "
+        "every task the change can, name its statuses.",
+    }
+
+
+def _bulk(summary: str, statuses: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "description": "In chunks of 500 tasks per transaction, each change with its history "
+            "row; a task that changed meanwhile is skipped, not overwritten. Needs the admin scope.",
+            "requestBody": _body({"filter": _bulk_filter(statuses), **extra}, ["filter"]),
+            "responses": {
+                "200": _ok("What changed", {"$ref": REF.format(model="BulkResultOut")}),
+                **_errors("400", "401", "403", "413", "429", "500", "503"),
+            },
+        }
+    }
+
+
 @functools.cache
 def document() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (TaskOut, TaskList, StatisticsOut):
+    for model in (
+        TaskOut,
+        TaskList,
+        StatisticsOut,
+        WorkDirectoryOut,
+        WorkDirectoryList,
+        BulkResultOut,
+    ):
         schema = model.model_json_schema(ref_template=REF, mode="serialization")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -258,6 +318,8 @@ def document() -> dict[str, Any]:
                         _query("priority", {"enum": PRIORITIES}, "Only this priority"),
                         _query("work_directory", _WORK_DIRECTORY, "Only this work directory"),
                         _query("tag", _TAGS["items"], "Only tasks with this tag"),
+                        _query("created_before", _INSTANT, "Only tasks created before this"),
+                        _query("created_after", _INSTANT, "Only tasks created after this"),
                         _query(
                             "limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "Page size"
                         ),
@@ -382,6 +444,52 @@ def document() -> dict[str, Any]:
                     "Back to WAITING with review_feedback (one retry counted; FAILED once the"
                     " retries are spent), or FAILED when retry is false. Needs the review scope.",
                 ),
+            },
+            f"{PREFIX}/tasks/cancel": _bulk(
+                "Cancel every BLOCKED, WAITING, WORKING or IN_REVIEW task a filter matches",
+                [s.value for s in domain.CANCELLABLE],
+                {"reason": _nullable({"type": "string", "maxLength": domain.MAX_TEXT})},
+            ),
+            f"{PREFIX}/tasks/retry": _bulk(
+                "Queue again every FAILED or CANCELLED task a filter matches",
+                ["FAILED", "CANCELLED"],
+                {},
+            ),
+            f"{PREFIX}/work-directories": {
+                "get": {
+                    "summary": "Every known work directory, with its controls and task counts",
+                    "parameters": [
+                        _query("work_directory", _WORK_DIRECTORY, "Only this directory")
+                    ],
+                    "responses": {
+                        "200": _ok("By name", {"$ref": REF.format(model="WorkDirectoryList")}),
+                        **_errors(),
+                    },
+                },
+                "put": {
+                    "summary": "Set a work directory's controls",
+                    "description": "max_working caps its WORKING tasks (null or 0: no cap; 1: one "
+                    "agent at a time); paused stops it handing out tasks. A field left out (or "
+                    "a null paused) keeps its value. Waiting claims wake on every replica. "
+                    "Needs the admin scope.",
+                    "requestBody": _body(
+                        {
+                            "work_directory": _WORK_DIRECTORY,
+                            "max_working": _nullable(
+                                {"type": "integer", "minimum": 0, "maximum": domain.MAX_INT32}
+                            ),
+                            "paused": _nullable({"type": "boolean"}),
+                        },
+                        ["work_directory"],
+                    ),
+                    "responses": {
+                        "200": _ok(
+                            "The directory after the change",
+                            {"$ref": REF.format(model="WorkDirectoryOut")},
+                        ),
+                        **_errors("400", "401", "403", "413", "429", "500", "503"),
+                    },
+                },
             },
             f"{PREFIX}/statistics": {
                 "get": {

@@ -16,6 +16,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from api.core import validation
+from api.core.domain import TaskFilter
 from api.core.errors import (
     MethodNotAllowed,
     RateLimited,
@@ -26,7 +27,14 @@ from api.core.errors import (
 from api.core.service import TaskService
 from api.interfaces.disconnect import unless_disconnected
 from api.interfaces.envelope import PREFIX, envelope
-from api.interfaces.models import StatisticsOut, TaskList, TaskOut
+from api.interfaces.models import (
+    BulkResultOut,
+    StatisticsOut,
+    TaskList,
+    TaskOut,
+    WorkDirectoryList,
+    WorkDirectoryOut,
+)
 from api.security.auth import principal_of, require
 
 log = logging.getLogger("taskorch.rest")
@@ -198,6 +206,8 @@ async def list_tasks(request: Request) -> tuple[Any, int]:
         work_directory=query.get("work_directory"),
         priority=query.get("priority"),
         tag=query.get("tag"),
+        created_before=query.get("created_before"),
+        created_after=query.get("created_after"),
     )
     limit = _int_param(request, "limit", 50)
     offset = _int_param(request, "offset", 0)
@@ -300,6 +310,70 @@ async def reject_task(request: Request) -> tuple[Any, int]:
     return TaskOut.of(task), 200
 
 
+FILTER_FIELDS = {
+    "statuses", "work_directory", "priority", "tag", "created_before", "created_after",
+}  # fmt: skip
+
+
+def _filter(body: dict[str, Any]) -> TaskFilter:
+    """The `filter` object of a bulk change, as the task listing's filters."""
+    raw = body.get("filter")
+    if not isinstance(raw, dict):
+        raise ValidationError("filter", "filter is required: a JSON object of task filters")
+    unknown = sorted(set(raw) - FILTER_FIELDS)
+    if unknown:
+        raise ValidationError(
+            f"filter.{unknown[0]}",
+            f"unknown filter {unknown[0]!r}; allowed: {', '.join(sorted(FILTER_FIELDS))}",
+        )
+    statuses = raw.get("statuses")
+    if statuses is None:
+        statuses = []
+    elif not isinstance(statuses, list):
+        raise ValidationError("filter.statuses", "filter.statuses must be a list of statuses")
+    return validation.task_filter(
+        statuses=statuses,
+        work_directory=raw.get("work_directory"),
+        priority=raw.get("priority"),
+        tag=raw.get("tag"),
+        created_before=raw.get("created_before"),
+        created_after=raw.get("created_after"),
+        prefix="filter.",
+    )
+
+
+@endpoint("cancel_tasks")
+async def cancel_tasks(request: Request) -> tuple[Any, int]:
+    body = await _body(request, {"filter", "reason"})
+    result = await _service(request).cancel_many(_filter(body), body.get("reason"))
+    return BulkResultOut.of(result), 200
+
+
+@endpoint("retry_tasks")
+async def retry_tasks(request: Request) -> tuple[Any, int]:
+    body = await _body(request, {"filter"})
+    return BulkResultOut.of(await _service(request).retry_many(_filter(body))), 200
+
+
+@endpoint("read")
+async def list_work_directories(request: Request) -> tuple[Any, int]:
+    found = await _service(request).directories(request.query_params.get("work_directory"))
+    return WorkDirectoryList(work_directories=[WorkDirectoryOut.of(d) for d in found]), 200
+
+
+@endpoint("configure_work_directory")
+async def configure_work_directory(request: Request) -> tuple[Any, int]:
+    body = await _body(request, {"work_directory", "max_working", "paused"})
+    changes = validation.directory_changes(
+        max_working=_whole(body.get("max_working")),
+        set_max_working="max_working" in body,
+        paused=body.get("paused"),
+    )
+    directory = validation.check_work_directory(body.get("work_directory"))
+    found = await _service(request).configure_directory(directory, changes)
+    return WorkDirectoryOut.of(found), 200
+
+
 @endpoint("read")
 async def statistics(request: Request) -> tuple[Any, int]:
     stats = await _service(request).statistics(request.query_params.get("work_directory"))
@@ -346,6 +420,8 @@ routes = [
     resource("/openapi.json", get=openapi),
     resource("/tasks", get=list_tasks, post=create_task),
     resource("/tasks/next", get=next_task),  # before {id}: "next" is no id
+    resource("/tasks/cancel", post=cancel_tasks),  # bulk, by filter
+    resource("/tasks/retry", post=retry_tasks),
     resource("/tasks/{id}", get=get_task, put=update_task),
     resource("/tasks/{id}/complete", post=complete_task),
     resource("/tasks/{id}/fail", post=fail_task),
@@ -354,4 +430,5 @@ routes = [
     resource("/tasks/{id}/approve", post=approve_task),
     resource("/tasks/{id}/reject", post=reject_task),
     resource("/statistics", get=statistics),
+    resource("/work-directories", get=list_work_directories, put=configure_work_directory),
 ]

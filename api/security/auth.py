@@ -100,6 +100,10 @@ OPERATION_SCOPES = {
     "release": WORK,
     "approve": REVIEW,
     "reject": REVIEW,
+    # Bulk changes and work-directory controls reach every task of a directory: admin only.
+    "cancel_tasks": ADMIN,
+    "retry_tasks": ADMIN,
+    "configure_work_directory": ADMIN,
 }
 
 

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from api.core import domain
 from api.core.domain import (
     ApiKey,
     Completion,
+    DirectoryChanges,
+    DirectorySettings,
     Task,
     TaskChanges,
     TaskEvent,
+    TaskFilter,
     TaskHandle,
     TaskPage,
     TaskStatus,
+    WorkDirectory,
 )
+
+if TYPE_CHECKING:
+    from api.store.changes import BulkChunk
 from api.core.lifecycle import Outcome
 
 # Called with the events of each committed transaction. On SQLite they carry their ids, in id
@@ -24,8 +31,10 @@ from api.core.lifecycle import Outcome
 CommitListener = Callable[[Sequence[TaskEvent]], None]
 # Decides a lifecycle change from the task as stored; None when the change does not apply.
 Decide = Callable[[Task], Outcome | None]
+# A bulk change decides each task with its dependencies that are not COMPLETED, and their status.
+BulkDecide = Callable[[Task, Mapping[str, TaskStatus]], Outcome | None]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 
 class RefusedDependency(Exception):
@@ -84,7 +93,26 @@ class TaskStore(Protocol):
     async def next_run_after(self, work_directory: str, now: datetime) -> datetime | None:
         """When the earliest waiting task of this directory that is not yet due becomes due."""
 
+    async def directory(self, work_directory: str) -> DirectorySettings:
+        """The directory's controls (the defaults when it was never configured)."""
+
+    async def directories(self, work_directory: str | None = None) -> list[WorkDirectory]:
+        """Every known directory (configured, or holding tasks) by name, or only the one named."""
+
     # --- changes ---
+    async def configure(
+        self, work_directory: str, changes: DirectoryChanges, now: datetime
+    ) -> DirectorySettings:
+        """Create or edit a directory's controls; fields the changes leave out keep their value."""
+
+    async def bulk(
+        self, where: TaskFilter, after_seq: int, limit: int, decide: BulkDecide
+    ) -> BulkChunk:
+        """One transaction of a bulk change: up to `limit` matching tasks after `after_seq`."""
+
+    async def bulk_one(self, where: TaskFilter, task_id: str, decide: BulkDecide) -> Task | None:
+        """The bulk change of one task a chunk found busy, if it still matches."""
+
     async def submit(self, specs: Sequence[domain.TaskSpec], now: datetime) -> list[Task]:
         """Insert all or none; an existing idempotency key returns the stored task instead.
         Raises RefusedDependency (nothing stored) for a missing or failed dependency."""

@@ -9,21 +9,41 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Generator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
 from api.core import lifecycle
-from api.core.domain import Completion, Task, TaskChanges, TaskSpec, TaskStatus
+from api.core.domain import (
+    Completion,
+    DirectoryChanges,
+    DirectorySettings,
+    Task,
+    TaskChanges,
+    TaskFilter,
+    TaskSpec,
+    TaskStatus,
+)
 from api.core.lifecycle import Outcome
 from api.store import sql
-from api.store.base import Decide, RefusedDependency
-from api.store.rows import NotAll, Pending, Row, applied, task_of
+from api.store.base import BulkDecide, Decide, RefusedDependency
+from api.store.rows import NotAll, Pending, Row, applied, directory_of, task_of
 from api.store.sql import Catalogue
 
 T = TypeVar("T")
 
 Query = tuple[str, dict[str, Any]]
 Program = Generator[Query, list[Row], tuple[T, list[Pending]]]
+
+
+@dataclass(frozen=True, slots=True)
+class BulkChunk:
+    """What one chunk of a bulk change saw and did."""
+
+    ids: list[str]  # the tasks matched, in submission order
+    last_seq: int  # where the next chunk starts
+    changed: list[Task]
+    busy: list[str]  # matched but held by another transaction at that moment (PostgreSQL)
 
 
 def submit(c: Catalogue, specs: Sequence[TaskSpec], now: datetime) -> Program[list[Task]]:
@@ -101,19 +121,59 @@ def claim(
     now: datetime,
 ) -> Program[list[Task]]:  # fmt: skip
     d = c.dialect
-    rows = yield (
-        c.claim,
-        {
-            "worker_id": worker_id,
-            "now": d.time(now),
-            "lease": d.time(lease_until),
-            "work_directory": work_directory,
-            "limit": limit,
-        },
-    )
+    params = {
+        "worker_id": worker_id,
+        "now": d.time(now),
+        "lease": d.time(lease_until),
+        "work_directory": work_directory,
+        "limit": limit,
+    }
+    rows = yield c.claim, params
+    if not rows:  # nothing claimable, or the directory has controls: they decide
+        rows = yield from _controlled_claim(c, params)
     tasks = sorted((task_of(c.dialect, r) for r in rows), key=lambda t: (-t.priority.rank, t.seq))
     details = {"leaseExpiresAt": lease_until.isoformat()}
     return tasks, [(t, TaskStatus.WAITING, details, None) for t in tasks]
+
+
+def _controlled_claim(
+    c: Catalogue, params: dict[str, Any]
+) -> Generator[Query, list[Row], list[Row]]:
+    """Claim under the directory's controls. On PostgreSQL claims of a controlled directory take
+    turns (an advisory lock held until commit), and each counts the WORKING tasks in a statement
+    that starts after the previous claim committed: the cap holds across replicas. SQLite's
+    single writer serialises them anyway."""
+    wd = {"work_directory": params["work_directory"]}
+    found = yield c.directory_for_claim, wd
+    settings = directory_of(c.dialect, found[0]) if found else None
+    if settings is None or not settings.restricts:
+        return []  # the first claim was not held back: nothing is claimable
+    working = 0
+    if settings.max_working is not None and not settings.paused:
+        if c.dialect.claim_turn:
+            yield c.dialect.claim_turn, wd
+        counted = yield sql.COUNT_WORKING, wd
+        working = int(counted[0]["n"])
+    allowed = lifecycle.claim_allowance(settings, working, params["limit"])
+    if allowed <= 0:
+        return []
+    return (yield c.claim_controlled, {**params, "limit": allowed})
+
+
+def configure(
+    c: Catalogue, work_directory: str, changes: DirectoryChanges, now: datetime
+) -> Program[DirectorySettings]:
+    rows = yield (
+        sql.CONFIGURE,
+        {
+            "work_directory": work_directory,
+            "max_working": changes.max_working,
+            "set_max_working": changes.set_max_working,
+            "paused": changes.paused,
+            "now": c.dialect.time(now),
+        },
+    )
+    return directory_of(c.dialect, rows[0]), []
 
 
 def complete(
@@ -255,6 +315,72 @@ def settle(c: Catalogue, ended: Sequence[Task]) -> Generator[Query, list[Row], l
                 yield sql.SET_BLOCKED_BY, {"blocked_by": d.json(list(blocked_by)),
                                            "seq": dependent.seq}  # fmt: skip
     return owed
+
+
+def bulk(
+    c: Catalogue, where: TaskFilter, after_seq: int, limit: int, decide: BulkDecide
+) -> Program[BulkChunk]:
+    """One chunk of a bulk change: up to `limit` tasks matching `where` after `after_seq`, each
+    decided on as stored and applied with its history row, in this one transaction. The match is
+    checked again on the rows as locked; on PostgreSQL a row another transaction holds at that
+    moment is left as `busy`, for the caller to change on its own (waiting for it here, with
+    other rows locked, could deadlock with a batch completion)."""
+    d = c.dialect
+    params: dict[str, Any] = {"after": after_seq, "limit": limit}
+    clauses = sql.task_filter(d, where, params)
+    seen = yield (
+        f"SELECT seq, id FROM tasks{sql.where([*clauses, 'seq > :after'])}"
+        " ORDER BY seq LIMIT :limit",
+        params,
+    )
+    if not seen:
+        return BulkChunk([], 0, [], []), []
+    seqs: dict[str, Any] = {}
+    locked = yield (
+        f"SELECT {sql.TASK_COLUMNS} FROM tasks WHERE {sql.one_of('seq', 'seq', [r['seq'] for r in seen], seqs)}"
+        f"{''.join(f' AND {clause}' for clause in clauses)} ORDER BY seq{d.skip_locked}",
+        {**params, **seqs},
+    )
+    changed, pending = yield from _decide_each(c, locked, decide)
+    held = {str(r["id"]) for r in locked}
+    busy = [str(r["id"]) for r in seen if str(r["id"]) not in held] if d.skip_locked else []
+    ids = [str(r["id"]) for r in seen]
+    return BulkChunk(ids, int(seen[-1]["seq"]), changed, busy), pending
+
+
+def bulk_one(
+    c: Catalogue, where: TaskFilter, task_id: str, decide: BulkDecide
+) -> Program[Task | None]:
+    """A bulk change of one task that was busy: waits for its lock, checks the match again."""
+    params: dict[str, Any] = {"id": task_id}
+    clauses = sql.task_filter(c.dialect, where, params)
+    rows = yield (
+        f"SELECT {sql.TASK_COLUMNS} FROM tasks{sql.where(['id = :id', *clauses])}"
+        f"{c.dialect.for_update}",
+        params,
+    )
+    changed, pending = yield from _decide_each(c, rows, decide)
+    return (changed[0] if changed else None), pending
+
+
+def _decide_each(
+    c: Catalogue, rows: list[Row], decide: BulkDecide
+) -> Generator[Query, list[Row], tuple[list[Task], list[Pending]]]:
+    tasks = [task_of(c.dialect, row) for row in rows]
+    # The rows are locked: their dependencies are read after the lock, in a new statement.
+    depending = [t.id for t in tasks if t.depends_on]
+    unfinished = (yield from _unfinished(c, depending)) if depending else {}
+    changed: list[Task] = []
+    pending: list[Pending] = []
+    for task in tasks:
+        outcome = decide(task, unfinished.get(task.id, {}))
+        if outcome is None:
+            continue
+        applied_task, owed = yield from apply(c, outcome)
+        if applied_task is not None:
+            changed.append(applied_task)
+            pending.extend(owed)
+    return changed, pending
 
 
 def expire_leases(c: Catalogue, now: datetime, limit: int) -> Program[list[Task]]:

@@ -9,12 +9,21 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from api.core import domain, lifecycle
-from api.core.domain import Completion, Task, TaskPage, TaskStatus
+from api.core.domain import (
+    Completion,
+    DirectoryChanges,
+    DirectorySettings,
+    Task,
+    TaskFilter,
+    TaskPage,
+    TaskStatus,
+    WorkDirectory,
+)
 from api.store import changes as programs
 from api.store import sql
-from api.store.base import Decide, HandleStore, KeyStore
-from api.store.changes import Program, Query
-from api.store.rows import NotAll, Row, event_of, task_of
+from api.store.base import BulkDecide, Decide, HandleStore, KeyStore
+from api.store.changes import BulkChunk, Program, Query
+from api.store.rows import NotAll, Row, directory_of, event_of, task_of
 from api.store.sql import Catalogue
 
 T = TypeVar("T")
@@ -77,6 +86,30 @@ class SqlTaskStore(ABC):
             (f"SELECT status, count(*) AS n FROM tasks{sql.where(clauses)} GROUP BY status", params)
         )
         return {TaskStatus(row["status"]): int(row["n"]) for row in rows}
+
+    async def directory(self, work_directory: str) -> DirectorySettings:
+        rows = await self._read((sql.DIRECTORY, {"work_directory": work_directory}))
+        return (
+            directory_of(self.sql.dialect, rows[0]) if rows else DirectorySettings(work_directory)
+        )
+
+    async def directories(self, work_directory: str | None = None) -> list[WorkDirectory]:
+        params: dict[str, Any] = {"work_directory": work_directory}
+        clauses = [] if work_directory is None else ["work_directory = :work_directory"]
+        configured = await self._read((sql.DIRECTORIES + sql.where(clauses), params))
+        counted = await self._read(
+            (sql.COUNTS_BY_DIRECTORY.format(where=sql.where(clauses)), params)
+        )
+        settings = {
+            row["work_directory"]: directory_of(self.sql.dialect, row) for row in configured
+        }
+        counts: dict[str, dict[TaskStatus, int]] = {}
+        for row in counted:
+            counts.setdefault(row["work_directory"], {})[TaskStatus(row["status"])] = int(row["n"])
+        return [
+            WorkDirectory(settings.get(name) or DirectorySettings(name), counts.get(name, {}))
+            for name in sorted(settings.keys() | counts.keys())
+        ]
 
     async def history(self, task_id: str) -> list[domain.TaskEvent]:
         rows = await self._read((sql.HISTORY, {"task_id": task_id}))
@@ -152,6 +185,19 @@ class SqlTaskStore(ABC):
     ) -> Task | None:
         query = programs.update(self.sql, task_id, expected_version, changes, now)
         return self._task(await self._write(query))
+
+    async def configure(
+        self, work_directory: str, changes: DirectoryChanges, now: datetime
+    ) -> DirectorySettings:
+        return await self._run(programs.configure(self.sql, work_directory, changes, now))
+
+    async def bulk(
+        self, where: TaskFilter, after_seq: int, limit: int, decide: BulkDecide
+    ) -> BulkChunk:
+        return await self._run(programs.bulk(self.sql, where, after_seq, limit, decide))
+
+    async def bulk_one(self, where: TaskFilter, task_id: str, decide: BulkDecide) -> Task | None:
+        return await self._run(programs.bulk_one(self.sql, where, task_id, decide))
 
     async def expire_leases(self, now: datetime, limit: int) -> list[Task]:
         return await self._run(programs.expire_leases(self.sql, now, limit))

@@ -209,6 +209,17 @@ _MIGRATIONS: list[list[Statement]] = [
         """,
         "CREATE INDEX task_handles_task ON task_handles (task_id)",
     ],
+    # Work-directory controls; a directory without a row has no cap and is not paused.
+    [
+        """
+        CREATE TABLE work_directories (
+            work_directory TEXT PRIMARY KEY,
+            max_working INTEGER CHECK (max_working IS NULL OR max_working >= 1),
+            paused {bool} NOT NULL DEFAULT FALSE,
+            updated_at {time} NOT NULL
+        )
+        """,
+    ],
 ]
 
 # Only PostgreSQL can index a JSON array's members.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from api.core.domain import ApiKey, Task, TaskEvent, TaskPriority, TaskStatus
+from api.core.domain import ApiKey, DirectorySettings, Task, TaskEvent, TaskPriority, TaskStatus
 from api.store.sql import Dialect
 
 
@@ -63,6 +63,15 @@ def event_of(d: Dialect, row: Row) -> TaskEvent:
         worker_id=row["worker_id"],
         at=d.instant(row["at"]),
         details=d.unjson(row["details"]),
+    )
+
+
+def directory_of(d: Dialect, row: Row) -> DirectorySettings:
+    return DirectorySettings(
+        work_directory=row["work_directory"],
+        max_working=row["max_working"],
+        paused=bool(row["paused"]),
+        updated_at=d.instant(row["updated_at"]),
     )
 
 

@@ -23,10 +23,12 @@ TASK_FIELDS = (
 )  # fmt: skip
 EVENT_FIELDS = ("id", "task_id", "work_directory", "status", "previous_status", "worker_id", "at",
                 "details")  # fmt: skip
+DIRECTORY_FIELDS = ("work_directory", "max_working", "paused", "updated_at")
 KEY_FIELDS = ("name", "scopes", "created_at", "last_used_at", "revoked_at", "rate_limit")
 TASK_COLUMNS = ", ".join(TASK_FIELDS)
 EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
 KEY_COLUMNS = ", ".join(KEY_FIELDS)
+DIRECTORY_COLUMNS = ", ".join(DIRECTORY_FIELDS)
 
 WAITING, WORKING = TaskStatus.WAITING.value, TaskStatus.WORKING.value
 COMPLETED, IN_REVIEW = TaskStatus.COMPLETED.value, TaskStatus.IN_REVIEW.value
@@ -68,6 +70,7 @@ class Dialect:
     unjson: Callable[[Any], Any]
     skip_locked: str  # appended to a SELECT whose rows the change takes, leaving held rows
     for_update: str  # appended to a SELECT whose row the change decides on
+    claim_turn: str  # a statement making claims of one directory take turns ("": not needed)
     has_tag: str  # a clause: the task's tags hold :tag
     pick: str  # a clause: seq is one of the rows the subquery {} picks
     among: str  # a clause: id is one of the list :ids (any length: one parameter)
@@ -82,6 +85,7 @@ SQLITE = Dialect(
     unjson=_maybe(json.loads),
     skip_locked="",  # the writer holds the database for the whole transaction
     for_update="",
+    claim_turn="",  # the writer holds the database for the whole transaction
     has_tag="EXISTS (SELECT 1 FROM json_each(tasks.tags) WHERE value = :tag)",
     pick="seq IN ({})",
     among="id IN (SELECT value FROM json_each(:ids))",
@@ -91,6 +95,7 @@ SQLITE = Dialect(
         "json": "TEXT",
         "time": "INTEGER",
         "small": "INTEGER",
+        "bool": "INTEGER",
     },
 )
 POSTGRES = Dialect(
@@ -101,6 +106,14 @@ POSTGRES = Dialect(
     unjson=_same,
     skip_locked=" FOR UPDATE SKIP LOCKED",
     for_update=" FOR UPDATE",
+    # An advisory lock, not FOR UPDATE on the controls' row: locking a row gives the transaction
+    # its xid at once, and history positions follow xids, so a claim that locked early but
+    # counted after a completion committed would be positioned before that completion. Taken
+    # without an xid, the claim's xid comes with its UPDATE, after everything it counted.
+    claim_turn=(
+        "SELECT 1 AS locked FROM (SELECT pg_advisory_xact_lock(hashtextextended("
+        "current_schema() || ':' || :work_directory, 2052849668))) AS turn"
+    ),
     has_tag="tags ? :tag",
     # ANY(ARRAY(...)), not IN (...): the planner then reads the picked rows through the primary
     # key instead of hash-joining a scan of the whole table.
@@ -112,6 +125,7 @@ POSTGRES = Dialect(
         "json": "JSONB",
         "time": "TIMESTAMPTZ",
         "small": "SMALLINT",
+        "bool": "BOOLEAN",
     },
 )
 
@@ -144,7 +158,9 @@ class Catalogue:
     """The statements whose text differs by dialect, for one dialect."""
 
     dialect: Dialect
-    claim: str
+    claim: str  # directories without controls only: the hot path, one statement
+    claim_controlled: str  # the same, for any directory, once its controls allow `limit` more
+    directory_for_claim: str  # the controls a claim decides on
     task_for_change: str  # the row a lifecycle change decides on
     expired: str
     finished: str
@@ -156,15 +172,24 @@ class Catalogue:
 def catalogue(d: Dialect) -> Catalogue:
     picked = (
         f"SELECT seq FROM tasks WHERE status = '{WAITING}' AND work_directory = :work_directory"
-        " AND (run_after IS NULL OR run_after <= :now) ORDER BY priority DESC, seq LIMIT :limit"
-        f"{d.skip_locked}"
+        " AND (run_after IS NULL OR run_after <= :now){guard} ORDER BY priority DESC, seq"
+        f" LIMIT :limit{d.skip_locked}"
+    )
+    claim = (
+        f"UPDATE tasks SET status = '{WORKING}', worker_id = :worker_id, started_at = :now,"
+        " updated_at = :now, lease_expires_at = :lease, version = version + 1"
+        f" WHERE {d.pick.format(picked)} RETURNING {TASK_COLUMNS}"
     )
     return Catalogue(
         dialect=d,
-        claim=(
-            f"UPDATE tasks SET status = '{WORKING}', worker_id = :worker_id, started_at = :now,"
-            " updated_at = :now, lease_expires_at = :lease, version = version + 1"
-            f" WHERE {d.pick.format(picked)} RETURNING {TASK_COLUMNS}"
+        # An uncorrelated subquery: both databases evaluate it once per statement, so a directory
+        # with no controls pays one primary-key probe; one with controls gets nothing here and
+        # takes the controlled path.
+        claim=claim.replace("{guard}", f" AND NOT EXISTS ({RESTRICTED})"),
+        claim_controlled=claim.replace("{guard}", ""),
+        directory_for_claim=(
+            f"SELECT {DIRECTORY_COLUMNS} FROM work_directories"
+            " WHERE work_directory = :work_directory"
         ),
         task_for_change=f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = :id{d.for_update}",
         expired=(
@@ -190,6 +215,12 @@ def catalogue(d: Dialect) -> Catalogue:
         lock_dependents=f"SELECT {TASK_COLUMNS} FROM tasks WHERE {{}} ORDER BY seq{d.for_update}",
     )
 
+
+# A directory whose controls a claim must look at: paused, or capped.
+RESTRICTED = (
+    "SELECT 1 FROM work_directories WHERE work_directory = :work_directory"
+    " AND (paused OR max_working IS NOT NULL)"
+)
 
 SQLITE_SQL = catalogue(SQLITE)
 POSTGRES_SQL = catalogue(POSTGRES)
@@ -251,6 +282,27 @@ RECORD = (
     " details) VALUES (:task_id, :work_directory, :status, :previous_status, :worker_id, :at,"
     f" :details) RETURNING {EVENT_COLUMNS}"
 )
+# Counted after the directory's controls are locked, in a statement of its own, so it sees every
+# claim committed before the lock was granted.
+COUNT_WORKING = (
+    f"SELECT count(*) AS n FROM tasks WHERE status = '{WORKING}'"
+    " AND work_directory = :work_directory"
+)
+CONFIGURE = (
+    "INSERT INTO work_directories (work_directory, max_working, paused, updated_at) VALUES"
+    " (:work_directory, :max_working, coalesce(:paused, FALSE), :now) ON CONFLICT (work_directory)"
+    " DO UPDATE SET max_working = CASE WHEN :set_max_working THEN :max_working"
+    " ELSE work_directories.max_working END,"
+    " paused = coalesce(:paused, work_directories.paused), updated_at = :now"
+    f" RETURNING {DIRECTORY_COLUMNS}"
+)
+DIRECTORY = (
+    f"SELECT {DIRECTORY_COLUMNS} FROM work_directories WHERE work_directory = :work_directory"
+)
+DIRECTORIES = f"SELECT {DIRECTORY_COLUMNS} FROM work_directories"
+COUNTS_BY_DIRECTORY = (
+    "SELECT work_directory, status, count(*) AS n FROM tasks{where} GROUP BY work_directory, status"
+)
 INSERT_KEY = (
     "INSERT INTO api_keys (name, key_hash, scopes, created_at, rate_limit) VALUES (:name,"
     f" :key_hash, :scopes, :now, :rate_limit) ON CONFLICT DO NOTHING RETURNING {KEY_COLUMNS}"
@@ -297,6 +349,12 @@ def task_filter(d: Dialect, filter: TaskFilter, params: dict[str, Any]) -> list[
     if filter.tag is not None:
         clauses.append(d.has_tag)
         params["tag"] = filter.tag
+    if filter.created_before is not None:
+        clauses.append("created_at < :created_before")
+        params["created_before"] = d.time(filter.created_before)
+    if filter.created_after is not None:
+        clauses.append("created_at > :created_after")
+        params["created_after"] = d.time(filter.created_after)
     return clauses
 
 

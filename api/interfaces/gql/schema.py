@@ -13,12 +13,14 @@ from strawberry.scalars import JSON
 
 from api.core import validation
 from api.core.domain import Completion, EventFilter, TaskPriority, TaskStatus
+from api.core.errors import ValidationError
 from api.core.service import encode_cursor
 from api.interfaces.disconnect import unless_disconnected
 from api.interfaces.gql.context import Info
 from api.interfaces.gql.errors import classify
 from api.interfaces.gql.security import ScopeCheck
 from api.interfaces.gql.types import (
+    BulkResultType,
     CompleteItem,
     EventConnection,
     EventFilterInput,
@@ -28,8 +30,12 @@ from api.interfaces.gql.types import (
     TaskConnection,
     TaskEdge,
     TaskEventType,
+    TaskFilterInput,
     TaskType,
     UpdateTaskInput,
+    WorkDirectoryType,
+    as_bulk,
+    as_directory,
     as_event,
     as_task,
 )
@@ -55,10 +61,18 @@ class Query:
         tag: str | None = None,
         first: int = 50,
         after: str | None = None,
+        filter: TaskFilterInput | None = None,
     ) -> TaskConnection:
-        where = validation.task_filter(
-            statuses=status or (), work_directory=work_directory, priority=priority, tag=tag
-        )
+        if filter is None:
+            where = validation.task_filter(
+                statuses=status or (), work_directory=work_directory, priority=priority, tag=tag
+            )
+        elif status or work_directory is not None or priority is not None or tag is not None:
+            raise ValidationError(
+                "filter", "give the filter either as `filter` or as separate arguments, not both"
+            )
+        else:
+            where = filter.to_filter()
         page = await info.context.service.list_tasks(where, first, after)
         edges = [TaskEdge(node=as_task(t), cursor=encode_cursor(t.seq)) for t in page.tasks]
         return TaskConnection(
@@ -91,6 +105,16 @@ class Query:
             last_id=strawberry.ID(str(events[-1].id)) if events else after,
             has_next_page=more,
         )
+
+    @strawberry.field(
+        description="Every known work directory (configured, or holding tasks) with its controls "
+        "and counts, by name; `workDirectory` asks for one."
+    )
+    async def work_directories(
+        self, info: Info, work_directory: str | None = None
+    ) -> list[WorkDirectoryType]:
+        found = await info.context.service.directories(work_directory)
+        return [as_directory(d) for d in found]
 
     @strawberry.field(description="How many tasks are in each status.")
     async def statistics(self, info: Info, work_directory: str | None = None) -> StatisticsType:
@@ -216,6 +240,43 @@ class Mutation:
     @strawberry.mutation(description="Queue a FAILED or CANCELLED task again, with fresh retries.")
     async def retry_task(self, info: Info, id: strawberry.ID) -> TaskType:
         return as_task(await info.context.service.retry(id))
+
+    @strawberry.mutation(
+        description="Cancel every BLOCKED, WAITING, WORKING or IN_REVIEW task the filter matches "
+        "(admin), and their dependents. An empty filter is refused: to cancel every task, give "
+        "statuses [BLOCKED, WAITING, WORKING, IN_REVIEW]."
+    )
+    async def cancel_tasks(
+        self, info: Info, filter: TaskFilterInput, reason: str | None = None
+    ) -> BulkResultType:
+        return as_bulk(await info.context.service.cancel_many(filter.to_filter(), reason))
+
+    @strawberry.mutation(
+        description="Queue again every FAILED or CANCELLED task the filter matches (admin). An "
+        "empty filter is refused: to retry every task, give statuses [FAILED, CANCELLED]."
+    )
+    async def retry_tasks(self, info: Info, filter: TaskFilterInput) -> BulkResultType:
+        return as_bulk(await info.context.service.retry_many(filter.to_filter()))
+
+    @strawberry.mutation(
+        description="Set a work directory's controls (admin): maxWorking caps its WORKING tasks "
+        "(null or 0: no cap; 1: one agent at a time), paused stops it handing out tasks. An "
+        "argument left out keeps its value. Waiting claims wake on every replica."
+    )
+    async def configure_work_directory(
+        self,
+        info: Info,
+        work_directory: str,
+        max_working: int | None = strawberry.UNSET,
+        paused: bool | None = strawberry.UNSET,
+    ) -> WorkDirectoryType:
+        changes = validation.directory_changes(
+            max_working=None if max_working is strawberry.UNSET else max_working,
+            set_max_working=max_working is not strawberry.UNSET,
+            paused=None if paused is strawberry.UNSET else paused,
+        )
+        found = await info.context.service.configure_directory(work_directory, changes)
+        return as_directory(found)
 
     @strawberry.mutation(
         description="Edit a WAITING or BLOCKED task whose version is still expectedVersion."

@@ -73,6 +73,9 @@ MUTATION_OPERATIONS = {
     "releaseTask": "release",
     "approveTask": "approve",
     "rejectTask": "reject",
+    "cancelTasks": "cancel_tasks",
+    "retryTasks": "retry_tasks",
+    "configureWorkDirectory": "configure_work_directory",
 }
 
 

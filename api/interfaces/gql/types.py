@@ -188,3 +188,71 @@ class EventConnection:
         description="The id of the last event on this page: pass it as `after` for the next page."
     )
     has_next_page: bool
+
+
+@strawberry.input(description="Which tasks: every field given must match.")
+class TaskFilterInput:
+    statuses: list[TaskStatus] | None = None
+    work_directory: str | None = None
+    priority: TaskPriority | None = None
+    tag: str | None = None
+    created_before: datetime | None = strawberry.field(
+        default=None, description="Only tasks created strictly before this instant."
+    )
+    created_after: datetime | None = strawberry.field(
+        default=None, description="Only tasks created strictly after this instant."
+    )
+
+    def to_filter(self, prefix: str = "filter.") -> domain.TaskFilter:
+        return validation.task_filter(
+            statuses=self.statuses or (),
+            work_directory=self.work_directory,
+            priority=self.priority,
+            tag=self.tag,
+            created_before=self.created_before,
+            created_after=self.created_after,
+            prefix=prefix,
+        )
+
+
+@strawberry.type(
+    name="WorkDirectory",
+    description="A work directory: its controls and how many of its tasks are in each status.",
+)
+class WorkDirectoryType:
+    work_directory: str
+    max_working: int | None = strawberry.field(
+        description="At most this many tasks WORKING at once; null: no cap."
+    )
+    paused: bool = strawberry.field(description="A paused directory hands out no task.")
+    configured: bool = strawberry.field(
+        description="False for a directory nobody configured (no cap, not paused)."
+    )
+    updated_at: datetime | None
+    waiting: int
+    working: int
+    completed: int
+    failed: int
+    cancelled: int
+    total: int
+
+
+@strawberry.type(
+    name="BulkResult",
+    description="What a bulk change did. matched = changed + skipped; a skipped task changed "
+    "meanwhile (claimed, finished, or no longer matching) and was left as it was.",
+)
+class BulkResultType:
+    matched: int
+    changed: int
+    skipped: int
+    changed_ids: list[strawberry.ID]
+    skipped_ids: list[strawberry.ID]
+
+
+def as_directory(directory: domain.WorkDirectory) -> WorkDirectoryType:
+    return cast(WorkDirectoryType, directory)
+
+
+def as_bulk(result: domain.BulkResult) -> BulkResultType:
+    return cast(BulkResultType, result)
