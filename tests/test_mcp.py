@@ -17,6 +17,7 @@ from tests.conftest import FakeClock, GraphQLClient, ServerProcess, eventually
 
 TOOLS = {
     "create_task", "get_next_task", "complete_task", "fail_task", "heartbeat",
+    "report_progress", "append_task_log", "get_task_logs",
     "get_task", "list_tasks", "cancel_task", "retry_task", "get_statistics",
 }  # fmt: skip
 

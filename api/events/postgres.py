@@ -17,6 +17,7 @@ from api.store.pg_schema import close_dedicated
 log = logging.getLogger("taskorch.events")
 
 CHANNEL = "taskorch_events"
+LOGS_CHANNEL = "taskorch_logs"  # a task's log grew; the payload is its id (api/store/sql.py)
 PAGE = 1000
 
 
@@ -80,6 +81,7 @@ class PostgresBus(LocalBus):
         )
         try:
             await conn.add_listener(CHANNEL, self._notified)
+            await conn.add_listener(LOGS_CHANNEL, self._logs_notified)
         except BaseException:  # a stop arriving now must not leave the connection open
             conn.terminate()
             raise
@@ -92,6 +94,10 @@ class PostgresBus(LocalBus):
 
     def _notified(self, conn: object, pid: int, channel: str, payload: object) -> None:
         self._wake.set()
+
+    def _logs_notified(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        # Missed while disconnected? Log readers also poll the table now and then.
+        self.wake_log_readers(str(payload))
 
     def _lost(self, conn: object) -> None:
         self._wake.set()

@@ -23,6 +23,7 @@ from api.store.base import TaskStore
 log = logging.getLogger("taskorch.events")
 
 PAGE = 1000
+LOGS = b"L"  # a datagram "L<task id>": the task's log grew; "!": events were committed
 SAFETY_INTERVAL = 1.0  # a datagram can be missed (a peer that started a moment ago); read anyway
 
 
@@ -77,7 +78,11 @@ class SqliteBus(LocalBus):
             self._wake.set()
         self._tell_peers()
 
-    def _tell_peers(self) -> None:
+    def logs_appended(self, task_id: str) -> None:
+        super().logs_appended(task_id)
+        self._tell_peers(LOGS + task_id.encode())
+
+    def _tell_peers(self, message: bytes = b"!") -> None:
         if self._socket is None:
             return
         try:
@@ -89,7 +94,7 @@ class SqliteBus(LocalBus):
             if address == self._address:
                 continue
             try:
-                self._socket.sendto(b"!", address)
+                self._socket.sendto(message, address)
             except BlockingIOError:
                 pass  # its queue is full: it has been told already
             except OSError as exc:
@@ -99,10 +104,15 @@ class SqliteBus(LocalBus):
 
     def _readable(self) -> None:
         assert self._socket is not None
+        events = False
         with contextlib.suppress(BlockingIOError):
-            while self._socket.recv(16):
-                pass
-        self._wake.set()
+            while message := self._socket.recv(64):
+                if message.startswith(LOGS):
+                    self.wake_log_readers(message[len(LOGS) :].decode(errors="replace"))
+                else:
+                    events = True
+        if events:
+            self._wake.set()
 
     async def _run(self) -> None:
         while True:

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from api.core.domain import Task
+from api.core.domain import Task, TaskLogLine
 from api.core.service import Statistics
 
 
@@ -34,6 +34,13 @@ class TaskOut(BaseModel):
     lease_expires_at: datetime | None
     run_after: datetime | None
     idempotency_key: str | None
+    progress: float | None = Field(
+        default=None, description="How far the holder got, from 0 to 1, as it last reported."
+    )
+    progress_message: str | None = None
+    log_line_count: int = Field(
+        default=0, description="The number of the task's last log line; 0 when it has none."
+    )
 
     @classmethod
     def of(cls, task: Task) -> TaskOut:
@@ -58,6 +65,9 @@ class TaskOut(BaseModel):
             lease_expires_at=task.lease_expires_at,
             run_after=task.run_after,
             idempotency_key=task.idempotency_key,
+            progress=task.progress,
+            progress_message=task.progress_message,
+            log_line_count=task.log_line_count,
         )
 
 
@@ -105,3 +115,36 @@ class StatisticsOut(BaseModel):
     @classmethod
     def of(cls, stats: Statistics) -> StatisticsOut:
         return cls(**stats.summary())
+
+
+class LogLineOut(BaseModel):
+    line: int = Field(description="The line's number in its task's log, from 1.")
+    text: str
+    at: datetime
+
+
+class LogPage(BaseModel):
+    """One page of a task's log, in line order."""
+
+    lines: list[LogLineOut]
+    last_line: int = Field(
+        description="The number of the last line on this page (or `after` when it is empty):"
+        " pass it as `after` for the next page."
+    )
+    has_more: bool = Field(description="True when more lines follow this page.")
+
+    @classmethod
+    def of(cls, lines: list[TaskLogLine], after: int, more: bool) -> LogPage:
+        return cls(
+            lines=[LogLineOut(line=n.line, text=n.text, at=n.at) for n in lines],
+            last_line=lines[-1].line if lines else after,
+            has_more=more,
+        )
+
+
+class AppendedLog(BaseModel):
+    """What an append answers."""
+
+    last_line: int = Field(
+        description="The number of the last line stored: a reader continues with after=last_line."
+    )

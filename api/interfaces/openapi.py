@@ -9,7 +9,7 @@ from api import __version__
 from api.core import domain
 from api.core.service import MAX_OFFSET
 from api.interfaces.envelope import PREFIX
-from api.interfaces.models import StatisticsOut, TaskList, TaskOut
+from api.interfaces.models import AppendedLog, LogPage, StatisticsOut, TaskList, TaskOut
 
 REF = "#/components/schemas/{model}"
 
@@ -78,6 +78,18 @@ _WORKER_ID = {
     "maxLength": domain.MAX_WORKER_ID,
 }
 _MESSAGE = {"type": "string", "pattern": _NON_BLANK, "minLength": 1, "maxLength": domain.MAX_TEXT}
+_LEASE_SECONDS = {"type": "integer", "minimum": 1, "maximum": domain.MAX_LEASE_SECONDS}
+# A line may hold MAX_LOG_LINE_BYTES of UTF-8; the schema promises the length every text fits in.
+_LOG_LINES = {
+    "type": "array",
+    "minItems": 1,
+    "maxItems": domain.MAX_LOG_LINES_PER_CALL,
+    "items": {
+        "type": "string",
+        "pattern": "^[^\\u0000]*$",
+        "maxLength": domain.MAX_LOG_LINE_BYTES // 4,
+    },
+}
 _MAX_RETRIES = {"type": "integer", "minimum": 0, "maximum": domain.MAX_RETRIES}
 
 
@@ -169,7 +181,7 @@ def _task_action(summary: str, body: dict[str, Any] | None, description: str) ->
 @functools.cache
 def document() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for model in (TaskOut, TaskList, StatisticsOut):
+    for model in (TaskOut, TaskList, StatisticsOut, LogPage, AppendedLog):
         schema = model.model_json_schema(ref_template=REF, mode="serialization")
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
@@ -351,6 +363,67 @@ def document() -> dict[str, Any]:
                 "post": _task_action(
                     "Queue a FAILED or CANCELLED task again", None, "With a fresh retry budget."
                 ),
+            },
+            f"{PREFIX}/tasks/{{id}}/progress": {
+                "post": _task_action(
+                    "Report the progress of a task you hold",
+                    _body(
+                        {
+                            "worker_id": _WORKER_ID,
+                            "progress": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+                            "message": _nullable(
+                                {
+                                    "type": "string",
+                                    "pattern": "^[^\\u0000]*$",
+                                    "maxLength": domain.MAX_PROGRESS_MESSAGE,
+                                }
+                            ),
+                            "lease_seconds": _nullable(_LEASE_SECONDS),
+                        },
+                        ["worker_id"],
+                    ),
+                    "progress from 0 to 1; null (or absent) leaves the stored value. Extends the"
+                    " lease like a heartbeat.",
+                ),
+            },
+            f"{PREFIX}/tasks/{{id}}/logs": {
+                "post": {
+                    "summary": "Append lines to the log of a task you hold",
+                    "description": "Lines are numbered per task from 1; each line may hold up to"
+                    f" {domain.MAX_LOG_LINE_BYTES} bytes of UTF-8. The newest"
+                    f" {domain.MAX_LOG_LINES_KEPT} lines of a task are kept.",
+                    "parameters": [_ID],
+                    "requestBody": _body(
+                        {"worker_id": _WORKER_ID, "lines": _LOG_LINES}, ["worker_id", "lines"]
+                    ),
+                    "responses": {
+                        "200": _ok(
+                            "The number of the last line stored",
+                            {"$ref": REF.format(model="AppendedLog")},
+                        ),
+                        **_errors(),
+                    },
+                },
+                "get": {
+                    "summary": "A page of a task's log",
+                    "parameters": [
+                        _ID,
+                        _query(
+                            "after",
+                            {"type": "integer", "minimum": 0, "maximum": domain.MAX_INT64},
+                            "Only lines numbered above this (0: from the first)",
+                        ),
+                        _query(
+                            "first",
+                            {"type": "integer", "minimum": 1, "maximum": domain.MAX_PAGE},
+                            "Page size",
+                        ),
+                    ],
+                    "responses": {
+                        "200": _ok("One page", {"$ref": REF.format(model="LogPage")}),
+                        **_errors(),
+                    },
+                },
             },
             f"{PREFIX}/statistics": {
                 "get": {

@@ -7,7 +7,16 @@ from datetime import datetime
 from typing import Protocol
 
 from api.core import domain
-from api.core.domain import ApiKey, Completion, Task, TaskChanges, TaskEvent, TaskPage, TaskStatus
+from api.core.domain import (
+    ApiKey,
+    Completion,
+    Task,
+    TaskChanges,
+    TaskEvent,
+    TaskLogLine,
+    TaskPage,
+    TaskStatus,
+)
 from api.core.lifecycle import Outcome
 
 # Called with the events of each committed transaction. On SQLite they carry their ids, in id
@@ -16,7 +25,7 @@ CommitListener = Callable[[Sequence[TaskEvent]], None]
 # Decides a lifecycle change from the task as stored; None when the change does not apply.
 Decide = Callable[[Task], Outcome | None]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class TaskStore(Protocol):
@@ -90,6 +99,27 @@ class TaskStore(Protocol):
     async def update(
         self, task_id: str, expected_version: int, changes: TaskChanges, now: datetime
     ) -> Task | None: ...
+
+    async def report_progress(
+        self,
+        task_id: str,
+        worker_id: str,
+        progress: float | None,
+        message: str | None,
+        lease_until: datetime,
+        now: datetime,
+    ) -> Task | None:
+        """Store the holder's progress (None keeps the stored value) and extend its lease."""
+
+    async def append_logs(
+        self, task_id: str, worker_id: str, lines: Sequence[str], now: datetime
+    ) -> int | None:
+        """Store lines after the task's last one, numbered on; the number of the last line
+        stored, or None when `worker_id` does not hold the task. Keeps the newest
+        `domain.MAX_LOG_LINES_KEPT` lines."""
+
+    async def logs_after(self, task_id: str, after: int, limit: int) -> list[TaskLogLine]:
+        """Up to `limit` stored lines of the task numbered above `after`, in order."""
 
     async def expire_leases(self, now: datetime, limit: int) -> list[Task]:
         """Requeue (or fail, when retries are spent) working tasks whose lease ran out."""

@@ -9,12 +9,12 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from api.core import domain, lifecycle
-from api.core.domain import Completion, Task, TaskPage, TaskStatus
+from api.core.domain import Completion, Task, TaskLogLine, TaskPage, TaskStatus
 from api.store import changes as programs
 from api.store import sql
 from api.store.base import Decide, KeyStore
 from api.store.changes import Program, Query
-from api.store.rows import NotAll, Row, event_of, task_of
+from api.store.rows import NotAll, Row, event_of, log_line_of, task_of
 from api.store.sql import Catalogue
 
 T = TypeVar("T")
@@ -95,6 +95,12 @@ class SqlTaskStore(ABC):
         )
         return [event_of(self.sql.dialect, r) for r in rows]
 
+    async def logs_after(self, task_id: str, after: int, limit: int) -> list[TaskLogLine]:
+        rows = await self._read(
+            (sql.LOGS_AFTER, {"task_id": task_id, "after": after, "limit": limit})
+        )
+        return [log_line_of(self.sql.dialect, r) for r in rows]
+
     async def last_event_id(self) -> int:
         return int((await self._read((sql.LAST_EVENT_ID, {})))[0]["id"])
 
@@ -142,6 +148,25 @@ class SqlTaskStore(ABC):
     ) -> Task | None:
         query = programs.update(self.sql, task_id, expected_version, changes, now)
         return self._task(await self._write(query))
+
+    async def report_progress(
+        self,
+        task_id: str,
+        worker_id: str,
+        progress: float | None,
+        message: str | None,
+        lease_until: datetime,
+        now: datetime,
+    ) -> Task | None:
+        query = programs.report_progress(
+            self.sql, task_id, worker_id, progress, message, lease_until, now
+        )
+        return self._task(await self._write(query))
+
+    async def append_logs(
+        self, task_id: str, worker_id: str, lines: Sequence[str], now: datetime
+    ) -> int | None:
+        return await self._run(programs.append_logs(self.sql, task_id, worker_id, lines, now))
 
     async def expire_leases(self, now: datetime, limit: int) -> list[Task]:
         return await self._run(programs.expire_leases(self.sql, now, limit))

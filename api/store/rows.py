@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from api.core.domain import ApiKey, Task, TaskEvent, TaskPriority, TaskStatus
+from api.core.domain import ApiKey, Task, TaskEvent, TaskLogLine, TaskPriority, TaskStatus
 from api.store.sql import Dialect
 
 
@@ -24,13 +24,15 @@ class NotAll(Exception):
 
 # Columns whose stored value is the domain's value as it is.
 _TASK_PLAIN = ("seq", "work_directory", "prompt", "worker_id", "error_message", "retry_count",
-               "max_retries", "version", "idempotency_key")  # fmt: skip
+               "max_retries", "version", "idempotency_key", "progress_message",
+               "log_line_count")  # fmt: skip
 _TASK_TIMES = ("created_at", "started_at", "completed_at", "updated_at", "lease_expires_at",
                "run_after")  # fmt: skip
 
 
 def task_of(d: Dialect, row: Row) -> Task:
     result = row["result"]
+    progress = row["progress"]
     return Task(
         id=str(row["id"]),
         priority=TaskPriority.from_rank(row["priority"]),
@@ -38,6 +40,7 @@ def task_of(d: Dialect, row: Row) -> Task:
         status=TaskStatus(row["status"]),
         result=None if result is None else d.unjson(result),
         metadata=d.unjson(row["metadata"]),
+        progress=None if progress is None else float(progress),
         **{name: row[name] for name in _TASK_PLAIN},
         **{name: d.instant(row[name]) for name in _TASK_TIMES},
     )
@@ -55,6 +58,10 @@ def event_of(d: Dialect, row: Row) -> TaskEvent:
         at=d.instant(row["at"]),
         details=d.unjson(row["details"]),
     )
+
+
+def log_line_of(d: Dialect, row: Row) -> TaskLogLine:
+    return TaskLogLine(line=row["line"], text=row["text"], at=d.instant(row["at"]))
 
 
 def key_of(d: Dialect, row: Row) -> ApiKey:

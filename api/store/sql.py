@@ -17,10 +17,11 @@ TASK_FIELDS = (
     "seq", "id", "work_directory", "prompt", "priority", "tags", "status", "worker_id",
     "created_at", "started_at", "completed_at", "updated_at", "result", "error_message",
     "retry_count", "max_retries", "metadata", "version", "lease_expires_at", "run_after",
-    "idempotency_key",
+    "idempotency_key", "progress", "progress_message", "log_line_count",
 )  # fmt: skip
 EVENT_FIELDS = ("id", "task_id", "work_directory", "status", "previous_status", "worker_id", "at",
                 "details")  # fmt: skip
+LOG_COLUMNS = "line, text, at"
 KEY_FIELDS = ("name", "scopes", "created_at", "last_used_at", "revoked_at", "rate_limit")
 TASK_COLUMNS = ", ".join(TASK_FIELDS)
 EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
@@ -67,6 +68,7 @@ class Dialect:
     has_tag: str  # a clause: the task's tags hold :tag
     pick: str  # a clause: seq is one of the rows the subquery {} picks
     types: dict[str, str]  # DDL column types
+    notify_logs: str | None  # a statement telling other processes a task's log grew, or None
 
 
 SQLITE = Dialect(
@@ -85,7 +87,10 @@ SQLITE = Dialect(
         "json": "TEXT",
         "time": "INTEGER",
         "small": "INTEGER",
+        "float": "REAL",
     },
+    # Processes sharing the file are told by the event bus's datagrams instead.
+    notify_logs=None,
 )
 POSTGRES = Dialect(
     name="postgres",
@@ -105,7 +110,10 @@ POSTGRES = Dialect(
         "json": "JSONB",
         "time": "TIMESTAMPTZ",
         "small": "SMALLINT",
+        "float": "DOUBLE PRECISION",
     },
+    # Delivered at commit, to every replica's event listener; the payload is the task id only.
+    notify_logs="SELECT pg_notify('taskorch_logs', :task_id)",
 )
 
 _NAME = re.compile(r"(?<!:):([a-z_][a-z0-9_]*)")
@@ -138,6 +146,7 @@ class Catalogue:
     task_for_change: str  # the row a lifecycle change decides on
     expired: str
     finished: str
+    append_logs: str  # the lines :texts (a JSON array) stored as :first, :first + 1, ...
 
 
 def catalogue(d: Dialect) -> Catalogue:
@@ -150,7 +159,8 @@ def catalogue(d: Dialect) -> Catalogue:
         dialect=d,
         claim=(
             f"UPDATE tasks SET status = '{WORKING}', worker_id = :worker_id, started_at = :now,"
-            " updated_at = :now, lease_expires_at = :lease, version = version + 1"
+            " updated_at = :now, lease_expires_at = :lease, version = version + 1,"
+            " progress = NULL, progress_message = NULL"
             f" WHERE {d.pick.format(picked)} RETURNING {TASK_COLUMNS}"
         ),
         task_for_change=f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = :id{d.for_update}",
@@ -163,7 +173,18 @@ def catalogue(d: Dialect) -> Catalogue:
             f"SELECT id FROM tasks WHERE status IN ({FINISHED}) AND completed_at < :cutoff"
             f" LIMIT :limit{d.skip_locked}"
         ),
+        append_logs=_APPEND_LOGS[d.name],
     )
+
+
+# One statement whatever the number of lines, so its text (and plan) is cached once.
+_APPEND_LOGS = {
+    SQLITE.name: "INSERT INTO task_logs (task_id, line, at, text) SELECT :task_id,"
+    " :first + CAST(key AS INTEGER), :at, value FROM json_each(:texts)",
+    POSTGRES.name: "INSERT INTO task_logs (task_id, line, at, text) SELECT CAST(:task_id AS uuid),"
+    " CAST(:first AS integer) + CAST(t.ord AS integer) - 1, CAST(:at AS timestamptz), t.text"
+    " FROM jsonb_array_elements_text(CAST(:texts AS jsonb)) WITH ORDINALITY AS t(text, ord)",
+}
 
 
 SQLITE_SQL = catalogue(SQLITE)
@@ -195,6 +216,22 @@ COMPLETE = (
 HEARTBEAT = (
     "UPDATE tasks SET lease_expires_at = :lease, updated_at = :now, version = version + 1"
     f" WHERE {HELD} RETURNING {TASK_COLUMNS}"
+)
+# Progress is not a status change: no history row; like a heartbeat it extends the lease.
+REPORT_PROGRESS = (
+    "UPDATE tasks SET progress = coalesce(:progress, progress),"
+    " progress_message = coalesce(:message, progress_message), lease_expires_at = :lease,"
+    f" updated_at = :now, version = version + 1 WHERE {HELD} RETURNING {TASK_COLUMNS}"
+)
+# Takes the next line numbers; the row lock it holds until commit orders concurrent appends.
+COUNT_LOG_LINES = (
+    f"UPDATE tasks SET log_line_count = log_line_count + :count WHERE {HELD}"
+    " RETURNING log_line_count"
+)
+TRIM_LOGS = "DELETE FROM task_logs WHERE task_id = :task_id AND line <= :upto"
+LOGS_AFTER = (
+    f"SELECT {LOG_COLUMNS} FROM task_logs WHERE task_id = :task_id AND line > :after"
+    " ORDER BY line LIMIT :limit"
 )
 UPDATE = (
     "UPDATE tasks SET prompt = coalesce(:prompt, prompt), priority = coalesce(:priority, priority),"
