@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -312,3 +313,66 @@ async def test_subscription_to_a_missing_task_is_an_error(server: ServerProcess)
         assert errors[0]["extensions"]["code"] == "NOT_FOUND"
     finally:
         await subscriber.close()
+
+
+async def test_the_migration_keeps_existing_tasks(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from api.settings import Settings
+    from api.store import migrations, open_store
+
+    every = list(migrations._MIGRATIONS)
+    monkeypatch.setattr(migrations, "_MIGRATIONS", every[:4])
+    old = open_store(Settings(database_url=database_url, durability="normal"))
+    await old.open()
+    task_id = "6f1c0a4e-0000-4000-8000-000000000001"
+    d = old.sql.dialect  # type: ignore[attr-defined]
+    now = d.time(datetime.now(UTC))
+    await old._write(  # type: ignore[attr-defined]
+        (
+            "INSERT INTO tasks (id, work_directory, prompt, priority, status, worker_id,"
+            " created_at, updated_at, lease_expires_at) VALUES (:id, '/repo', 'kept', 1,"
+            " 'WORKING', 'w1', :now, :now, :lease)",
+            {"id": task_id, "now": now, "lease": d.time(datetime.now(UTC) + timedelta(hours=1))},
+        )
+    )
+    assert await old.schema_version() == 4
+    await old.close()
+    monkeypatch.setattr(migrations, "_MIGRATIONS", every)
+    new = open_store(Settings(database_url=database_url, durability="normal"))
+    await new.open()
+    try:
+        assert await new.schema_version() == 5
+        task = await new.get(task_id)
+        assert task is not None
+        assert (task.prompt, task.worker_id, task.status) == (
+            "kept",
+            "w1",
+            domain.TaskStatus.WORKING,
+        )
+        assert (task.progress, task.progress_message, task.log_line_count) == (None, None, 0)
+        assert await new.append_logs(task_id, "w1", ["first"], datetime.now(UTC)) == 1
+    finally:
+        await new.close()
+
+
+def test_a_backup_keeps_the_logs(
+    tmp_path: Path, start_server: Callable[..., ServerProcess]
+) -> None:
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'live.db'}"
+    server = start_server(url)
+    base = f"{server.url}/api/v1"
+    task_id = httpx.post(f"{base}/tasks", json={"work_directory": "/r", "prompt": "p"}).json()[
+        "data"
+    ]["id"]
+    httpx.get(f"{base}/tasks/next", params={"work_directory": "/r", "worker_id": "w"})
+    httpx.post(f"{base}/tasks/{task_id}/logs", json={"worker_id": "w", "lines": ["a", "b"]})
+    backup = tmp_path / "backup.db"
+    command = [sys.executable, "-m", "api.cli", "backup", "--database", url, str(backup)]
+    subprocess.run(command, check=True, capture_output=True)
+    copy = start_server(f"sqlite:///{backup}")
+    page = httpx.get(f"{copy.url}/api/v1/tasks/{task_id}/logs").json()["data"]
+    assert [line["text"] for line in page["lines"]] == ["a", "b"]
