@@ -135,8 +135,7 @@ class LogShipper:
                 log.warning(
                     "task %s: sending log lines failed (%s); trying again", self._task_id, exc
                 )
-                if self._closing:
-                    await asyncio.sleep(FLUSH_SECONDS)
+                await asyncio.sleep(FLUSH_SECONDS)  # lines keep queueing (bounded) meanwhile
                 continue
             if self._closing and not self._pending and self._progress is None:
                 return

@@ -278,8 +278,10 @@ def check_log_line_number(value: object, field: str = "after") -> int:
     """A log line number as clients send it: a whole number >= 0 (0: from the first line)."""
     if value is None:
         return 0
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT64:
-        raise ValidationError(field, f"{field} must be a log line number (a whole number >= 0)")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT32:
+        raise ValidationError(
+            field, f"{field} must be a log line number: a whole number from 0 to {MAX_INT32}"
+        )
     return value
 
 

@@ -410,7 +410,7 @@ def document() -> dict[str, Any]:
                         _ID,
                         _query(
                             "after",
-                            {"type": "integer", "minimum": 0, "maximum": domain.MAX_INT64},
+                            {"type": "integer", "minimum": 0, "maximum": domain.MAX_INT32},
                             "Only lines numbered above this (0: from the first)",
                         ),
                         _query(
