@@ -262,7 +262,7 @@ class Worker:
         out, err = Tail(), Tail()
         shipper = None
         if self.config.ship_logs:
-            shipper = LogShipper(self._gql, task["id"], self.config.worker_id)
+            shipper = LogShipper(self.http, task["id"], self.config.worker_id)
             shipper.start()
         io = [
             asyncio.create_task(_feed(process, task["prompt"].encode())),

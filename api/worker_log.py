@@ -8,7 +8,6 @@ import collections
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -16,13 +15,6 @@ import httpx
 from api.core.domain import MAX_LOG_LINE_BYTES, MAX_LOG_LINES_PER_CALL, MAX_PROGRESS_MESSAGE
 
 log = logging.getLogger("taskorch.worker")
-
-APPEND = """mutation Append($id: ID!, $worker: String!, $lines: [String!]!) {
-  appendTaskLog(id: $id, workerId: $worker, lines: $lines)
-}"""
-PROGRESS = """mutation Progress($id: ID!, $worker: String!, $progress: Float, $message: String) {
-  reportProgress(id: $id, workerId: $worker, progress: $progress, message: $message) { id }
-}"""
 
 FLUSH_SECONDS = 0.5  # a line waits at most this long before it is sent ...
 FLUSH_LINES = 100  # ... or until this many are waiting
@@ -33,8 +25,6 @@ STDERR_PREFIX = "[stderr] "
 PROGRESS_LINE = re.compile(r"^::progress\s+([0-9]*\.?[0-9]+)(?:\s+(.*))?$")
 
 RETRIED = ("RATE_LIMITED", "UNAVAILABLE", "INTERNAL_ERROR")
-
-Send = Callable[..., Awaitable[dict[str, Any]]]
 
 
 class Refused(Exception):
@@ -52,10 +42,11 @@ def clip(line: bytes) -> str:
 
 
 class LogShipper:
-    """Collects lines from `feed` (called as output arrives) and sends them from its own task."""
+    """Collects lines from `feed` (called as output arrives) and sends them from its own task,
+    over REST v1: a thin route costs the server about a third of a GraphQL mutation."""
 
-    def __init__(self, send: Send, task_id: str, worker_id: str) -> None:
-        self._send = send
+    def __init__(self, http: httpx.AsyncClient, task_id: str, worker_id: str) -> None:
+        self._http = http
         self._task_id = task_id
         self._worker_id = worker_id
         self._pending: collections.deque[str] = collections.deque()
@@ -143,7 +134,7 @@ class LogShipper:
     async def _flush(self) -> None:
         if self._progress is not None:
             fraction, message = self._progress
-            await self._call(PROGRESS, progress=fraction, message=message)
+            await self._call("progress", progress=fraction, message=message)
             if self._progress == (fraction, message):
                 self._progress = None
         while self._pending:
@@ -153,22 +144,23 @@ class LogShipper:
             if self._dropped:
                 batch = [f"[{self._dropped} lines dropped: the server could not keep up]", *batch]
                 batch = batch[:MAX_LOG_LINES_PER_CALL]
-            await self._call(APPEND, lines=batch)
+            await self._call("logs", lines=batch)
             sent = len(batch) - (1 if self._dropped else 0)
             self._dropped = 0
             for _ in range(sent):
                 self._pending.popleft()
             self.sent += sent
 
-    async def _call(self, query: str, **variables: Any) -> None:
+    async def _call(self, action: str, **body: Any) -> None:
+        response = await self._http.post(
+            f"/api/v1/tasks/{self._task_id}/{action}", json={"worker_id": self._worker_id, **body}
+        )
+        if response.status_code == 200:
+            return
         try:
-            await self._send(query, id=self._task_id, worker=self._worker_id, **variables)
-        except httpx.HTTPError:
-            raise
-        except Exception as exc:  # the server's refusal (the worker's ServerError, with a code)
-            code = getattr(exc, "code", None)
-            if code in RETRIED:
-                raise RuntimeError(str(exc)) from exc
-            if code is None:
-                raise
-            raise Refused() from exc  # the task is gone, or the server will never take these
+            code = response.json()["error"]["code"]
+        except (ValueError, KeyError, TypeError):
+            code = f"HTTP {response.status_code}"
+        if code in RETRIED or response.status_code >= 500:
+            raise RuntimeError(code)
+        raise Refused(code)  # the task is gone, or the server will never take these lines
