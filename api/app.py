@@ -22,6 +22,7 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from api import __version__
 from api.interfaces import rest
 from api.interfaces.gql.context import Context
+from api.interfaces.gql.fanout import Fanout
 from api.interfaces.gql.ide import graphiql_assets, graphiql_page, is_ide_request
 from api.interfaces.gql.schema import build_schema
 from api.interfaces.gql.security import SecuredTransportWS, guard_extensions
@@ -73,6 +74,7 @@ def create_app(settings: Settings) -> Starlette:
             running.store.listen(observe_commit)
             app.state.service = running.service
             app.state.gate = Gate(running.store, settings)
+            app.state.fanout = Fanout(view.schema, settings.subscriber_buffer)
             await app.state.gate.warn_if_protected()
             app.state.started = time.monotonic()
             app.state.queue_counts = QueueCounts(running.store)

@@ -122,6 +122,9 @@ async def test_fail_with_retries_left_requeues_with_run_after(gql: GraphQLClient
         ({"metadata": [1]}, "metadata"),
         ({"metadata": {"x": "y" * 70_000}}, "metadata"),
         ({"runAfter": "2030-01-01T00:00:00"}, "runAfter"),
+        ({"metadata": {"x": "a\x00b"}}, "metadata"),
+        ({"metadata": {"a\x00": 1}}, "metadata"),
+        ({"idempotencyKey": "k\x00"}, "idempotencyKey"),
     ],
 )
 async def test_invalid_submissions_name_the_field_and_store_nothing(
@@ -132,6 +135,50 @@ async def test_invalid_submissions_name_the_field_and_store_nothing(
     assert error["extensions"]["code"] == "VALIDATION_ERROR"
     assert error["extensions"]["field"] == field, error
     assert (await gql.ok("{ statistics { total } }"))["statistics"]["total"] == 0
+
+
+async def test_nul_characters_are_refused_by_name_and_change_nothing(gql: GraphQLClient) -> None:
+    # PostgreSQL cannot store a NUL in TEXT or jsonb: it is the client's error, on both stores.
+    task = await submit(gql, metadata={"literal": "a\\u0000b"})  # a backslash, not a NUL
+    assert task["metadata"] == {"literal": "a\\u0000b"}
+    await gql.ok(CLAIM, dir="/repo", worker="w1")
+    for query, variables, field in [
+        (FAIL, {"error": "bad\x00"}, "error"),
+        (COMPLETE, {"result": {"out": ["\x00"]}}, "result"),
+    ]:
+        error = await gql.error(query, id=task["id"], worker="w1", **variables)
+        assert error["extensions"] == {"code": "VALIDATION_ERROR", "field": field}, error
+    cancel = 'mutation($id: ID!) { cancelTask(id: $id, reason: "r\\u0000") { id } }'
+    error = await gql.error(cancel, id=task["id"])
+    assert error["extensions"] == {"code": "VALIDATION_ERROR", "field": "reason"}
+    held = await gql.ok("query($id: ID!) { task(id: $id) { status version } }", id=task["id"])
+    assert held["task"] == {"status": "WORKING", "version": 2}
+
+
+async def test_a_subscription_over_http_says_to_use_the_websocket(gql: GraphQLClient) -> None:
+    for document in [
+        "subscription { taskEvents { id } }",
+        "query Q { statistics { total } } subscription S { taskEvents { id } }",
+    ]:
+        response = await gql.http.post(
+            "/graphql",
+            json={"query": document, "operationName": None if "Q" not in document else "S"},
+        )
+        assert response.status_code == 400, response.text
+        (error,) = response.json()["errors"]
+        assert error["extensions"] == {"code": "VALIDATION_ERROR", "field": "query"}
+        assert "WebSocket" in error["message"]
+    get = await gql.http.get("/graphql", params={"query": "subscription { taskEvents { id } }"})
+    assert get.json()["errors"][0]["extensions"]["code"] == "VALIDATION_ERROR"
+    # the same document's query, beside it, still runs
+    body = await gql.http.post(
+        "/graphql",
+        json={
+            "query": "query Q { statistics { total } } subscription S { taskEvents { id } }",
+            "operationName": "Q",
+        },
+    )
+    assert body.json() == {"data": {"statistics": {"total": 0}}}
 
 
 async def test_bad_enum_in_variables_is_a_validation_error(gql: GraphQLClient) -> None:

@@ -202,8 +202,9 @@ async def test_disconnected_waiter_takes_no_task(
     assert (await remote.ok(CLAIM, dir="/gone", w="alive"))["claimTask"]["id"] == task_id
 
 
+@pytest.mark.parametrize("shared", [False, True], ids=["apart", "sharing-one-execution"])
 async def test_slow_subscriber_does_not_block_a_fast_one(
-    database_url: str, start_server: Callable[..., ServerProcess]
+    database_url: str, start_server: Callable[..., ServerProcess], shared: bool
 ) -> None:
     server = start_server(database_url, {"TASKORCH_SUBSCRIBER_BUFFER": "20"})
     async with contextlib.AsyncExitStack() as sockets:
@@ -213,7 +214,7 @@ async def test_slow_subscriber_does_not_block_a_fast_one(
         sockets.callback(slow.close)
         fast = await Subscriber.connect(server.ws_url)
         sockets.push_async_callback(fast.close)
-        await fast.subscribe()
+        await fast.subscribe(heavy if shared else SUBSCRIBE)
         await asyncio.sleep(0.2)
         reading = asyncio.create_task(fast.events(400))
         async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
@@ -222,6 +223,8 @@ async def test_slow_subscriber_does_not_block_a_fast_one(
             batch = [{"workDirectory": "/flood", "prompt": "x" * 99_000} for _ in range(10)]
             for _ in range(40):
                 await client.ok(query, inputs=batch)
+                # paced, so that a reader keeping up is never 20 events behind, whatever the load
+                await asyncio.sleep(0.1)
         assert len(await reading) == 400  # the fast one got everything; the slow one read nothing
         # the slow one, which never read, was cut off with a clear error, and can resume with `after`
         outcome: list[Any] = []

@@ -254,6 +254,22 @@ async def check_metrics_move(app_http: httpx.AsyncClient) -> None:
     assert "rate_limited_requests_total" in (await app_http.get("/metrics")).text
 
 
+async def test_metrics_labels_do_not_take_the_clients_method(tmp_path: Path) -> None:
+    async with running_app(app_settings(f"sqlite:///{tmp_path / 't.db'}")) as http:
+        before = await metric_values(http)
+        for method in ("FOO", "BREW", "FOO"):
+            response = await http.request(method, "/api/v1/tasks")
+            assert response.status_code == 405
+        after = await metric_values(http)
+    labels = {
+        operation for (_, pairs) in after.samples for key, operation in pairs if key == "operation"
+    }
+    assert not [label for label in labels if "FOO" in label or "BREW" in label]
+    count = "response_time_seconds_count"
+    other = {"operation": "OTHER /api/v1/tasks"}
+    assert after(count, other) - before(count, other) == 3
+
+
 async def test_metrics_add_up_across_processes_in_multiprocess_mode(
     tmp_path: Path, start_server: Callable[..., ServerProcess]
 ) -> None:

@@ -668,3 +668,17 @@ async def test_graphiql_page_and_assets_open_without_a_key_but_operations_do_not
             assert (
                 await browser.get("/api/v1/tasks", headers={"Accept": "text/html"})
             ).status_code == 401
+
+
+def test_the_database_password_never_reaches_the_log(
+    postgres_url: str, start_server: Callable[..., ServerProcess]
+) -> None:
+    # The test server trusts every local connection, so any password connects; none may be logged.
+    secret = "pw-7f3a9c-never-logged"
+    url = postgres_url.replace("postgresql://postgres@", f"postgresql://postgres:{secret}@", 1)
+    assert secret in url
+    server = start_server(url)
+    assert httpx.get(f"{server.url}/health").status_code == 200
+    log = server.log.read_text()
+    assert "serving postgresql://postgres:[REDACTED]@" in log, log
+    assert secret not in log

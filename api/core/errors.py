@@ -114,5 +114,13 @@ def forbidden(
     )
 
 
+def subscription_over_http() -> ValidationError:
+    return ValidationError(
+        "query",
+        "a subscription runs over a WebSocket: connect to /graphql with the graphql-transport-ws"
+        " protocol (graphql-ws clients and GraphiQL do); plain HTTP serves queries and mutations",
+    )
+
+
 def internal_error() -> InternalError:
     return InternalError(INTERNAL_MESSAGE)

@@ -44,11 +44,16 @@ from api.core.errors import ValidationError
 _TAG = re.compile(r"^[A-Za-z0-9_.:\-]+$")
 
 
+def check_no_nul(value: str, field: str) -> None:
+    """PostgreSQL's TEXT cannot hold a NUL character, so no text field may (SQLite alike)."""
+    if "\x00" in value:
+        raise ValidationError(field, f"{field} must not contain a NUL character")
+
+
 def check_work_directory(value: object, field: str = "work_directory") -> str:
     if not isinstance(value, str) or not value:
         raise ValidationError(field, f"{field} is required: give an absolute path such as /repo")
-    if "\x00" in value:
-        raise ValidationError(field, f"{field} must not contain a NUL character")
+    check_no_nul(value, field)
     if not value.startswith("/"):
         raise ValidationError(field, f"{field} must be an absolute POSIX path starting with '/'")
     if ".." in value.split("/"):
@@ -66,8 +71,7 @@ def check_prompt(value: object, field: str = "prompt") -> str:
         raise ValidationError(field, f"{field} must be a non-empty string")
     if len(value) > MAX_PROMPT:
         raise ValidationError(field, f"{field} must be at most {MAX_PROMPT:,} characters")
-    if "\x00" in value:
-        raise ValidationError(field, f"{field} must not contain a NUL character")
+    check_no_nul(value, field)
     return value
 
 
@@ -118,11 +122,24 @@ def check_max_retries(value: object, field: str = "max_retries") -> int:
     return value
 
 
-def check_json_size(value: object) -> int:
+# A NUL character in a JSON string: `\u0000` after an even number of backslashes (an odd number
+# makes the backslash before `u` a literal one).
+_JSON_NUL = re.compile(r"(?:^|[^\\])(?:\\\\)*\\u0000")
+
+
+def check_json(value: object, field: str, must: str, limit: int) -> None:
+    """`value` is JSON without NUL characters (PostgreSQL's jsonb refuses them) within `limit`
+    bytes; `must` says what it must be."""
     try:
-        return len(json.dumps(value, separators=(",", ":"), allow_nan=False).encode())
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError):
-        return -1
+        raise ValidationError(field, f"{field} must {must}") from None
+    size = len(text.encode())
+    if size > limit:
+        most = f"{limit >> 20} MiB" if limit % (1 << 20) == 0 else f"{limit >> 10} KiB"
+        raise ValidationError(field, f"{field} must be at most {most} of JSON (got {size:,} bytes)")
+    if _JSON_NUL.search(text):
+        raise ValidationError(field, f"{field} must not contain a NUL character in any string")
 
 
 def check_metadata(value: object, field: str = "metadata") -> dict[str, Any]:
@@ -130,20 +147,12 @@ def check_metadata(value: object, field: str = "metadata") -> dict[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise ValidationError(field, f'{field} must be a JSON object such as {{"ticket": 42}}')
-    size = check_json_size(value)
-    if size < 0:
-        raise ValidationError(field, f"{field} must hold only JSON values")
-    if size > MAX_METADATA_BYTES:
-        raise ValidationError(field, f"{field} must be at most 64 KiB of JSON (got {size:,} bytes)")
+    check_json(value, field, "hold only JSON values", MAX_METADATA_BYTES)
     return dict(value)
 
 
 def check_result(value: object, field: str = "result") -> Any:
-    size = check_json_size(value)
-    if size < 0:
-        raise ValidationError(field, f"{field} must be a JSON value")
-    if size > MAX_RESULT_BYTES:
-        raise ValidationError(field, f"{field} must be at most 1 MiB of JSON (got {size:,} bytes)")
+    check_json(value, field, "be a JSON value", MAX_RESULT_BYTES)
     return value
 
 
@@ -154,14 +163,14 @@ def check_text(value: object, field: str, *, required: bool = True) -> str | Non
         raise ValidationError(field, f"{field} must be a non-empty string")
     if len(value) > MAX_TEXT:
         raise ValidationError(field, f"{field} must be at most {MAX_TEXT:,} characters")
+    check_no_nul(value, field)
     return value
 
 
 def check_worker_id(value: object, field: str = "worker_id") -> str:
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_WORKER_ID:
         raise ValidationError(field, f"{field} must be 1 to {MAX_WORKER_ID} characters")
-    if "\x00" in value:
-        raise ValidationError(field, f"{field} must not contain a NUL character")
+    check_no_nul(value, field)
     return value
 
 
@@ -170,6 +179,7 @@ def check_idempotency_key(value: object, field: str = "idempotency_key") -> str 
         return None
     if not isinstance(value, str) or not value or len(value) > MAX_IDEMPOTENCY_KEY:
         raise ValidationError(field, f"{field} must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    check_no_nul(value, field)
     return value
 
 

@@ -24,6 +24,14 @@ class SlowSubscriber(TaskorchError):
     http_status = 409
 
 
+def slow_subscriber(buffer: int, resume_after: int) -> SlowSubscriber:
+    return SlowSubscriber(
+        f"this subscription fell more than {buffer} events behind and was closed;"
+        f' subscribe again with after: "{resume_after}" to resume without missing events',
+        details={"resumeAfter": str(resume_after)},
+    )
+
+
 class EventBus(Protocol):
     async def start(self) -> None: ...
 
@@ -70,12 +78,7 @@ class Subscription:
     async def next(self) -> TaskEvent:
         while not self._events:
             if self.overflowed:
-                raise SlowSubscriber(
-                    f"this subscription fell more than {self._buffer} events behind and was closed;"
-                    f' subscribe again with after: "{self.resume_after}" to resume without missing'
-                    " events",
-                    details={"resumeAfter": str(self.resume_after)},
-                )
+                raise slow_subscriber(self._buffer, self.resume_after or 0)
             self._ready.clear()
             await self._ready.wait()
         return self._events.popleft()

@@ -76,6 +76,9 @@ def observe_commit(events: Sequence[TaskEvent]) -> None:
             LEASE_EXPIRIES.inc()
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def operation_label(scope: Scope, info: RequestInfo) -> str:
     """A label from a bounded set: schema root fields and route templates, never raw paths."""
     if info.operation is not None:
@@ -90,7 +93,10 @@ def operation_label(scope: Scope, info: RequestInfo) -> str:
         return "mcp"  # JSON-RPC over one route: the tool name is in the body, which is not read
     if isinstance(route, Mount):
         return path.strip("/") or "mount"
-    return f"{scope.get('method', '')} {path}"
+    method = scope.get("method", "")
+    if method not in HTTP_METHODS:
+        method = "OTHER"  # the client's own word is never a label value
+    return f"{method} {path}"
 
 
 def observe_request(scope: Scope, info: RequestInfo, status: int, duration: float) -> None:
@@ -129,6 +135,7 @@ class QueueCollector(Collector):
     def __init__(self) -> None:
         self.counts: dict[TaskStatus, int] = {}
         self.subscriptions = 0
+        self.executions = 0
 
     def collect(self) -> Iterable[Metric]:
         counts = self.counts
@@ -148,6 +155,11 @@ class QueueCollector(Collector):
             "live_subscriptions",
             "taskEvents subscriptions open on the server process that answered this scrape.",
             value=self.subscriptions,
+        )
+        yield GaugeMetricFamily(
+            "live_subscription_executions",
+            "Executions serving those subscriptions: sockets subscribing alike share one.",
+            value=self.executions,
         )
 
 
@@ -169,5 +181,7 @@ def _registry() -> Any:
 async def metrics(request: Request) -> Response:
     """GET /metrics: the Prometheus text format."""
     QUEUE.counts = await request.app.state.queue_counts.get()
-    QUEUE.subscriptions = request.app.state.service.bus.subscriber_count
+    # A shared subscription holds one bus subscription for all its sockets; count the sockets.
+    QUEUE.executions = request.app.state.service.bus.subscriber_count
+    QUEUE.subscriptions = QUEUE.executions + request.app.state.fanout.sharing
     return Response(generate_latest(_registry()), media_type=CONTENT_TYPE_LATEST)

@@ -17,6 +17,9 @@ class Context:
     service: TaskService
     request: Request | WebSocket
     response: Any = None
+    # The id of the event a subscription resolver yielded last: a shared subscription reads it to
+    # know which event each result carries (api/interfaces/gql/fanout.py).
+    delivered: int | None = None
 
 
 Info = strawberry.Info[Context, None]

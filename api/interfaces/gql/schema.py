@@ -256,6 +256,7 @@ class Subscription:
         stream = info.context.service.events(where, _event_id(after))
         try:
             async for event in stream:
+                info.context.delivered = event.id
                 yield as_event(event)
         finally:
             await stream.aclose()

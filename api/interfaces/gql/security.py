@@ -3,6 +3,8 @@ documents, and the subscription socket's authentication, rate limit and scope ch
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import Iterator
 from typing import Any
@@ -33,6 +35,7 @@ from strawberry.extensions import (
 from strawberry.schema.exceptions import CannotGetOperationTypeError
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
+    Operation,
 )
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
     ConnectionInitMessage,
@@ -40,8 +43,15 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
     SubscribeMessage,
 )
 
-from api.core.errors import TaskorchError, Unauthenticated, forbidden, missing_key
+from api.core.errors import (
+    TaskorchError,
+    Unauthenticated,
+    forbidden,
+    missing_key,
+    subscription_over_http,
+)
 from api.interfaces.gql.context import Context
+from api.interfaces.gql.fanout import Fanout, Key, shareable
 from api.security.auth import Gate, Principal, principal_of, rate_limited, scope_of
 from api.settings import Settings
 
@@ -116,7 +126,8 @@ def refusal(
 
 
 class ScopeCheck(SchemaExtension):
-    """Refuses, before anything runs, an operation with a root field the caller's scopes lack."""
+    """Refuses, before anything runs, an operation with a root field the caller's scopes lack, and
+    a subscription sent over plain HTTP (it would answer nothing)."""
 
     def on_execute(self) -> Iterator[None]:
         ctx = self.execution_context
@@ -126,6 +137,10 @@ class ScopeCheck(SchemaExtension):
         document = ctx.graphql_document
         if document is not None:
             error = refusal(principal, root_fields(document, ctx.operation_name))
+            if error is None and not isinstance(request, WebSocket):
+                operation = get_operation_ast(document, ctx.operation_name)
+                if operation is not None and operation.operation is OperationType.SUBSCRIPTION:
+                    error = subscription_over_http()
             if error is not None:
                 response = getattr(context, "response", None)
                 if hasattr(response, "status_code"):
@@ -202,7 +217,49 @@ class SecuredTransportWS(BaseGraphQLTransportWSHandler[Context, None]):
             if error is not None:
                 await self._refuse(op_id, error)
                 return
+            if self._share(message):
+                return
         await super().handle_subscribe(message)
+
+    def _share(self, message: SubscribeMessage) -> bool:
+        """Join (or start) the shared execution of this subscription if it can share one."""
+        limit = self.max_subscriptions_per_connection
+        if limit is not None and len(self.operations) >= limit:
+            return False  # the base handler refuses it
+        payload = message["payload"]
+        variables = payload.get("variables") or {}
+        query, name = payload["query"], payload.get("operationName")
+        if not isinstance(variables, dict):
+            return False
+        key = shareable(parse(query), query, name, variables)
+        if key is None:
+            return False
+        operation: Operation[Context, None] = Operation(self, message["id"], query, variables, name)
+        operation.task = asyncio.create_task(self._run_shared(operation, key))
+        operation.task.add_done_callback(self._task_done)
+        self.operations[message["id"]] = operation
+        return True
+
+    async def _run_shared(self, operation: Operation[Context, None], key: Key) -> None:
+        fanout: Fanout = self.socket.app.state.fanout
+        variables = operation.variables or {}
+        # Every member sends the group's encoded payload inside its own message.
+        head = '{"id":' + json.dumps(operation.id) + ',"type":"next","payload":'
+        async with fanout.join(key, self.context, variables, self.view.encode_json) as member:
+            async for payload in member.payloads():
+                if operation.completed:
+                    return
+                await self.socket.send_text(head + payload + "}")
+            final = member.final
+        assert final is not None
+        if final.kind == "error":
+            message: Any = {"id": operation.id, "type": "error", "payload": final.payload}
+            await operation.send_operation_message(message)
+            return
+        if final.payload is not None:
+            next_message: Any = {"id": operation.id, "type": "next", "payload": final.payload}
+            await operation.send_operation_message(next_message)
+        await operation.send_operation_message({"id": operation.id, "type": "complete"})
 
     def _unstartable(self, principal: Principal, payload: object) -> GraphQLError | None:
         """Why the operation cannot start, or None. Strawberry's stream lets a syntax error escape
