@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from api.worker_log import LogShipper
+
 log = logging.getLogger("taskorch.worker")
 
 TAIL_BYTES = 4096
@@ -65,6 +67,7 @@ class WorkerConfig:
     timeout: float | None = None
     lease_seconds: int = 300
     grace_seconds: float = 30.0
+    ship_logs: bool = True  # output lines to the task's log, `::progress` lines as progress
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,10 +264,14 @@ class Worker:
         except OSError as exc:
             return Outcome(None, time.monotonic() - started, "", f"cannot start the command: {exc}")
         out, err = Tail(), Tail()
+        shipper = None
+        if self.config.ship_logs:
+            shipper = LogShipper(self.http, task["id"], self.config.worker_id)
+            shipper.start()
         io = [
             asyncio.create_task(_feed(process, task["prompt"].encode())),
-            asyncio.create_task(_drain(process.stdout, out)),
-            asyncio.create_task(_drain(process.stderr, err)),
+            asyncio.create_task(_drain(process.stdout, out, shipper, "stdout")),
+            asyncio.create_task(_drain(process.stderr, err, shipper, "stderr")),
         ]
         exited = asyncio.create_task(process.wait())
         interrupt = [asyncio.create_task(self.kill_now.wait()), asyncio.create_task(lost.wait())]
@@ -285,6 +292,8 @@ class Worker:
         _, pending = await asyncio.wait(io, timeout=KILL_WAIT_SECONDS)
         for reader in pending:
             reader.cancel()
+        if shipper is not None:
+            await shipper.close()  # before the task is completed: a final task takes no lines
         return Outcome(
             process.returncode,
             time.monotonic() - started,
@@ -365,10 +374,14 @@ async def _feed(process: asyncio.subprocess.Process, data: bytes) -> None:
         process.stdin.close()
 
 
-async def _drain(stream: asyncio.StreamReader | None, tail: Tail) -> None:
+async def _drain(
+    stream: asyncio.StreamReader | None, tail: Tail, shipper: LogShipper | None, name: str
+) -> None:
     assert stream is not None
     while chunk := await stream.read(65536):
         tail.add(chunk)
+        if shipper is not None:
+            shipper.feed(name, chunk)
 
 
 async def _kill(process: asyncio.subprocess.Process) -> None:
@@ -417,6 +430,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on Ctrl-C/SIGTERM, wait this long for running commands before killing them and"
         " releasing their tasks (default 30; a second signal kills at once)",
     )
+    parser.add_argument(
+        "--no-logs",
+        action="store_true",
+        help="do not send the command's output lines to the task's log (appendTaskLog), nor its"
+        " '::progress FRACTION [MESSAGE]' lines as progress",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
 
@@ -449,4 +468,5 @@ def command_from_args(args: argparse.Namespace) -> WorkerConfig | str:
         timeout=args.timeout,
         lease_seconds=args.lease_seconds,
         grace_seconds=args.grace_seconds,
+        ship_logs=not args.no_logs,
     )

@@ -242,15 +242,44 @@ async def complete(run: Run) -> dict[str, Any]:
 
 
 async def lifecycle(run: Run) -> dict[str, Any]:
-    """A third of the connections submit; the rest claim and complete. Tasks/s completed."""
+    """A third of the connections submit; the rest claim and complete. Tasks/s completed.
+
+    With `loggers` (lifecycle-logging), that many more connections each hold a task of their own
+    and append `lines_per_second` lines to its log, in two calls a second (as the worker batches
+    every 0.5 s), while the lifecycle runs."""
     directory = "/bench/lifecycle"
+    loggers = int(run.params.get("loggers", 0))
+    rate = float(run.params.get("lines_per_second", 10))
+    held: list[str] = []
+    if loggers:
+        await run.fill("/bench/logging", loggers)
+        held = await run.claim_ids("/bench/logging", loggers)
+        if len(held) < loggers:
+            raise RuntimeError(f"only {len(held)} of {loggers} logging tasks could be claimed")
+    per_call = max(1, round(rate / 2))
+    next_append: dict[int, float] = {}
     producers = max(1, run.connections // 3)
     submit = {i: run.raw(SUBMIT, {"input": {"workDirectory": directory, "prompt": PROMPT}}, i)
               for i in range(run.connections)}  # fmt: skip
     claim_raw = {i: run.raw(CLAIM, {"dir": directory, "worker": f"w{i}", "wait": None}, i)
                  for i in range(run.connections)}  # fmt: skip
 
+    async def logger(index: int, conn: Connection, rec: Recorder) -> bool:
+        now = time.perf_counter()
+        due = next_append.setdefault(index, now + (index % 50) / 100)  # spread the ticks
+        if due > now:
+            await asyncio.sleep(due - now)
+        next_append[index] = due + per_call / rate
+        lines = [f"step {index}.{n}: compiling module {n} of the project" for n in range(per_call)]
+        body = json.dumps({"worker_id": WORKER, "lines": lines}).encode()
+        path = f"/api/v1/tasks/{held[index - run.connections]}/logs"  # as the worker sends them
+        if await rec.request(conn, http.post_request(conn.authority, path, body), "appendLog"):
+            rec.count("log_lines", per_call)
+        return True
+
     async def worker(index: int, conn: Connection, rec: Recorder) -> bool:
+        if index >= run.connections:
+            return await logger(index, conn, rec)
         if index % 3 == 0 and index // 3 < producers:
             await rec.request(conn, submit[index], "submitTask")
             return True
@@ -268,10 +297,11 @@ async def lifecycle(run: Run) -> dict[str, Any]:
             rec.count("completed")
         return True
 
-    recorder, elapsed = await run.drive(worker)
+    recorder, elapsed = await run.drive(worker, run.connections + loggers)
     return result(
         run, recorder, elapsed, "all", recorder.counters["completed"], "tasks/s",
         submitted_per_s=recorder.done["submitTask"] / elapsed, producers=producers,
+        log_lines_per_s=recorder.counters["log_lines"] / elapsed, loggers=loggers,
     )  # fmt: skip
 
 
@@ -400,6 +430,7 @@ SCENARIOS: dict[str, Callable[[Run], Awaitable[dict[str, Any]]]] = {
     "claim": claim,
     "complete": complete,
     "lifecycle": lifecycle,
+    "lifecycle-logging": lifecycle,
     "batch-submit": batch_submit,
     "batch-claim": batch_claim,
     "wakeup": wakeup,

@@ -27,7 +27,8 @@ from bench.servers import (
 from bench.stats import summary
 
 MATRIX_SCENARIOS = (
-    "submit", "claim", "complete", "lifecycle", "batch-submit", "batch-claim", "wakeup", "fanout",
+    "submit", "claim", "complete", "lifecycle", "lifecycle-logging", "batch-submit", "batch-claim",
+    "wakeup", "fanout",
 )  # fmt: skip
 SCENARIOS = ("floor", *MATRIX_SCENARIOS, "growth")
 
@@ -86,6 +87,8 @@ class Sizes:
             return {"batch": self.batch, "connections": self.batch_connections, "prefill": prefill}
         if scenario == "fanout":
             return {"subscribers": self.subscribers}
+        if scenario == "lifecycle-logging":  # the cost of 100 agents streaming their output
+            return {"loggers": 100, "lines_per_second": 10}
         return {}
 
 

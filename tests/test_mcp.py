@@ -20,6 +20,7 @@ TOOLS = {
     "get_task", "list_tasks", "cancel_task", "retry_task", "get_statistics", "release_task",
     "run_task", "approve_task", "reject_task", "list_work_directories",
     "configure_work_directory", "cancel_tasks", "retry_tasks",
+    "report_progress", "append_task_log", "get_task_logs",
 }  # fmt: skip
 
 
@@ -285,3 +286,31 @@ async def test_dependencies_and_reviews_through_the_tools(tools: MCPServer) -> N
         await call(client, "complete_task", task_id=failed["id"], worker_id="w")
         final = await call(client, "reject_task", task_id=failed["id"], feedback="no", retry=False)
         assert final["status"] == "FAILED"
+
+
+async def test_an_agent_reports_progress_and_streams_its_log(tools: MCPServer) -> None:
+    async with Client(tools) as client:
+        created = await call(client, "create_task", work_directory="/repo", prompt="build")
+        await call(client, "get_next_task", work_directory="/repo", worker_id="agent")
+        task_id = created["id"]
+        progress = await call(
+            client, "report_progress", task_id=task_id, worker_id="agent", progress=0.3,
+            message="compiling",
+        )  # fmt: skip
+        assert (progress["progress"], progress["progress_message"]) == (0.3, "compiling")
+        appended = await call(
+            client, "append_task_log", task_id=task_id, worker_id="agent", lines=["a", "b", "c"]
+        )
+        assert appended == {"last_line": 3}
+        page = await call(client, "get_task_logs", task_id=task_id, after=1, limit=1)
+        assert [line["text"] for line in page["lines"]] == ["b"]
+        assert page["last_line"] == 2
+        assert page["has_more"] is True
+        refused = await error(
+            client, "append_task_log", task_id=task_id, worker_id="other", lines=["x"]
+        )
+        assert "held by another worker" in refused
+        bad = await error(
+            client, "report_progress", task_id=task_id, worker_id="agent", progress=1.5
+        )
+        assert "progress must be a number from 0 to 1" in bad

@@ -182,7 +182,8 @@ async def test_the_url_search_path_puts_every_table_in_that_schema(postgres_url:
             "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema
         )
         assert {r["table_name"] for r in tables} == {
-            "schema_migrations", "tasks", "task_history", "api_keys", "task_dependencies"
+            "schema_migrations", "tasks", "task_history", "api_keys", "task_dependencies",
+            "task_handles", "work_directories", "task_logs",
         }  # fmt: skip
     finally:
         await store.close()

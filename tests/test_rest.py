@@ -299,6 +299,8 @@ async def test_openapi_lists_every_route(http: httpx.AsyncClient) -> None:
         "/api/v1/tasks/{id}/retry": ["post"],
         "/api/v1/tasks/{id}/approve": ["post"],
         "/api/v1/tasks/{id}/reject": ["post"],
+        "/api/v1/tasks/{id}/progress": ["post"],
+        "/api/v1/tasks/{id}/logs": ["get", "post"],
         "/api/v1/statistics": ["get"],
         "/api/v1/tasks/cancel": ["post"],
         "/api/v1/tasks/retry": ["post"],
@@ -336,6 +338,16 @@ async def test_scopes_are_enforced_per_route(database_url: str) -> None:
         failed(
             await http.get(f"{API}/tasks/next", params=params, headers=as_reader), 403, "FORBIDDEN"
         )
+        logs = f"{API}/tasks/00000000-0000-0000-0000-000000000000/logs"
+        append = {"worker_id": "w", "lines": ["x"]}
+        failed(await http.post(logs, json=append, headers=as_reader), 403, "FORBIDDEN")
+        failed(await http.post(logs, json=append, headers=as_worker), 404, "NOT_FOUND")
+        failed(await http.get(logs, headers=as_worker), 403, "FORBIDDEN")
+        failed(await http.get(logs, headers=as_reader), 404, "NOT_FOUND")
+        progress = logs.removesuffix("/logs") + "/progress"
+        failed(
+            await http.post(progress, json={"worker_id": "w"}, headers=as_reader), 403, "FORBIDDEN"
+        )
 
 
 async def test_a_method_a_path_lacks_is_405_naming_every_method_it_has(
@@ -350,6 +362,8 @@ async def test_a_method_a_path_lacks_is_405_naming_every_method_it_has(
         f"{API}/tasks/{task['id']}/fail": "POST",
         f"{API}/tasks/{task['id']}/cancel": "POST",
         f"{API}/tasks/{task['id']}/retry": "POST",
+        f"{API}/tasks/{task['id']}/progress": "POST",
+        f"{API}/tasks/{task['id']}/logs": "GET, HEAD, POST",
         f"{API}/statistics": "GET, HEAD",
         f"{API}/openapi.json": "GET, HEAD",
     }

@@ -109,6 +109,14 @@ OPERATIONS: dict[str, tuple[str, str | None]] = {
         "work",
     ),
     "releaseTask": (f'mutation {{ releaseTask(id: "{TASK_ID}", workerId: "w") {{ id }} }}', "work"),
+    "reportProgress": (
+        f'mutation {{ reportProgress(id: "{TASK_ID}", workerId: "w", progress: 0.5) {{ id }} }}',
+        "work",
+    ),
+    "appendTaskLog": (
+        f'mutation {{ appendTaskLog(id: "{TASK_ID}", workerId: "w", lines: ["x"]) }}',
+        "work",
+    ),
 }
 
 

@@ -31,6 +31,14 @@ if word == "fail":
     sys.exit(3)
 if word == "sleep":
     time.sleep(float(arg))
+if word == "lines":
+    for n in range(int(arg)):
+        print(f"line {n}", flush=n % 100 == 0)
+        if n == 10:
+            print("::progress 0.5 halfway", flush=True)
+            print("a warning", file=sys.stderr, flush=True)
+            time.sleep(0.7)  # one batch goes by time, the rest by size
+    print("no newline at the end", end="")
 """
 
 Worker = Callable[..., subprocess.Popen[bytes]]
@@ -124,6 +132,45 @@ def test_completes_and_fails_real_tasks_and_heartbeats_past_the_lease(
         },
     ).json()["data"]["task"]["history"]
     assert [e["status"] for e in history] == ["WAITING", "WORKING", "COMPLETED"]  # never requeued
+
+
+def test_output_lines_stream_to_the_task_log_and_progress_lines_report_progress(
+    server: ServerProcess, workdir: Path, start_worker: Worker
+) -> None:
+    task_id = submit(server, workdir, "lines 2500")
+    start_worker()
+    wait_for(finished(server, task_id))
+    task = get(server, task_id)
+    assert task["status"] == "COMPLETED", task
+    assert task["progress"] == 0.5
+    assert task["progress_message"] == "halfway"
+    texts: list[str] = []
+    after = 0
+    while True:
+        params = {"after": after, "first": 1000}
+        page = httpx.get(f"{server.url}/api/v1/tasks/{task_id}/logs", params=params).json()
+        texts += [line["text"] for line in page["data"]["lines"]]
+        after = page["data"]["last_line"]
+        if not page["data"]["has_more"]:
+            break
+    assert after == task["log_line_count"] == 2503
+    assert "[stderr] a warning" in texts
+    stdout = [t for t in texts if not t.startswith("[stderr] ")]
+    assert stdout == [
+        "out:lines 2500",
+        *(f"line {n}" for n in range(2500)),
+        "no newline at the end",
+    ]
+
+
+def test_no_logs_sends_no_lines(server: ServerProcess, workdir: Path, start_worker: Worker) -> None:
+    task_id = submit(server, workdir, "lines 20")
+    start_worker("--no-logs")
+    wait_for(finished(server, task_id))
+    task = get(server, task_id)
+    assert task["status"] == "COMPLETED"
+    assert task["log_line_count"] == 0
+    assert task["progress"] is None
 
 
 @on_sqlite

@@ -27,6 +27,11 @@ MAX_PAGE = 1000
 MAX_INT32 = 2**31 - 1
 MAX_INT64 = 2**63 - 1
 MAX_DEPENDENCIES = 100
+# Progress and logs of a held task.
+MAX_PROGRESS_MESSAGE = 1000  # characters
+MAX_LOG_LINES_PER_CALL = 1000
+MAX_LOG_LINE_BYTES = 8192  # UTF-8 bytes of one line
+MAX_LOG_LINES_KEPT = 100_000  # per task: older lines are dropped as newer ones arrive
 
 
 class TaskStatus(enum.Enum):
@@ -100,6 +105,9 @@ class Task:
     require_review: bool = False  # a completion waits IN_REVIEW for approveTask
     review_feedback: str | None = None  # the last rejection's feedback
     has_dependents: bool = False  # some task depends on this one: its end settles them
+    progress: float | None = None  # 0 to 1, as the holder last reported it
+    progress_message: str | None = None
+    log_line_count: int = 0  # the number of the task's last log line (0: none yet)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +122,15 @@ class TaskEvent:
     worker_id: str | None
     at: datetime
     details: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLogLine:
+    """One line of a task's log; lines are numbered per task from 1, in the order stored."""
+
+    line: int
+    text: str
+    at: datetime
 
 
 @dataclass(frozen=True, slots=True)

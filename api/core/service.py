@@ -26,6 +26,7 @@ from api.core.domain import (
     TaskEvent,
     TaskFilter,
     TaskHandle,
+    TaskLogLine,
     TaskPage,
     TaskSpec,
     TaskStatus,
@@ -43,6 +44,10 @@ BULK_CHUNK = 500  # tasks a bulk change decides on in one transaction
 # again this often, in case that wake-up was lost (a listener reconnecting, say).
 HELD_BACK_RECHECK = 2.0
 SWEEP_BATCH = 500
+LOG_PAGE = 1000  # lines read at a time by a log subscription
+# A log reader re-reads the table this often even without a wake-up (one could be missed while a
+# replica's listener reconnects).
+LOG_POLL_SECONDS = 1.0
 MAX_OFFSET = 10_000  # offset paging reads the skipped rows; cursors (`list_tasks`) do not
 
 
@@ -349,6 +354,82 @@ class TaskService:
         now = self._clock()
         task = await self.store.heartbeat(task_id, worker_id, now + timedelta(seconds=lease), now)
         return task or await self._not_held(task_id, worker_id, "heartbeat")
+
+    async def report_progress(
+        self,
+        task_id: str,
+        worker_id: str,
+        progress: float | None = None,
+        message: str | None = None,
+        lease_seconds: int | None = None,
+    ) -> Task:
+        """Store how far the holder got (0 to 1) and what it is doing; extends the lease like a
+        heartbeat. Not a status change: no history row, no task event."""
+        task_id = validation.check_task_id(task_id)
+        worker_id = validation.check_worker_id(worker_id)
+        progress = validation.check_progress(progress)
+        message = validation.check_progress_message(message)
+        lease = validation.check_lease_seconds(lease_seconds)
+        now = self._clock()
+        task = await self.store.report_progress(
+            task_id, worker_id, progress, message, now + timedelta(seconds=lease), now
+        )
+        return task or await self._not_held(task_id, worker_id, "report progress of")
+
+    async def append_logs(self, task_id: str, worker_id: str, lines: object) -> int:
+        """Append lines to the log of a held task; the number of the last line stored."""
+        task_id = validation.check_task_id(task_id)
+        worker_id = validation.check_worker_id(worker_id)
+        checked = validation.check_log_lines(lines)
+        last = await self.store.append_logs(task_id, worker_id, checked, self._clock())
+        if last is None:
+            await self._not_held(task_id, worker_id, "append to the log of")
+            raise AssertionError("unreachable")  # _not_held always raises
+        self.bus.logs_appended(task_id)
+        return last
+
+    async def log_page(
+        self, task_id: str, after: int | None = 0, first: int | None = 100
+    ) -> tuple[list[TaskLogLine], bool]:
+        """Stored lines numbered above `after`, up to `first`, and whether more follow."""
+        task_id = validation.check_task_id(task_id)
+        after = validation.check_log_line_number(after)
+        first = validation.check_page_size(first)
+        lines = await self.store.logs_after(task_id, after, first + 1)
+        if not lines:
+            await self.get(task_id)  # NOT_FOUND for a task that does not exist
+        return lines[:first], len(lines) > first
+
+    async def logs(
+        self, task_id: str, after: int | None = None
+    ) -> AsyncGenerator[TaskLogLine, None]:
+        """The task's stored lines after `after`, then new ones as they are appended: no gap, no
+        duplicate. Ends once the task is final and every line it got is sent."""
+        task_id = validation.check_task_id(task_id, "task_id")
+        last = validation.check_log_line_number(after)
+        await self.get(task_id)  # NOT_FOUND before anything streams
+        watch = self.bus.watch_logs(task_id)
+        try:
+            ending = False
+            while True:
+                watch.arm()  # a wake from now on is kept for the wait below
+                lines = await self.store.logs_after(task_id, last, LOG_PAGE)
+                for line in lines:
+                    last = line.line
+                    yield line
+                if len(lines) == LOG_PAGE:
+                    continue
+                if ending:
+                    return
+                task = await self.store.get(task_id)
+                if task is None or task.status.is_final:
+                    # A final task gets no more lines: one more read takes those committed
+                    # between the read above and the final status.
+                    ending = True
+                    continue
+                await watch.wait(LOG_POLL_SECONDS)
+        finally:
+            watch.close()
 
     async def complete(
         self,

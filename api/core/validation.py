@@ -21,8 +21,11 @@ from api.core.domain import (
     MAX_INT32,
     MAX_INT64,
     MAX_LEASE_SECONDS,
+    MAX_LOG_LINE_BYTES,
+    MAX_LOG_LINES_PER_CALL,
     MAX_METADATA_BYTES,
     MAX_PAGE,
+    MAX_PROGRESS_MESSAGE,
     MAX_PROMPT,
     MAX_RESULT_BYTES,
     MAX_RETRIES,
@@ -268,6 +271,60 @@ def check_depends_on(value: object, field: str = "depends_on") -> tuple[str, ...
 def check_bool(value: object, field: str) -> bool:
     if not isinstance(value, bool):
         raise ValidationError(field, f"{field} must be true or false")
+    return value
+
+
+def check_progress(value: object, field: str = "progress") -> float | None:
+    """A fraction of the work done: from 0 to 1 (0.25 is a quarter); None leaves it as it is."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValidationError(field, f"{field} must be a number from 0 to 1 (0.5 is half done)")
+    return float(value)
+
+
+def check_progress_message(value: object, field: str = "message") -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_PROGRESS_MESSAGE:
+        raise ValidationError(
+            field, f"{field} must be a string of at most {MAX_PROGRESS_MESSAGE:,} characters"
+        )
+    check_no_nul(value, field)
+    return value
+
+
+def check_log_lines(value: object, field: str = "lines") -> list[str]:
+    """1 to MAX_LOG_LINES_PER_CALL lines of at most MAX_LOG_LINE_BYTES UTF-8 bytes each; a batch
+    with one bad line is refused whole, naming the line (`lines[3]`)."""
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValidationError(field, f"{field} must be a list of strings")
+    if not 1 <= len(value) <= MAX_LOG_LINES_PER_CALL:
+        raise ValidationError(field, f"{field} must hold 1 to {MAX_LOG_LINES_PER_CALL:,} lines")
+    for index, line in enumerate(value):
+        name = f"{field}[{index}]"
+        if not isinstance(line, str):
+            raise ValidationError(name, f"{name} must be a string")
+        try:
+            size = len(line.encode())
+        except UnicodeEncodeError:
+            raise ValidationError(name, f"{name} must be valid Unicode text") from None
+        if size > MAX_LOG_LINE_BYTES:
+            raise ValidationError(
+                name, f"{name} must be at most {MAX_LOG_LINE_BYTES:,} bytes of UTF-8 (got {size:,})"
+            )
+        check_no_nul(line, name)
+    return list(value)
+
+
+def check_log_line_number(value: object, field: str = "after") -> int:
+    """A log line number as clients send it: a whole number >= 0 (0: from the first line)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT32:
+        raise ValidationError(
+            field, f"{field} must be a log line number: a whole number from 0 to {MAX_INT32}"
+        )
     return value
 
 

@@ -43,6 +43,12 @@ class EventBus(Protocol):
 
     async def announce(self, work_directory: str) -> None:
         """The directory's controls changed: wake its waiting claims in every process."""
+        ...
+
+    def watch_logs(self, task_id: str) -> LogWatch: ...
+
+    def logs_appended(self, task_id: str) -> None:
+        """This process stored log lines of the task: wake its readers, here and elsewhere."""
 
     @property
     def subscriber_count(self) -> int: ...
@@ -123,6 +129,38 @@ class Waiter:
             self._bus.wake(self.work_directory, 1)
 
 
+class LogWatch:
+    """A reader of one task's log, woken when lines are appended or the task changes status
+    (anywhere the bus hears of it). A wake between `arm` and `wait` is kept, never lost."""
+
+    def __init__(self, bus: LocalBus, task_id: str) -> None:
+        self._bus = bus
+        self.task_id = task_id
+        self._event = asyncio.Event()
+
+    def wake(self) -> None:
+        self._event.set()
+
+    def arm(self) -> None:
+        """Call before reading the log: wakes after this make the next `wait` return at once."""
+        self._event.clear()
+
+    async def wait(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._event.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        watches = self._bus._log_watches.get(self.task_id)
+        if watches is not None:
+            watches.discard(self)
+            if not watches:
+                del self._bus._log_watches[self.task_id]
+
+
 async def cancelled(runner: asyncio.Task[None] | None) -> None:
     """Cancel a bus's background task and wait until it has ended."""
     if runner is not None:
@@ -137,6 +175,7 @@ class LocalBus:
     def __init__(self) -> None:
         self._subscriptions: set[Subscription] = set()
         self._waiters: dict[str, collections.deque[Waiter]] = {}
+        self._log_watches: dict[str, set[LogWatch]] = {}
         self._stopped = False
 
     async def start(self) -> None:
@@ -162,6 +201,18 @@ class LocalBus:
         waiter = Waiter(self, work_directory)
         self._waiters.setdefault(work_directory, collections.deque()).append(waiter)
         return waiter
+
+    def watch_logs(self, task_id: str) -> LogWatch:
+        watch = LogWatch(self, task_id)
+        self._log_watches.setdefault(task_id, set()).add(watch)
+        return watch
+
+    def logs_appended(self, task_id: str) -> None:
+        self.wake_log_readers(task_id)
+
+    def wake_log_readers(self, task_id: str) -> None:
+        for watch in self._log_watches.get(task_id, ()):
+            watch.wake()
 
     def wake(self, work_directory: str, count: int) -> None:
         queue = self._waiters.get(work_directory)
@@ -191,6 +242,9 @@ class LocalBus:
         for subscription in list(self._subscriptions):
             for event in events:
                 subscription.push(event)
+        if self._log_watches:  # a log reader ends when its task does
+            for event in events:
+                self.wake_log_readers(event.task_id)
         self._wake_for(events)
 
     def _wake_for(self, events: Sequence[TaskEvent]) -> None:

@@ -18,6 +18,7 @@ log = logging.getLogger("taskorch.events")
 
 CHANNEL = "taskorch_events"
 DIRECTORY_CHANNEL = "taskorch_directories"  # payload: a work directory whose controls changed
+LOGS_CHANNEL = "taskorch_logs"  # a task's log grew; the payload is its id (api/store/sql.py)
 PAGE = 1000
 
 
@@ -83,6 +84,7 @@ class PostgresBus(LocalBus):
         try:
             await conn.add_listener(CHANNEL, self._notified)
             await conn.add_listener(DIRECTORY_CHANNEL, self._announced)
+            await conn.add_listener(LOGS_CHANNEL, self._logs_notified)
         except BaseException:  # a stop arriving now must not leave the connection open
             conn.terminate()
             raise
@@ -110,6 +112,10 @@ class PostgresBus(LocalBus):
                 await conn.execute("SELECT pg_notify($1, $2)", DIRECTORY_CHANNEL, work_directory)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("could not announce a change of %s: %s", work_directory, exc)
+
+    def _logs_notified(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        # Missed while disconnected? Log readers also poll the table now and then.
+        self.wake_log_readers(str(payload))
 
     def _lost(self, conn: object) -> None:
         self._wake.set()

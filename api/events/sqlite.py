@@ -23,9 +23,11 @@ from api.store.base import TaskStore
 log = logging.getLogger("taskorch.events")
 
 PAGE = 1000
-# Datagrams between peers: a commit happened, or a directory's controls changed (its name follows).
+# Datagrams between peers: "!" a commit happened; "d<work directory>" a directory's controls
+# changed; "L<task id>" a task's log grew.
 COMMITTED = b"!"
 ANNOUNCE = b"d"
+LOGS = b"L"
 MAX_MESSAGE = 4096  # a work directory is at most 512 characters
 SAFETY_INTERVAL = 1.0  # a datagram can be missed (a peer that started a moment ago); read anyway
 
@@ -85,6 +87,10 @@ class SqliteBus(LocalBus):
         self.wake_all(work_directory)
         self._tell_peers(ANNOUNCE + work_directory.encode())
 
+    def logs_appended(self, task_id: str) -> None:
+        super().logs_appended(task_id)
+        self._tell_peers(LOGS + task_id.encode())
+
     def _tell_peers(self, message: bytes = COMMITTED) -> None:
         if self._socket is None:
             return
@@ -107,12 +113,17 @@ class SqliteBus(LocalBus):
 
     def _readable(self) -> None:
         assert self._socket is not None
+        events = False
         with contextlib.suppress(BlockingIOError):
             while message := self._socket.recv(MAX_MESSAGE):
                 if message.startswith(ANNOUNCE):
                     self.wake_all(message[len(ANNOUNCE) :].decode(errors="replace"))
+                elif message.startswith(LOGS):
+                    self.wake_log_readers(message[len(LOGS) :].decode(errors="replace"))
                 else:
-                    self._wake.set()
+                    events = True
+        if events:
+            self._wake.set()
 
     async def _run(self) -> None:
         while True:

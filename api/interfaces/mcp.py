@@ -25,7 +25,9 @@ from api.core.errors import TaskorchError, internal_error
 from api.core.service import TaskService
 from api.interfaces.mcp_tasks import RunTaskOutcome, Tasks, launching, tool_result
 from api.interfaces.models import (
+    AppendedLog,
     BulkResultOut,
+    LogPage,
     NextTask,
     StatisticsOut,
     TaskList,
@@ -46,19 +48,21 @@ INSTRUCTIONS = (
     "taskorch is a durable task queue. A task is a prompt to run in a work directory."
     " Producers call create_task; workers call get_next_task for their work directory, do the"
     " work there, then complete_task or fail_task (and heartbeat meanwhile when the work takes"
-    " longer than the lease). Inspect with get_task, list_tasks and get_statistics. To hand"
-    " work to a worker and get its result back, call run_task. A task created with depends_on"
-    " stays BLOCKED until those tasks complete; one created with require_review waits IN_REVIEW"
-    " after completion until a reviewer calls approve_task or reject_task."
+    " longer than the lease; report_progress and append_task_log tell watchers how it goes)."
+    " Inspect with get_task, get_task_logs, list_tasks and get_statistics. To hand work to a"
+    " worker and get its result back, call run_task. A task created with depends_on stays"
+    " BLOCKED until those tasks complete; one created with require_review waits IN_REVIEW after"
+    " completion until a reviewer calls approve_task or reject_task."
 )
 
 # The tools each profile serves (`taskorch mcp --tools`, `/mcp/<profile>`): one table.
-_WORKER = {"get_next_task", "heartbeat", "complete_task", "fail_task", "release_task", "get_task"}
+_WORKER = {"get_next_task", "heartbeat", "complete_task", "fail_task", "release_task", "get_task",
+           "report_progress", "append_task_log"}  # fmt: skip
 _PRODUCER = {"create_task", "run_task", "get_task", "list_tasks", "cancel_task", "retry_task",
-             "get_statistics", "approve_task", "reject_task"}  # fmt: skip
+             "get_statistics", "approve_task", "reject_task", "get_task_logs"}  # fmt: skip
 _ADMIN = {"get_task", "list_tasks", "cancel_task", "retry_task", "get_statistics", "approve_task",
           "reject_task", "list_work_directories", "configure_work_directory", "cancel_tasks",
-          "retry_tasks"}  # fmt: skip
+          "retry_tasks", "get_task_logs"}  # fmt: skip
 PROFILES: dict[str, frozenset[str]] = {
     "worker": frozenset(_WORKER),
     "producer": frozenset(_PRODUCER),
@@ -301,6 +305,66 @@ def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPSe
             return tool_result(await service().wait_finished(task.id, timeout), timeout)
 
         return await _call(ctx, "submit", submit, "read")  # it reads the task back
+
+    @tool
+    async def report_progress(
+        ctx: Context,
+        task_id: TaskId,
+        worker_id: WorkerId,
+        progress: Annotated[
+            float | None,
+            Field(description="How much of the work is done, from 0 to 1 (0.5 is half)."),
+        ] = None,
+        message: Annotated[
+            str | None, Field(description="What you are doing now, at most 1,000 characters.")
+        ] = None,
+        lease_seconds: LeaseSeconds = None,
+    ) -> TaskOut:
+        """Tell watchers how far you got with a task you claimed; a value you leave out keeps
+        what you reported before. It also extends the lease like heartbeat, so calling it as you
+        go is enough. Next: keep working, then complete_task or fail_task."""
+        return TaskOut.of(
+            await _call(
+                ctx,
+                "report_progress",
+                lambda: service().report_progress(
+                    task_id, worker_id, progress, message, lease_seconds
+                ),
+            )
+        )
+
+    @tool
+    async def append_task_log(
+        ctx: Context,
+        task_id: TaskId,
+        worker_id: WorkerId,
+        lines: Annotated[
+            list[str],
+            Field(description="1 to 1,000 lines of output, each at most 8 KiB of UTF-8."),
+        ],
+    ) -> AppendedLog:
+        """Add lines of output to the log of a task you claimed, for whoever follows it (they
+        read it with get_task_logs). Send lines in batches rather than one call per line.
+        Answers the number of the last line stored."""
+        last = await _call(
+            ctx, "append_log", lambda: service().append_logs(task_id, worker_id, lines)
+        )
+        return AppendedLog(last_line=last)
+
+    @tool
+    async def get_task_logs(
+        ctx: Context,
+        task_id: TaskId,
+        after: Annotated[
+            int, Field(description="Only lines numbered above this; 0 reads from the first.")
+        ] = 0,
+        limit: Annotated[int, Field(description="Lines per page, 1 to 1000.")] = 100,
+    ) -> LogPage:
+        """Read a task's log, oldest line first. To follow a running task, call again with
+        after set to the last_line of the previous answer; has_more says whether more lines
+        are stored already. The task's status (get_task) says whether more can come."""
+        lines, more = await _call(ctx, "read", lambda: service().log_page(task_id, after, limit))
+        return LogPage.of(lines, after, more)
 
     @tool
     async def get_task(ctx: Context, task_id: TaskId) -> TaskOut:

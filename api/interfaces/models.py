@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel
 
-from api.core.domain import BulkResult, Task, WorkDirectory
+from api.core.domain import BulkResult, Task, TaskLogLine, WorkDirectory
 from api.core.service import Statistics
 
 
@@ -40,6 +40,13 @@ class TaskOut(BaseModel):
     blocked_by: list[str] = Field(description="Those of depends_on not COMPLETED yet.")
     require_review: bool = Field(description="A completion waits IN_REVIEW for approval.")
     review_feedback: str | None = Field(description="The last rejection's feedback.")
+    progress: float | None = Field(
+        default=None, description="How far the holder got, from 0 to 1, as it last reported."
+    )
+    progress_message: str | None = None
+    log_line_count: int = Field(
+        default=0, description="The number of the task's last log line; 0 when it has none."
+    )
 
     @classmethod
     def of(cls, task: Task) -> TaskOut:
@@ -68,6 +75,9 @@ class TaskOut(BaseModel):
             blocked_by=list(task.blocked_by),
             require_review=task.require_review,
             review_feedback=task.review_feedback,
+            progress=task.progress,
+            progress_message=task.progress_message,
+            log_line_count=task.log_line_count,
         )
 
 
@@ -178,3 +188,36 @@ class BulkResultOut(BaseModel):
             changed_ids=list(result.changed_ids),
             skipped_ids=list(result.skipped_ids),
         )
+
+
+class LogLineOut(BaseModel):
+    line: int = Field(description="The line's number in its task's log, from 1.")
+    text: str
+    at: datetime
+
+
+class LogPage(BaseModel):
+    """One page of a task's log, in line order."""
+
+    lines: list[LogLineOut]
+    last_line: int = Field(
+        description="The number of the last line on this page (or `after` when it is empty):"
+        " pass it as `after` for the next page."
+    )
+    has_more: bool = Field(description="True when more lines follow this page.")
+
+    @classmethod
+    def of(cls, lines: list[TaskLogLine], after: int, more: bool) -> LogPage:
+        return cls(
+            lines=[LogLineOut(line=n.line, text=n.text, at=n.at) for n in lines],
+            last_line=lines[-1].line if lines else after,
+            has_more=more,
+        )
+
+
+class AppendedLog(BaseModel):
+    """What an append answers."""
+
+    last_line: int = Field(
+        description="The number of the last line stored: a reader continues with after=last_line."
+    )

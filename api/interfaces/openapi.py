@@ -10,7 +10,9 @@ from api.core import domain
 from api.core.service import MAX_OFFSET
 from api.interfaces.envelope import PREFIX
 from api.interfaces.models import (
+    AppendedLog,
     BulkResultOut,
+    LogPage,
     StatisticsOut,
     TaskList,
     TaskOut,
@@ -85,6 +87,18 @@ _WORKER_ID = {
     "maxLength": domain.MAX_WORKER_ID,
 }
 _MESSAGE = {"type": "string", "pattern": _NON_BLANK, "minLength": 1, "maxLength": domain.MAX_TEXT}
+_LEASE_SECONDS = {"type": "integer", "minimum": 1, "maximum": domain.MAX_LEASE_SECONDS}
+# A line may hold MAX_LOG_LINE_BYTES of UTF-8; the schema promises the length every text fits in.
+_LOG_LINES = {
+    "type": "array",
+    "minItems": 1,
+    "maxItems": domain.MAX_LOG_LINES_PER_CALL,
+    "items": {
+        "type": "string",
+        "pattern": "^[^\\u0000]*$",
+        "maxLength": domain.MAX_LOG_LINE_BYTES // 4,
+    },
+}
 _MAX_RETRIES = {"type": "integer", "minimum": 0, "maximum": domain.MAX_RETRIES}
 
 
@@ -229,6 +243,8 @@ def document() -> dict[str, Any]:
         WorkDirectoryOut,
         WorkDirectoryList,
         BulkResultOut,
+        LogPage,
+        AppendedLog,
     ):
         schema = model.model_json_schema(ref_template=REF, mode="serialization")
         schemas.update(schema.pop("$defs", {}))
@@ -488,6 +504,67 @@ def document() -> dict[str, Any]:
                             {"$ref": REF.format(model="WorkDirectoryOut")},
                         ),
                         **_errors("400", "401", "403", "413", "429", "500", "503"),
+                    },
+                },
+            },
+            f"{PREFIX}/tasks/{{id}}/progress": {
+                "post": _task_action(
+                    "Report the progress of a task you hold",
+                    _body(
+                        {
+                            "worker_id": _WORKER_ID,
+                            "progress": _nullable({"type": "number", "minimum": 0, "maximum": 1}),
+                            "message": _nullable(
+                                {
+                                    "type": "string",
+                                    "pattern": "^[^\\u0000]*$",
+                                    "maxLength": domain.MAX_PROGRESS_MESSAGE,
+                                }
+                            ),
+                            "lease_seconds": _nullable(_LEASE_SECONDS),
+                        },
+                        ["worker_id"],
+                    ),
+                    "progress from 0 to 1; null (or absent) leaves the stored value. Extends the"
+                    " lease like a heartbeat.",
+                ),
+            },
+            f"{PREFIX}/tasks/{{id}}/logs": {
+                "post": {
+                    "summary": "Append lines to the log of a task you hold",
+                    "description": "Lines are numbered per task from 1; each line may hold up to"
+                    f" {domain.MAX_LOG_LINE_BYTES} bytes of UTF-8. The newest"
+                    f" {domain.MAX_LOG_LINES_KEPT} lines of a task are kept.",
+                    "parameters": [_ID],
+                    "requestBody": _body(
+                        {"worker_id": _WORKER_ID, "lines": _LOG_LINES}, ["worker_id", "lines"]
+                    ),
+                    "responses": {
+                        "200": _ok(
+                            "The number of the last line stored",
+                            {"$ref": REF.format(model="AppendedLog")},
+                        ),
+                        **_errors(),
+                    },
+                },
+                "get": {
+                    "summary": "A page of a task's log",
+                    "parameters": [
+                        _ID,
+                        _query(
+                            "after",
+                            {"type": "integer", "minimum": 0, "maximum": domain.MAX_INT32},
+                            "Only lines numbered above this (0: from the first)",
+                        ),
+                        _query(
+                            "first",
+                            {"type": "integer", "minimum": 1, "maximum": domain.MAX_PAGE},
+                            "Page size",
+                        ),
+                    ],
+                    "responses": {
+                        "200": _ok("One page", {"$ref": REF.format(model="LogPage")}),
+                        **_errors(),
                     },
                 },
             },

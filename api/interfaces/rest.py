@@ -28,7 +28,9 @@ from api.core.service import TaskService
 from api.interfaces.disconnect import unless_disconnected
 from api.interfaces.envelope import PREFIX, envelope
 from api.interfaces.models import (
+    AppendedLog,
     BulkResultOut,
+    LogPage,
     StatisticsOut,
     TaskList,
     TaskOut,
@@ -281,6 +283,36 @@ async def fail_task(request: Request) -> tuple[Any, int]:
     return TaskOut.of(task), 200
 
 
+@endpoint("report_progress")
+async def report_progress(request: Request) -> tuple[Any, int]:
+    body = await _body(request, {"worker_id", "progress", "message", "lease_seconds"})
+    task = await _service(request).report_progress(
+        request.path_params["id"],
+        body.get("worker_id", ""),
+        body.get("progress"),
+        body.get("message"),
+        _whole(body.get("lease_seconds")),  # type: ignore[arg-type]  # checked by the service
+    )
+    return TaskOut.of(task), 200
+
+
+@endpoint("append_log")
+async def append_log(request: Request) -> tuple[Any, int]:
+    body = await _body(request, {"worker_id", "lines"})
+    last = await _service(request).append_logs(
+        request.path_params["id"], body.get("worker_id", ""), body.get("lines")
+    )
+    return AppendedLog(last_line=last), 200
+
+
+@endpoint("read")
+async def task_logs(request: Request) -> tuple[Any, int]:
+    after = _int_param(request, "after", 0) or 0
+    first = _int_param(request, "first", 100)
+    lines, more = await _service(request).log_page(request.path_params["id"], after, first)
+    return LogPage.of(lines, after, more), 200
+
+
 @endpoint("cancel")
 async def cancel_task(request: Request) -> tuple[Any, int]:
     body = await _body(request, {"reason"}, optional=True)
@@ -426,6 +458,8 @@ routes = [
     resource("/tasks/{id}/complete", post=complete_task),
     resource("/tasks/{id}/fail", post=fail_task),
     resource("/tasks/{id}/cancel", post=cancel_task),
+    resource("/tasks/{id}/progress", post=report_progress),
+    resource("/tasks/{id}/logs", get=task_logs, post=append_log),
     resource("/tasks/{id}/retry", post=retry_task),
     resource("/tasks/{id}/approve", post=approve_task),
     resource("/tasks/{id}/reject", post=reject_task),

@@ -12,7 +12,8 @@ Interfaces enforce scopes with one call, the same everywhere, naming the service
 
 `OPERATION_SCOPES` is the one table of which scope each operation needs: `read` (reads and
 subscriptions), `submit` (submit, cancel, retry, update), `work` (claim, heartbeat, complete, fail,
-release), `review` (approve, reject); `admin` allows everything, and is what an operation missing from the table needs.
+release, report progress, append to a log), `review` (approve, reject); `admin` allows
+everything, and is what an operation missing from the table needs.
 
 Errors the middleware answers itself: 401 UNAUTHENTICATED, 429 RATE_LIMITED (with Retry-After),
 413 PAYLOAD_TOO_LARGE, 503 UNAVAILABLE. Under `/api/v1` the body is the REST envelope; elsewhere it
@@ -95,6 +96,8 @@ OPERATION_SCOPES = {
     "update": SUBMIT,
     "claim": WORK,
     "heartbeat": WORK,
+    "report_progress": WORK,
+    "append_log": WORK,
     "complete": WORK,
     "fail": WORK,
     "release": WORK,

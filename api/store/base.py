@@ -17,6 +17,7 @@ from api.core.domain import (
     TaskEvent,
     TaskFilter,
     TaskHandle,
+    TaskLogLine,
     TaskPage,
     TaskStatus,
     WorkDirectory,
@@ -34,7 +35,7 @@ Decide = Callable[[Task], Outcome | None]
 # A bulk change decides each task with its dependencies that are not COMPLETED, and their status.
 BulkDecide = Callable[[Task, Mapping[str, TaskStatus]], Outcome | None]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 
 class RefusedDependency(Exception):
@@ -148,6 +149,27 @@ class TaskStore(Protocol):
     async def update(
         self, task_id: str, expected_version: int, changes: TaskChanges, now: datetime
     ) -> Task | None: ...
+
+    async def report_progress(
+        self,
+        task_id: str,
+        worker_id: str,
+        progress: float | None,
+        message: str | None,
+        lease_until: datetime,
+        now: datetime,
+    ) -> Task | None:
+        """Store the holder's progress (None keeps the stored value) and extend its lease."""
+
+    async def append_logs(
+        self, task_id: str, worker_id: str, lines: Sequence[str], now: datetime
+    ) -> int | None:
+        """Store lines after the task's last one, numbered on; the number of the last line
+        stored, or None when `worker_id` does not hold the task. Keeps the newest
+        `domain.MAX_LOG_LINES_KEPT` lines."""
+
+    async def logs_after(self, task_id: str, after: int, limit: int) -> list[TaskLogLine]:
+        """Up to `limit` stored lines of the task numbered above `after`, in order."""
 
     async def expire_leases(self, now: datetime, limit: int) -> list[Task]:
         """Requeue (or fail, when retries are spent) working tasks whose lease ran out."""

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from api.core import lifecycle
 from api.core.domain import (
+    MAX_LOG_LINES_KEPT,
     Completion,
     DirectoryChanges,
     DirectorySettings,
@@ -200,6 +201,48 @@ def heartbeat(
     d = c.dialect
     params = {"lease": d.time(lease_until), "now": d.time(now), "id": task_id}
     return sql.HEARTBEAT, {**params, "worker_id": worker_id}
+
+
+def report_progress(
+    c: Catalogue,
+    task_id: str,
+    worker_id: str,
+    progress: float | None,
+    message: str | None,
+    lease_until: datetime,
+    now: datetime,
+) -> Query:
+    d = c.dialect
+    return sql.REPORT_PROGRESS, {
+        "progress": progress,
+        "message": message,
+        "lease": d.time(lease_until),
+        "now": d.time(now),
+        "id": task_id,
+        "worker_id": worker_id,
+    }
+
+
+def append_logs(
+    c: Catalogue, task_id: str, worker_id: str, lines: Sequence[str], now: datetime
+) -> Program[int | None]:
+    """Number the lines after the task's last one and store them in one statement. Numbering
+    and storing share the transaction, and the task's row stays locked until it commits, so
+    concurrent appends get distinct, gap-free numbers and commit in number order."""
+    d = c.dialect
+    held = {"id": task_id, "worker_id": worker_id}
+    rows = yield sql.COUNT_LOG_LINES, {**held, "count": len(lines)}
+    if not rows:
+        return None, []
+    last = int(rows[0]["log_line_count"])
+    first = last - len(lines) + 1
+    params = {"task_id": task_id, "first": first, "at": d.time(now), "texts": d.json(list(lines))}
+    yield c.append_logs, params
+    if last > MAX_LOG_LINES_KEPT:  # keep the newest lines: the oldest go, by number
+        yield sql.TRIM_LOGS, {"task_id": task_id, "upto": last - MAX_LOG_LINES_KEPT}
+    if d.notify_logs is not None:
+        yield d.notify_logs, {"task_id": task_id}
+    return last, []
 
 
 def update(
@@ -411,5 +454,6 @@ def prune(c: Catalogue, finished_before: datetime, limit: int) -> Program[int]:
             f"DELETE FROM task_dependencies WHERE {sql.one_of('task_id', 'id', ids, params)}",
             params,
         )
+        yield f"DELETE FROM task_logs WHERE {sql.one_of('task_id', 'id', ids, params)}", params
         yield f"DELETE FROM tasks WHERE {sql.one_of('id', 'id', ids, params)}", params
     return len(rows), []

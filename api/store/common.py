@@ -15,6 +15,7 @@ from api.core.domain import (
     DirectorySettings,
     Task,
     TaskFilter,
+    TaskLogLine,
     TaskPage,
     TaskStatus,
     WorkDirectory,
@@ -23,7 +24,7 @@ from api.store import changes as programs
 from api.store import sql
 from api.store.base import BulkDecide, Decide, HandleStore, KeyStore
 from api.store.changes import BulkChunk, Program, Query
-from api.store.rows import NotAll, Row, directory_of, event_of, task_of
+from api.store.rows import NotAll, Row, directory_of, event_of, log_line_of, task_of
 from api.store.sql import Catalogue
 
 T = TypeVar("T")
@@ -129,6 +130,12 @@ class SqlTaskStore(ABC):
         )
         return [event_of(self.sql.dialect, r) for r in rows]
 
+    async def logs_after(self, task_id: str, after: int, limit: int) -> list[TaskLogLine]:
+        rows = await self._read(
+            (sql.LOGS_AFTER, {"task_id": task_id, "after": after, "limit": limit})
+        )
+        return [log_line_of(self.sql.dialect, r) for r in rows]
+
     async def last_event_id(self) -> int:
         return int((await self._read((sql.LAST_EVENT_ID, {})))[0]["id"])
 
@@ -198,6 +205,25 @@ class SqlTaskStore(ABC):
 
     async def bulk_one(self, where: TaskFilter, task_id: str, decide: BulkDecide) -> Task | None:
         return await self._run(programs.bulk_one(self.sql, where, task_id, decide))
+
+    async def report_progress(
+        self,
+        task_id: str,
+        worker_id: str,
+        progress: float | None,
+        message: str | None,
+        lease_until: datetime,
+        now: datetime,
+    ) -> Task | None:
+        query = programs.report_progress(
+            self.sql, task_id, worker_id, progress, message, lease_until, now
+        )
+        return self._task(await self._write(query))
+
+    async def append_logs(
+        self, task_id: str, worker_id: str, lines: Sequence[str], now: datetime
+    ) -> int | None:
+        return await self._run(programs.append_logs(self.sql, task_id, worker_id, lines, now))
 
     async def expire_leases(self, now: datetime, limit: int) -> list[Task]:
         return await self._run(programs.expire_leases(self.sql, now, limit))

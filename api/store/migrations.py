@@ -220,6 +220,22 @@ _MIGRATIONS: list[list[Statement]] = [
         )
         """,
     ],
+    # Progress and logs of held tasks. `log_line_count` numbers each task's lines; the rows of a
+    # task's log are deleted with the task.
+    [
+        "ALTER TABLE tasks ADD COLUMN progress {float}",
+        "ALTER TABLE tasks ADD COLUMN progress_message TEXT",
+        "ALTER TABLE tasks ADD COLUMN log_line_count INTEGER NOT NULL DEFAULT 0",
+        """
+        CREATE TABLE task_logs (
+            task_id {uuid} NOT NULL,
+            line INTEGER NOT NULL,
+            at {time} NOT NULL,
+            text TEXT NOT NULL,
+            PRIMARY KEY (task_id, line)
+        )
+        """,
+    ],
 ]
 
 # Only PostgreSQL can index a JSON array's members.

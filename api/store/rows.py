@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from api.core.domain import ApiKey, DirectorySettings, Task, TaskEvent, TaskPriority, TaskStatus
+from api.core.domain import (
+    ApiKey,
+    DirectorySettings,
+    Task,
+    TaskEvent,
+    TaskLogLine,
+    TaskPriority,
+    TaskStatus,
+)
 from api.store.sql import Dialect
 
 
@@ -24,13 +32,15 @@ class NotAll(Exception):
 
 # Columns whose stored value is the domain's value as it is.
 _TASK_PLAIN = ("seq", "work_directory", "prompt", "worker_id", "error_message", "retry_count",
-               "max_retries", "version", "idempotency_key", "review_feedback")  # fmt: skip
+               "max_retries", "version", "idempotency_key", "review_feedback",
+               "progress_message", "log_line_count")  # fmt: skip
 _TASK_TIMES = ("created_at", "started_at", "completed_at", "updated_at", "lease_expires_at",
                "run_after")  # fmt: skip
 
 
 def task_of(d: Dialect, row: Row) -> Task:
     result = row["result"]
+    progress = row["progress"]
     return Task(
         id=str(row["id"]),
         priority=TaskPriority.from_rank(row["priority"]),
@@ -42,6 +52,7 @@ def task_of(d: Dialect, row: Row) -> Task:
         blocked_by=_ids(d, row["blocked_by"]),
         require_review=bool(row["require_review"]),
         has_dependents=bool(row["has_dependents"]),
+        progress=None if progress is None else float(progress),
         **{name: row[name] for name in _TASK_PLAIN},
         **{name: d.instant(row[name]) for name in _TASK_TIMES},
     )
@@ -73,6 +84,10 @@ def directory_of(d: Dialect, row: Row) -> DirectorySettings:
         paused=bool(row["paused"]),
         updated_at=d.instant(row["updated_at"]),
     )
+
+
+def log_line_of(d: Dialect, row: Row) -> TaskLogLine:
+    return TaskLogLine(line=row["line"], text=row["text"], at=d.instant(row["at"]))
 
 
 def key_of(d: Dialect, row: Row) -> ApiKey:

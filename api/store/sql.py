@@ -19,11 +19,12 @@ TASK_FIELDS = (
     "created_at", "started_at", "completed_at", "updated_at", "result", "error_message",
     "retry_count", "max_retries", "metadata", "version", "lease_expires_at", "run_after",
     "idempotency_key", "depends_on", "blocked_by", "require_review", "review_feedback",
-    "has_dependents",
+    "has_dependents", "progress", "progress_message", "log_line_count",
 )  # fmt: skip
 EVENT_FIELDS = ("id", "task_id", "work_directory", "status", "previous_status", "worker_id", "at",
                 "details")  # fmt: skip
 DIRECTORY_FIELDS = ("work_directory", "max_working", "paused", "updated_at")
+LOG_COLUMNS = "line, text, at"
 KEY_FIELDS = ("name", "scopes", "created_at", "last_used_at", "revoked_at", "rate_limit")
 TASK_COLUMNS = ", ".join(TASK_FIELDS)
 EVENT_COLUMNS = ", ".join(EVENT_FIELDS)
@@ -75,6 +76,7 @@ class Dialect:
     pick: str  # a clause: seq is one of the rows the subquery {} picks
     among: str  # a clause: id is one of the list :ids (any length: one parameter)
     types: dict[str, str]  # DDL column types
+    notify_logs: str | None  # a statement telling other processes a task's log grew, or None
 
 
 SQLITE = Dialect(
@@ -96,7 +98,10 @@ SQLITE = Dialect(
         "time": "INTEGER",
         "small": "INTEGER",
         "bool": "INTEGER",
+        "float": "REAL",
     },
+    # Processes sharing the file are told by the event bus's datagrams instead.
+    notify_logs=None,
 )
 POSTGRES = Dialect(
     name="postgres",
@@ -126,7 +131,10 @@ POSTGRES = Dialect(
         "time": "TIMESTAMPTZ",
         "small": "SMALLINT",
         "bool": "BOOLEAN",
+        "float": "DOUBLE PRECISION",
     },
+    # Delivered at commit, to every replica's event listener; the payload is the task id only.
+    notify_logs="SELECT pg_notify('taskorch_logs', :task_id)",
 )
 
 _NAME = re.compile(r"(?<!:):([a-z_][a-z0-9_]*)")
@@ -167,6 +175,7 @@ class Catalogue:
     complete: str
     lock_dependencies: str  # the tasks a submit depends on (:ids), locked, in seq order
     lock_dependents: str  # tasks to settle, locked, in seq order: {} the ids
+    append_logs: str  # the lines :texts (a JSON array) stored as :first, :first + 1, ...
 
 
 def catalogue(d: Dialect) -> Catalogue:
@@ -177,7 +186,8 @@ def catalogue(d: Dialect) -> Catalogue:
     )
     claim = (
         f"UPDATE tasks SET status = '{WORKING}', worker_id = :worker_id, started_at = :now,"
-        " updated_at = :now, lease_expires_at = :lease, version = version + 1"
+        " updated_at = :now, lease_expires_at = :lease, version = version + 1,"
+        " progress = NULL, progress_message = NULL"
         f" WHERE {d.pick.format(picked)} RETURNING {TASK_COLUMNS}"
     )
     return Catalogue(
@@ -213,6 +223,7 @@ def catalogue(d: Dialect) -> Catalogue:
         # Locked in one order (seq) by every transaction, so two never wait on each other.
         lock_dependencies=f"SELECT id, status FROM tasks WHERE {d.among} ORDER BY seq{d.for_update}",
         lock_dependents=f"SELECT {TASK_COLUMNS} FROM tasks WHERE {{}} ORDER BY seq{d.for_update}",
+        append_logs=_APPEND_LOGS[d.name],
     )
 
 
@@ -221,6 +232,17 @@ RESTRICTED = (
     "SELECT 1 FROM work_directories WHERE work_directory = :work_directory"
     " AND (paused OR max_working IS NOT NULL)"
 )
+
+
+# One statement whatever the number of lines, so its text (and plan) is cached once.
+_APPEND_LOGS = {
+    SQLITE.name: "INSERT INTO task_logs (task_id, line, at, text) SELECT :task_id,"
+    " :first + CAST(key AS INTEGER), :at, value FROM json_each(:texts)",
+    POSTGRES.name: "INSERT INTO task_logs (task_id, line, at, text) SELECT CAST(:task_id AS uuid),"
+    " CAST(:first AS integer) + CAST(t.ord AS integer) - 1, CAST(:at AS timestamptz), t.text"
+    " FROM jsonb_array_elements_text(CAST(:texts AS jsonb)) WITH ORDINALITY AS t(text, ord)",
+}
+
 
 SQLITE_SQL = catalogue(SQLITE)
 POSTGRES_SQL = catalogue(POSTGRES)
@@ -261,6 +283,22 @@ SET_BLOCKED_BY = "UPDATE tasks SET blocked_by = :blocked_by WHERE seq = :seq"
 HEARTBEAT = (
     "UPDATE tasks SET lease_expires_at = :lease, updated_at = :now, version = version + 1"
     f" WHERE {HELD} RETURNING {TASK_COLUMNS}"
+)
+# Progress is not a status change: no history row; like a heartbeat it extends the lease.
+REPORT_PROGRESS = (
+    "UPDATE tasks SET progress = coalesce(:progress, progress),"
+    " progress_message = coalesce(:message, progress_message), lease_expires_at = :lease,"
+    f" updated_at = :now, version = version + 1 WHERE {HELD} RETURNING {TASK_COLUMNS}"
+)
+# Takes the next line numbers; the row lock it holds until commit orders concurrent appends.
+COUNT_LOG_LINES = (
+    f"UPDATE tasks SET log_line_count = log_line_count + :count WHERE {HELD}"
+    " RETURNING log_line_count"
+)
+TRIM_LOGS = "DELETE FROM task_logs WHERE task_id = :task_id AND line <= :upto"
+LOGS_AFTER = (
+    f"SELECT {LOG_COLUMNS} FROM task_logs WHERE task_id = :task_id AND line > :after"
+    " ORDER BY line LIMIT :limit"
 )
 UPDATE = (
     "UPDATE tasks SET prompt = coalesce(:prompt, prompt), priority = coalesce(:priority, priority),"

@@ -31,12 +31,14 @@ from api.interfaces.gql.types import (
     TaskEdge,
     TaskEventType,
     TaskFilterInput,
+    TaskLogLineType,
     TaskType,
     UpdateTaskInput,
     WorkDirectoryType,
     as_bulk,
     as_directory,
     as_event,
+    as_log_line,
     as_task,
 )
 from api.ops.metrics import OperationName
@@ -184,6 +186,35 @@ class Mutation:
     ) -> TaskType:
         return as_task(await info.context.service.heartbeat(id, worker_id, lease_seconds))
 
+    @strawberry.mutation(
+        description="Report how far a task you hold got (progress from 0 to 1) and what it is "
+        "doing (message, at most 1,000 characters); a null leaves the stored value. Extends the "
+        "lease like heartbeat."
+    )
+    async def report_progress(
+        self,
+        info: Info,
+        id: strawberry.ID,
+        worker_id: str,
+        progress: float | None = None,
+        message: str | None = None,
+        lease_seconds: int | None = None,
+    ) -> TaskType:
+        return as_task(
+            await info.context.service.report_progress(
+                id, worker_id, progress, message, lease_seconds
+            )
+        )
+
+    @strawberry.mutation(
+        description="Append 1 to 1,000 lines (each at most 8 KiB of UTF-8) to the log of a task "
+        "you hold. Returns the number of the last line stored: lines are numbered per task from 1."
+    )
+    async def append_task_log(
+        self, info: Info, id: strawberry.ID, worker_id: str, lines: list[str]
+    ) -> int:
+        return await info.context.service.append_logs(id, worker_id, lines)
+
     @strawberry.mutation(description="Mark a task you hold as done, with its result.")
     async def complete_task(
         self, info: Info, id: strawberry.ID, worker_id: str, result: JSON | None = None
@@ -309,6 +340,21 @@ class Subscription:
             async for event in stream:
                 info.context.delivered = event.id
                 yield as_event(event)
+        finally:
+            await stream.aclose()
+
+    @strawberry.subscription(
+        description="A task's log lines: the stored ones numbered above `after` (default 0: "
+        "all), then new ones as they are appended, each once, in order. Completes when the task "
+        "is COMPLETED, FAILED or CANCELLED and every line it got has been sent."
+    )
+    async def task_logs(
+        self, info: Info, task_id: strawberry.ID, after: int | None = None
+    ) -> AsyncGenerator[TaskLogLineType, None]:
+        stream = info.context.service.logs(task_id, after)
+        try:
+            async for line in stream:
+                yield as_log_line(line)
         finally:
             await stream.aclose()
 

@@ -67,6 +67,8 @@ MUTATION_OPERATIONS = {
     "claimTask": "claim",
     "claimTasks": "claim",
     "heartbeat": "heartbeat",
+    "reportProgress": "report_progress",
+    "appendTaskLog": "append_log",
     "completeTask": "complete",
     "completeTasks": "complete",
     "failTask": "fail",

@@ -52,11 +52,50 @@ class TaskType:
     review_feedback: str | None = strawberry.field(
         description="The feedback of the last rejectTask, for the next attempt."
     )
+    progress: float | None = strawberry.field(
+        description="How far the holder got, from 0 to 1, as it last reported (reportProgress);"
+        " null until it reports. A new claim starts it again at null."
+    )
+    progress_message: str | None = strawberry.field(
+        description="What the holder said it is doing, with its last progress report."
+    )
+    log_line_count: int = strawberry.field(
+        description="The number of the task's last log line; 0 when it has none."
+    )
 
     @strawberry.field(description="Every status change of this task, oldest first.")
     async def history(self, info: Info) -> list[TaskEventType]:
         events = await info.context.service.history(cast(domain.Task, self).id)
         return [as_event(e) for e in events]
+
+    @strawberry.field(
+        description="A page of the task's log: up to `first` (at most 1,000) lines numbered"
+        " above `after`, in order; pass the page's lastLine as the next `after`."
+    )
+    async def logs(self, info: Info, after: int | None = 0, first: int = 100) -> TaskLogConnection:
+        lines, more = await info.context.service.log_page(cast(domain.Task, self).id, after, first)
+        return TaskLogConnection(
+            lines=[as_log_line(line) for line in lines],
+            last_line=lines[-1].line if lines else after,
+            has_next_page=more,
+        )
+
+
+@strawberry.type(name="TaskLogLine")
+class TaskLogLineType:
+    line: int = strawberry.field(description="The line's number in its task's log, from 1.")
+    text: str
+    at: datetime = strawberry.field(description="When the line was stored.")
+
+
+@strawberry.type
+class TaskLogConnection:
+    lines: list[TaskLogLineType]
+    last_line: int | None = strawberry.field(
+        description="The number of the last line on this page (or `after` when it is empty):"
+        " pass it as `after` for the next page."
+    )
+    has_next_page: bool
 
 
 @strawberry.type(name="TaskEvent")
@@ -81,6 +120,10 @@ def as_task(task: domain.Task) -> TaskType:
 
 def as_event(event: domain.TaskEvent) -> TaskEventType:
     return cast(TaskEventType, event)
+
+
+def as_log_line(line: domain.TaskLogLine) -> TaskLogLineType:
+    return cast(TaskLogLineType, line)
 
 
 @strawberry.input
