@@ -92,8 +92,10 @@ async def check_health_reports(app_http: httpx.AsyncClient, opened: float) -> No
     assert database["status"] == "healthy"
     assert 0 < database["response_time_ms"] <= (answered - asked) * 1000 + 0.0005
     assert body["queue"] == {
+        "blocked": 0,
         "waiting": 2,
         "working": 1,
+        "in_review": 0,
         "completed": 0,
         "failed": 0,
         "cancelled": 0,

@@ -320,6 +320,7 @@ async def test_the_migration_keeps_existing_tasks(
 ) -> None:
     from api.settings import Settings
     from api.store import migrations, open_store
+    from api.store.base import SCHEMA_VERSION
 
     every = list(migrations._MIGRATIONS)
     monkeypatch.setattr(migrations, "_MIGRATIONS", every[:4])
@@ -342,7 +343,7 @@ async def test_the_migration_keeps_existing_tasks(
     new = open_store(Settings(database_url=database_url, durability="normal"))
     await new.open()
     try:
-        assert await new.schema_version() == 5
+        assert await new.schema_version() == SCHEMA_VERSION
         task = await new.get(task_id)
         assert task is not None
         assert (task.prompt, task.worker_id, task.status) == (
