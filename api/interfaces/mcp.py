@@ -520,8 +520,8 @@ def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPSe
     async def cancel_tasks(
         ctx: Context,
         statuses: Annotated[
-            list[Literal["WAITING", "WORKING"]] | None,
-            Field(description="Only these statuses (default both)."),
+            list[Literal["BLOCKED", "WAITING", "WORKING", "IN_REVIEW"]] | None,
+            Field(description="Only these statuses (default: all four)."),
         ] = None,
         work_directory: WorkDirectory | None = None,
         tag: str | None = None,
@@ -532,10 +532,11 @@ def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPSe
             str | None, Field(description="Why, kept in each task's history.")
         ] = None,
     ) -> BulkResultOut:
-        """Cancel every BLOCKED, WAITING, WORKING or IN_REVIEW task matching all the filters given
-        (needs the admin scope). At least one filter is required; to cancel everything, pass
-        statuses ["BLOCKED", "WAITING", "WORKING", "IN_REVIEW"]. Returns how many matched and changed, and the ids changed and
-        skipped (tasks that changed meanwhile). Next: retry_tasks undoes it."""
+        """Cancel every BLOCKED, WAITING, WORKING or IN_REVIEW task matching all the filters given,
+        and the tasks that depend on them (needs the admin scope). At least one filter is
+        required; to cancel everything, pass statuses ["BLOCKED", "WAITING", "WORKING",
+        "IN_REVIEW"]. Returns how many matched and changed, and the ids changed and skipped
+        (tasks that changed meanwhile). Next: retry_tasks undoes it."""
 
         async def cancelled() -> BulkResultOut:
             where = bulk_filter(

@@ -413,10 +413,17 @@ def _decide_each(
     # The rows are locked: their dependencies are read after the lock, in a new statement.
     depending = [t.id for t in tasks if t.depends_on]
     unfinished = (yield from _unfinished(c, depending)) if depending else {}
+    return (yield from _apply_each(c, tasks, lambda t: decide(t, unfinished.get(t.id, {}))))
+
+
+def _apply_each(
+    c: Catalogue, tasks: list[Task], decide: Decide
+) -> Generator[Query, list[Row], tuple[list[Task], list[Pending]]]:
+    """Decide on each task as read and apply what is decided; the tasks changed, with their rows."""
     changed: list[Task] = []
     pending: list[Pending] = []
     for task in tasks:
-        outcome = decide(task, unfinished.get(task.id, {}))
+        outcome = decide(task)
         if outcome is None:
             continue
         applied_task, owed = yield from apply(c, outcome)
@@ -430,17 +437,8 @@ def expire_leases(c: Catalogue, now: datetime, limit: int) -> Program[list[Task]
     # Every replica sweeps: PostgreSQL skips rows another sweeper holds, and each outcome is a
     # compare-and-set on the version read, so each expiry is applied exactly once.
     rows = yield c.expired, {"now": c.dialect.time(now), "limit": limit}
-    tasks: list[Task] = []
-    pending: list[Pending] = []
-    for row in rows:
-        outcome = lifecycle.expire_lease(task_of(c.dialect, row), now)
-        if outcome is None:
-            continue
-        task, owed = yield from apply(c, outcome)
-        if task is not None:
-            tasks.append(task)
-            pending.extend(owed)
-    return tasks, pending
+    expiring = [task_of(c.dialect, row) for row in rows]
+    return (yield from _apply_each(c, expiring, lambda t: lifecycle.expire_lease(t, now)))
 
 
 def prune(c: Catalogue, finished_before: datetime, limit: int) -> Program[int]:
