@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from api.worker_log import FLUSH_SECONDS
 from bench import http
 from bench.http import Connection, get_request, graphql_request
 from bench.stats import summary
@@ -104,6 +105,7 @@ class Run:
         self.warmup: float = spec.get("warmup", 0.5)
         self.budget: int = spec.get("max_requests", 1_000_000)
         self.params: dict[str, Any] = spec.get("params", {})
+        self.deadline = float("inf")  # set by `drive`: when its measured time ends
         self.host = Connection(self.urls[0]).authority
 
     def raw(self, query: str, variables: dict[str, Any], url_index: int = 0) -> bytes:
@@ -115,7 +117,7 @@ class Run:
         count = connections or self.connections
         start = time.perf_counter()
         recorder = Recorder(start + self.warmup)
-        deadline = start + self.warmup + self.duration
+        deadline = self.deadline = start + self.warmup + self.duration
 
         async def loop(index: int) -> None:
             conn = Connection(self.urls[index % len(self.urls)])
@@ -245,8 +247,8 @@ async def lifecycle(run: Run) -> dict[str, Any]:
     """A third of the connections submit; the rest claim and complete. Tasks/s completed.
 
     With `loggers` (lifecycle-logging), that many more connections each hold a task of their own
-    and append `lines_per_second` lines to its log, in two calls a second (as the worker batches
-    every 0.5 s), while the lifecycle runs."""
+    and append `lines_per_second` lines to its log, one call every FLUSH_SECONDS (as the worker
+    batches), while the lifecycle runs."""
     directory = "/bench/lifecycle"
     loggers = int(run.params.get("loggers", 0))
     rate = float(run.params.get("lines_per_second", 10))
@@ -256,7 +258,7 @@ async def lifecycle(run: Run) -> dict[str, Any]:
         held = await run.claim_ids("/bench/logging", loggers)
         if len(held) < loggers:
             raise RuntimeError(f"only {len(held)} of {loggers} logging tasks could be claimed")
-    per_call = max(1, round(rate / 2))
+    per_call = max(1, round(rate * FLUSH_SECONDS))
     next_append: dict[int, float] = {}
     producers = max(1, run.connections // 3)
     submit = {i: run.raw(SUBMIT, {"input": {"workDirectory": directory, "prompt": PROMPT}}, i)
@@ -266,7 +268,10 @@ async def lifecycle(run: Run) -> dict[str, Any]:
 
     async def logger(index: int, conn: Connection, rec: Recorder) -> bool:
         now = time.perf_counter()
-        due = next_append.setdefault(index, now + (index % 50) / 100)  # spread the ticks
+        # spread the first ticks over one interval
+        due = next_append.setdefault(index, now + FLUSH_SECONDS * (index % 50) / 50)
+        if due >= run.deadline:
+            return False  # its next call would fall after the run: waiting would stretch it
         if due > now:
             await asyncio.sleep(due - now)
         next_append[index] = due + per_call / rate
