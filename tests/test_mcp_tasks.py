@@ -413,6 +413,40 @@ async def test_over_http_a_plain_client_gets_the_result_of_a_blocking_call(
         assert result.structured_content["task_id"] == await worker
 
 
+async def test_over_http_answering_a_review_needs_the_review_scope(
+    database_url: str, start_server: Callable[..., ServerProcess]
+) -> None:
+    requester = create_key(database_url, "requester", "submit,read")
+    reviewer = create_key(database_url, "reviewer", "submit,read,review")
+    worker = create_key(database_url, "worker", "work")
+    server = start_server(database_url)
+    approve = {"action": "accept", "content": {"decision": "approve", "feedback": "fine"}}
+    async with httpx2.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {worker}"}, timeout=30
+    ) as http:
+        remote = GraphQLClient(http)  # type: ignore[arg-type]
+        for key, allowed in ((requester, False), (reviewer, True)):
+            async with http_client(f"{server.url}/mcp", key) as client:
+                created = await tasks.start(client, "run_task", {**RUN, "require_review": True})
+                await gql_worker(remote, {"patch": 1})
+                state = await tasks.get_task(client.session, created.task_id)
+                assert state.status == "input_required"
+                assert state.input_requests is not None
+                (review_key,) = state.input_requests
+                if allowed:
+                    await tasks.update_task(client.session, created.task_id, {review_key: approve})
+                    assert (await tasks.get_task(client.session, created.task_id)).status == (
+                        "completed"
+                    )
+                    continue
+                with pytest.raises(MCPError) as refused:
+                    await tasks.update_task(client.session, created.task_id, {review_key: approve})
+                assert refused.value.error.code == INVALID_PARAMS
+                assert "lacks the 'review' scope" in refused.value.error.message
+                still = await tasks.get_task(client.session, created.task_id)
+                assert still.status == "input_required"
+
+
 async def test_over_http_handles_belong_to_their_key_and_survive_a_restart(
     database_url: str, start_server: Callable[..., ServerProcess]
 ) -> None:

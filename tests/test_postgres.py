@@ -67,7 +67,14 @@ async def test_claimers_on_two_replicas_claim_each_task_exactly_once(postgres_ur
         assert len(set(claimed)) == 600
         counts = await a.count_by_status("/race")
         assert counts == {TaskStatus.WORKING: 600}
-        claims = await a.events_after(0, EventFilter(statuses=(TaskStatus.WORKING,)), 10_000)
+        working = EventFilter(statuses=(TaskStatus.WORKING,))
+
+        async def all_stamped() -> bool:
+            # events are readable once the stamper gave them their position, just after commit
+            return len(await a.events_after(0, working, 10_000)) >= 600
+
+        await eventually(all_stamped)
+        claims = await a.events_after(0, working, 10_000)
         assert sorted(e.task_id for e in claims) == sorted(claimed)
 
 
