@@ -424,7 +424,7 @@ async def test_over_http_answering_a_review_needs_the_review_scope(
     async with httpx2.AsyncClient(
         base_url=server.url, headers={"Authorization": f"Bearer {worker}"}, timeout=30
     ) as http:
-        remote = GraphQLClient(http)  # type: ignore[arg-type]
+        remote = GraphQLClient(http)
         for key, allowed in ((requester, False), (reviewer, True)):
             async with http_client(f"{server.url}/mcp", key) as client:
                 created = await tasks.start(client, "run_task", {**RUN, "require_review": True})
