@@ -18,6 +18,7 @@ _TASK_COLUMNS_4 = (
     " version, lease_expires_at, run_after, idempotency_key"
 )
 _HISTORY_COLUMNS = "id, task_id, work_directory, status, previous_status, worker_id, at, details"
+# The indexes of version 1, made again when SQLite rebuilds a table.
 _TASK_INDEXES = [
     # The claim reads this index in order: waiting tasks of one directory, best priority, oldest.
     "CREATE INDEX tasks_claim ON tasks (work_directory, priority DESC, seq)"
@@ -129,13 +130,7 @@ _MIGRATIONS: list[list[Statement]] = [
             idempotency_key TEXT UNIQUE
         )
         """,
-        # The claim reads this index in order: waiting tasks of one directory, best priority, oldest.
-        "CREATE INDEX tasks_claim ON tasks (work_directory, priority DESC, seq)"
-        " WHERE status = 'WAITING'",
-        "CREATE INDEX tasks_lease ON tasks (lease_expires_at) WHERE status = 'WORKING'",
-        "CREATE INDEX tasks_status ON tasks (status, work_directory)",
-        "CREATE INDEX tasks_directory ON tasks (work_directory, seq)",
-        f"CREATE INDEX tasks_finished ON tasks (completed_at) WHERE status IN ({FINISHED})",
+        *_TASK_INDEXES,
         "{tag_index}",
         f"""
         CREATE TABLE task_history (
@@ -149,8 +144,7 @@ _MIGRATIONS: list[list[Statement]] = [
             details {{json}} NOT NULL DEFAULT '{{{{}}}}'
         )
         """,
-        "CREATE INDEX task_history_task ON task_history (task_id, id)",
-        "CREATE INDEX task_history_at ON task_history (at)",
+        *_HISTORY_INDEXES,
     ],
     [
         """
