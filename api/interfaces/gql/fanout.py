@@ -149,8 +149,6 @@ class Group:
                     payload = encoded if isinstance(encoded, str) else encoded.decode()
                     for member in list(self.members):
                         member.offer(self.context.delivered, payload)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             log.exception("a shared subscription failed")
             internal = internal_error()
