@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from api.core import domain, lifecycle, validation
 from api.core.domain import (
@@ -207,7 +207,7 @@ class TaskService:
         task = await self.store.change(task_id, lambda t: lifecycle.reject(t, text, retry, now))
         return task or await self._not_in_review(task_id, "reject")
 
-    async def _not_in_review(self, task_id: str, action: str) -> Task:
+    async def _not_in_review(self, task_id: str, action: str) -> NoReturn:
         current = await self.get(task_id)
         raise Conflict(
             f"cannot {action} task {task_id}: it is {current.status.value}, not IN_REVIEW (only a"
@@ -384,7 +384,6 @@ class TaskService:
         last = await self.store.append_logs(task_id, worker_id, checked, self._clock())
         if last is None:
             await self._not_held(task_id, worker_id, "append to the log of")
-            raise AssertionError("unreachable")  # _not_held always raises
         self.bus.logs_appended(task_id)
         return last
 
@@ -494,7 +493,7 @@ class TaskService:
         task = await self.store.release(task_id, worker_id, self._clock())
         return task or await self._not_held(task_id, worker_id, "release")
 
-    async def _not_held(self, task_id: str, worker_id: str, action: str) -> Task:
+    async def _not_held(self, task_id: str, worker_id: str, action: str) -> NoReturn:
         current = await self.get(task_id)
         if current.status is not TaskStatus.WORKING:
             raise Conflict(
