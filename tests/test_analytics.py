@@ -313,6 +313,9 @@ async def fill(service: TaskService, clock: FakeClock) -> dict[str, str]:
     waiting = await service.submit(
         task_spec(work_directory="/repo", prompt="later", priority="LOW")
     )
+    # On PostgreSQL an event gets its position a moment after its commit; reading the last
+    # change's history waits for it, and every earlier change is positioned before it.
+    assert len(await service.history(waiting.id)) == 1
     return {"done": done.id, "failed": failed.id, "waiting": waiting.id, "start": start.isoformat()}
 
 
