@@ -7,6 +7,7 @@ import asyncio
 import sqlite3
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -167,6 +168,28 @@ async def test_retrying_a_dependent_whose_dependencies_completed_queues_it(
     await finish(service, a.id)
     assert (await service.get(d.id)).status is TaskStatus.CANCELLED
     assert (await service.retry(d.id)).status is W
+
+
+async def test_pruning_keeps_a_failed_dependency_while_its_dependent_is_stored(
+    service: TaskService, submit_task: Submit, clock: FakeClock
+) -> None:
+    a = await submit_task(work_directory="/a")
+    done = await submit_task(work_directory="/done")
+    d = await submit_task(depends_on=[a.id, done.id])
+    await finish(service, done.id)
+    await service.cancel(a.id)  # d is cancelled with it
+    clock.advance(40 * 86400)
+    cutoff = clock.now - timedelta(days=30)
+    # One task per prune, as between the batches of a large prune, where a retry may come in.
+    while await service.find(d.id) is not None:
+        assert await service.find(a.id) is not None
+        with pytest.raises(Conflict) as caught:  # a still says why d cannot run
+            await service.retry(d.id)
+        assert caught.value.details == {"dependency": a.id}
+        assert await service.store.prune(cutoff, 1) == 1
+    while await service.store.prune(cutoff, 1):  # a may go once nothing depends on it
+        pass
+    assert [await service.find(t.id) for t in (a, done, d)] == [None, None, None]
 
 
 async def test_a_blocked_task_can_be_updated(service: TaskService, submit_task: Submit) -> None:

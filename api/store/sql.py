@@ -207,8 +207,12 @@ def catalogue(d: Dialect) -> Catalogue:
             " AND lease_expires_at < :now ORDER BY lease_expires_at, seq LIMIT :limit"
             f"{d.skip_locked}"
         ),
+        # A failed or cancelled task stays while a task depending on it is stored: a dependency
+        # that is gone counts as completed, so pruning it would let a retried dependent run.
         finished=(
             f"SELECT id FROM tasks WHERE status IN ({FINISHED}) AND completed_at < :cutoff"
+            f" AND (status = '{COMPLETED}' OR NOT EXISTS (SELECT 1 FROM task_dependencies dep"
+            " WHERE dep.depends_on = tasks.id))"
             f" LIMIT :limit{d.skip_locked}"
         ),
         # A task that requires a review waits IN_REVIEW, not yet completed. The cast types :now
