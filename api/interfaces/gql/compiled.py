@@ -54,11 +54,11 @@ from graphql.execution.executor import Executor
 from graphql.execution.values import VariableValues, get_argument_values
 from graphql.pyutils import Path
 from strawberry.execution import optimized_is_awaitable
-from strawberry.schema.schema_converter import get_arguments
 from strawberry.types.field import StrawberryField
 from strawberry.utils.await_maybe import await_maybe
 
 from api.interfaces.gql.context import Context
+from api.interfaces.gql.conversion import CallArguments, call_arguments
 from api.interfaces.gql.security import refusal, refused, root_fields
 from api.ops.logs import request_info
 from api.ops.metrics import COMPILED_EXECUTIONS, root_label
@@ -93,6 +93,7 @@ class Plan:
     details: FieldDetailsList  # its field nodes, for arguments, locations and graphql-core
     field: GraphQLField
     resolver: StrawberryField
+    arguments: CallArguments  # Strawberry's conversion to the resolver's arguments
     serialize: Serialize
 
 
@@ -182,6 +183,7 @@ def build_plan(schema: Any, document: DocumentNode, operation_name: str | None) 
         details=details,
         field=field,
         resolver=resolver,
+        arguments=call_arguments(schema, resolver),
         serialize=serializers.of(field.type, details),
     )
 
@@ -218,14 +220,7 @@ async def _execute(
         )
         # What Strawberry's own resolver wrapper does: convert, then call the resolver.
         strawberry_info = schema.config.info_class(_raw_info=info, _field=plan.resolver)
-        args, kwargs = get_arguments(
-            field=plan.resolver,
-            source=None,
-            info=strawberry_info,
-            kwargs=arguments,
-            config=schema.config,
-            scalar_registry=schema.schema_converter.scalar_registry,
-        )
+        args, kwargs = plan.arguments(arguments, strawberry_info)
         result = await await_maybe(plan.resolver.get_result(None, strawberry_info, args, kwargs))
         try:
             data = plan.serialize(result)
