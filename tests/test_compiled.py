@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -439,5 +440,34 @@ def test_a_served_document_is_answered_by_its_plan(tmp_path: Path) -> None:
         metrics = httpx.get(f"{server.url}/metrics").text
         assert "graphql_compiled_executions_total 2.0" in metrics
         assert 'response_time_seconds_count{operation="graphql:submitTask"} 3.0' in metrics
+    finally:
+        server.stop()
+
+
+def test_a_waiting_claim_answered_by_its_plan_ends_when_its_client_goes_away(
+    tmp_path: Path,
+) -> None:
+    server = ServerProcess(f"sqlite:///{tmp_path / 'served.db'}")
+    claim = (
+        "mutation($d: String!, $w: String!, $wait: Float) {"
+        " claimTask(workDirectory: $d, workerId: $w, waitSeconds: $wait) { id } }"
+    )
+    submit = "mutation($i: SubmitTaskInput!) { submitTask(input: $i) { id } }"
+
+    def post(query: str, timeout: float = 10, **variables: Any) -> Any:
+        body = {"query": query, "variables": variables}
+        return httpx.post(f"{server.url}/graphql", json=body, timeout=timeout).json()["data"]
+
+    try:
+        server.wait_ready()
+        assert post(claim, d="/gone", w="teacher") == {"claimTask": None}  # now it has a plan
+        with pytest.raises(httpx.ReadTimeout):
+            post(claim, timeout=0.5, d="/gone", w="ghost", wait=20)
+        time.sleep(0.3)
+        task_id = post(submit, i={"workDirectory": "/gone", "prompt": "p"})["submitTask"]["id"]
+        time.sleep(0.5)
+        assert post(claim, d="/gone", w="alive") == {"claimTask": {"id": task_id}}
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert "graphql_compiled_executions_total 2.0" in metrics  # the ghost's and alive's
     finally:
         server.stop()
