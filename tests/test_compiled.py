@@ -96,8 +96,14 @@ class App:
 
 @contextlib.asynccontextmanager
 async def app_on(path: Path, compiled_execution: bool) -> AsyncIterator[App]:
+    # A failed task waits an hour before its retry: a retry falling due between the two apps'
+    # answers would make them differ for a reason that is not the executor.
     settings = Settings(
-        database_url=f"sqlite:///{path}", durability="normal", compiled_execution=compiled_execution
+        database_url=f"sqlite:///{path}",
+        durability="normal",
+        compiled_execution=compiled_execution,
+        backoff_base=3600,
+        backoff_cap=3600,
     )
     app = create_app(settings)
     async with app.router.lifespan_context(app):
