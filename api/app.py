@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from starlette.applications import Starlette
@@ -17,10 +17,15 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
+from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
+from strawberry.http.parse_content_type import parse_content_type
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.types import ExecutionResult
+from strawberry.types.unset import UNSET
 
 from api import __version__
 from api.interfaces import rest
+from api.interfaces.gql.compiled import Plans
 from api.interfaces.gql.context import Context
 from api.interfaces.gql.fanout import Fanout
 from api.interfaces.gql.ide import graphiql_assets, graphiql_page, is_ide_request
@@ -38,7 +43,81 @@ log = logging.getLogger("taskorch.app")
 
 
 class GraphQLView(GraphQL[Context, None]):
+    """Strawberry's view, with compiled plans for the documents it has served (unless `plans` is
+    None): a POST whose document has a plan is answered by it; any other request, and the first
+    of each document, goes through Strawberry and the general executor."""
+
     graphql_transport_ws_handler_class = SecuredTransportWS  # keys, scopes and limits on sockets
+
+    def __init__(self, schema: Any, *, compiled: bool, **options: Any) -> None:
+        super().__init__(schema, **options)
+        self.plans = Plans(schema) if compiled else None
+
+    async def run(  # type: ignore[override]
+        self, request: Request | WebSocket, context: Any = UNSET, root_value: Any = UNSET
+    ) -> Response | WebSocket:
+        if self.plans is not None and isinstance(request, Request):
+            answer = await self._run_plan(self.plans, request)
+            if answer is not None:
+                return answer
+        return await super().run(request, context, root_value)
+
+    async def _run_plan(self, plans: Plans, request: Request) -> Response | None:
+        """The answer of the document's plan, or None when the general path must answer."""
+        content_type, _ = parse_content_type(request.headers.get("content-type", ""))
+        if (
+            request.method != "POST"
+            or "application/json" not in content_type
+            or self._get_stream_transport_from_headers(request.headers) is not None
+        ):
+            return None
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return None  # the general path gives its own answer (or accepts what orjson does not)
+        if not isinstance(body, dict):
+            return None  # a batch
+        query, name = body.get("query"), body.get("operationName")
+        variables, extensions = body.get("variables"), body.get("extensions")
+        if (
+            not isinstance(query, str)
+            or not isinstance(name, str | None)
+            or not isinstance(variables, dict | None)
+            or not isinstance(extensions, dict | None)
+        ):
+            return None
+        plan = plans.get(query, name)
+        if plan is None:
+            return None
+        sub_response = await self.get_sub_response(request)
+        context = await self.get_context(request, sub_response)
+        payload = await plans.run(plan, context, variables)
+        return self.create_response(cast(GraphQLHTTPResponse, payload), sub_response)
+
+    async def execute_single(
+        self,
+        request: Request,
+        request_adapter: Any,
+        sub_response: Response,
+        context: Context,
+        root_value: None,
+        request_data: GraphQLRequestData,
+    ) -> ExecutionResult:
+        result = await super().execute_single(
+            request, request_adapter, sub_response, context, root_value, request_data
+        )
+        # A plan is built from a document that parsed, validated and passed its limits: only
+        # field errors (with a path) may have come back.
+        if (
+            self.plans is not None
+            and request_adapter.method == "POST"
+            and request_data.protocol == "http"
+            and isinstance(request_data.query, str)
+            and isinstance(request_data.operation_name, str | None)
+            and all(error.path is not None for error in result.errors or ())
+        ):
+            self.plans.learn(request_data.query, request_data.operation_name)
+        return result
 
     async def get_context(self, request: Request | WebSocket, response: Any) -> Context:
         return Context(service=request.app.state.service, request=request, response=response)
@@ -86,6 +165,7 @@ def create_app(settings: Settings) -> Starlette:
 
     view = GraphQLView(
         build_schema(guard_extensions(settings)),
+        compiled=settings.compiled_execution,
         graphql_ide="graphiql" if settings.graphiql else None,
         subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
     )

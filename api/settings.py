@@ -42,6 +42,8 @@ class Settings:
     max_aliases: int = 30
     max_tokens: int = 10_000
     introspection: bool = True
+    # Answer documents already served once by their compiled plan (api/interfaces/gql/compiled.py).
+    compiled_execution: bool = True
     retention: str = "off"  # finished tasks older than this are pruned automatically, e.g. 30d
     shutdown_timeout: int = 10  # seconds in-flight requests get to finish on SIGTERM
     workers: int = 1  # server processes sharing the port (`serve --workers`)

@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from graphql import FieldNode, OperationDefinitionNode
+from graphql import DocumentNode, FieldNode, OperationDefinitionNode
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -48,6 +48,11 @@ LEASE_EXPIRIES = Counter(
 )
 # Incremented by the rate limiter for every request it refuses.
 RATE_LIMITED = Counter("rate_limited_requests", "Requests refused by the rate limiter.")
+
+COMPILED_EXECUTIONS = Counter(
+    "graphql_compiled_executions",
+    "GraphQL operations answered by a compiled plan instead of the general executor.",
+)
 
 RESPONSE_TIME = Histogram(
     "response_time_seconds",
@@ -117,16 +122,23 @@ class OperationName(SchemaExtension):
         document = self.execution_context.graphql_document
         if info is None or document is None:
             return
-        wanted = self.execution_context.operation_name
-        for definition in document.definitions:
-            if not isinstance(definition, OperationDefinitionNode):
-                continue
-            if wanted is not None and (definition.name is None or definition.name.value != wanted):
-                continue
-            first = definition.selection_set.selections[0]
-            if isinstance(first, FieldNode):
-                info.operation = f"graphql:{first.name.value}"
-            return
+        label = root_label(document, self.execution_context.operation_name)
+        if label is not None:
+            info.operation = label
+
+
+def root_label(document: DocumentNode, operation_name: str | None) -> str | None:
+    """`graphql:<root field>` of the operation's first selection, or None when it is a fragment."""
+    for definition in document.definitions:
+        if not isinstance(definition, OperationDefinitionNode):
+            continue
+        if operation_name is not None and (
+            definition.name is None or definition.name.value != operation_name
+        ):
+            continue
+        first = definition.selection_set.selections[0]
+        return f"graphql:{first.name.value}" if isinstance(first, FieldNode) else None
+    return None
 
 
 class QueueCollector(Collector):

@@ -147,11 +147,16 @@ class ScopeCheck(SchemaExtension):
                 if operation is not None and operation.operation is OperationType.SUBSCRIPTION:
                     error = subscription_over_http()
             if error is not None:
-                response = getattr(context, "response", None)
-                if hasattr(response, "status_code"):
-                    response.status_code = error.http_status  # type: ignore[union-attr]
-                raise GraphQLError(error.message, extensions=error.extensions)
+                raise refused(context, error)
         yield
+
+
+def refused(context: Any, error: TaskorchError) -> GraphQLError:
+    """`error` as the GraphQL error refusing the whole operation; an HTTP answer takes its status."""
+    response = getattr(context, "response", None)
+    if hasattr(response, "status_code"):
+        response.status_code = error.http_status  # type: ignore[union-attr]
+    return GraphQLError(error.message, extensions=error.extensions)
 
 
 def guard_extensions(settings: Settings) -> list[Any]:
