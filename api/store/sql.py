@@ -48,8 +48,13 @@ def from_us(value: int | None) -> datetime | None:
     return None if value is None else _EPOCH + timedelta(microseconds=value)
 
 
+# One encoder for every value: json.dumps with options builds a new encoder on every call, and a
+# change encodes several values per task.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 def _same(value: Any) -> Any:
@@ -315,11 +320,14 @@ APPLY = (
     f"UPDATE tasks SET {', '.join(f'{name} = :{name}' for name in APPLIED_FIELDS)}"
     f" WHERE seq = :seq AND version = :expected_version RETURNING {TASK_COLUMNS}"
 )
+# SQLite writes a commit's history rows with this one statement (executemany), and numbers their
+# events from LAST_ROWID: no row is read back.
 RECORD = (
     "INSERT INTO task_history (task_id, work_directory, status, previous_status, worker_id, at,"
     " details) VALUES (:task_id, :work_directory, :status, :previous_status, :worker_id, :at,"
-    f" :details) RETURNING {EVENT_COLUMNS}"
+    " :details)"
 )
+LAST_ROWID = "SELECT last_insert_rowid() AS id"
 # Counted after the directory's controls are locked, in a statement of its own, so it sees every
 # claim committed before the lock was granted.
 COUNT_WORKING = (
