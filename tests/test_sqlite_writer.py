@@ -95,7 +95,8 @@ async def test_changes_committed_together_number_their_history_in_change_order(
     # What listeners were told is what the table holds.
     for task, event in zip(submitted, events, strict=True):
         assert await store.history(task.id) == [event]
-        assert event.status is TaskStatus.WAITING and event.previous_status is None
+        assert event.status is TaskStatus.WAITING
+        assert event.previous_status is None
         assert event.at == task.updated_at
 
 
@@ -118,7 +119,8 @@ async def test_a_failed_change_leaves_no_history_and_its_neighbours_keep_theirs(
     )
     assert isinstance(refused, RefusedDependency)
     assert refused_completion is None
-    assert isinstance(before, list) and isinstance(completion, list)
+    assert isinstance(before, list)
+    assert isinstance(completion, list)
     assert [(e.task_id, e.status) for e in events] == [
         (before[0].id, TaskStatus.WAITING),
         (held.id, TaskStatus.COMPLETED),
@@ -145,6 +147,7 @@ async def test_prune_in_the_same_commit_deletes_the_history_owed_before_it(
             store.prune(NOW - timedelta(days=1), 100),
         )
     completed, pruned = await asyncio.gather(*pending)
-    assert completed is not None and pruned == 1
+    assert completed is not None
+    assert pruned == 1
     assert await store.get(task.id) is None
     assert await store.history(task.id) == []
