@@ -47,40 +47,50 @@ class BulkChunk:
     busy: list[str]  # matched but held by another transaction at that moment (PostgreSQL)
 
 
+# Tasks inserted by one statement: enough that a batch of 1,000 takes a few statements, few enough
+# that the JSON parameter of a chunk of long prompts stays a few megabytes.
+SUBMIT_CHUNK = 250
+SUBMIT_CHUNK_CHARS = 2_000_000
+
+
 def submit(c: Catalogue, specs: Sequence[TaskSpec], now: datetime) -> Program[list[Task]]:
+    """Insert the tasks in submission order, a chunk per statement; a spec whose idempotency key
+    is stored already (or was taken by an earlier spec of this batch) gets the stored task."""
     d = c.dialect
-    tasks: list[Task] = []
-    pending: list[Pending] = []
     statuses = yield from _lock_dependencies(c, specs)
+    at = d.time_in_json(now)
+    ids: list[str] = []
+    chunk: list[list[Any]] = []
+    chars = 0
+    inserted: dict[str, Row] = {}
     for spec in specs:
         status = TaskStatus.WAITING
         blocked_by: tuple[str, ...] = ()
         if spec.depends_on:
             status, blocked_by = lifecycle.submitted_status(spec.depends_on, statuses)
-        rows = yield (
-            sql.SUBMIT,
-            {
-                "id": str(uuid.uuid4()),
-                "work_directory": spec.work_directory,
-                "prompt": spec.prompt,
-                "priority": spec.priority.rank,
-                "tags": d.json(list(spec.tags)),
-                "status": status.value,
-                "now": d.time(now),
-                "max_retries": spec.max_retries,
-                "metadata": d.json(spec.metadata),
-                "run_after": d.time(spec.run_after),
-                "idempotency_key": spec.idempotency_key,
-                "depends_on": d.json(list(spec.depends_on)),
-                "blocked_by": d.json(list(blocked_by)),
-                "require_review": int(spec.require_review),
-            },
-        )
-        if not rows:  # the idempotency key exists: hand back what is stored
+        task_id = str(uuid.uuid4())
+        ids.append(task_id)
+        chunk.append([  # in the order of sql.SUBMITTED
+            task_id, spec.work_directory, spec.prompt, spec.priority.rank,
+            d.json(list(spec.tags)), status.value, at, at, spec.max_retries,
+            d.json(spec.metadata), d.time_in_json(spec.run_after), spec.idempotency_key,
+            d.json(list(spec.depends_on)), d.json(list(blocked_by)), int(spec.require_review),
+        ])  # fmt: skip
+        chars += len(spec.prompt)
+        if len(chunk) == SUBMIT_CHUNK or chars >= SUBMIT_CHUNK_CHARS:
+            inserted.update((yield from _insert(c, chunk)))
+            chunk, chars = [], 0
+    if chunk:
+        inserted.update((yield from _insert(c, chunk)))
+    tasks: list[Task] = []
+    pending: list[Pending] = []
+    for spec, task_id in zip(specs, ids, strict=True):
+        row = inserted.get(task_id)
+        if row is None:  # the idempotency key exists: hand back what is stored
             rows = yield sql.BY_IDEMPOTENCY_KEY, {"key": spec.idempotency_key}
             tasks.append(task_of(d, rows[0]))
             continue
-        task = task_of(d, rows[0])
+        task = task_of(d, row)
         if spec.depends_on:
             yield from _record_dependencies(task)
         details: dict[str, object] = {} if task.run_after is None else {"runAfter": task.run_after}
@@ -89,6 +99,12 @@ def submit(c: Catalogue, specs: Sequence[TaskSpec], now: datetime) -> Program[li
         pending.append((task, None, lifecycle.history_details(details), None))
         tasks.append(task)
     return tasks, pending
+
+
+def _insert(c: Catalogue, chunk: list[list[Any]]) -> Generator[Query, list[Row], dict[str, Row]]:
+    """The rows stored, by task id (RETURNING gives them in no promised order)."""
+    rows = yield c.submit, {"rows": c.dialect.json(chunk)}
+    return {str(row["id"]): row for row in rows}
 
 
 def _lock_dependencies(

@@ -61,6 +61,10 @@ def _same(value: Any) -> Any:
     return value
 
 
+def _iso(value: datetime) -> str:
+    return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).isoformat()
+
+
 def _maybe(encode: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else encode(value)
 
@@ -71,6 +75,7 @@ class Dialect:
 
     name: str
     time: Callable[[Any], Any]  # a datetime (or None) as stored
+    time_in_json: Callable[[Any], Any]  # ... as a value inside a JSON parameter
     instant: Callable[[Any], Any]  # ... and back
     json: Callable[[Any], Any]  # a JSON value as stored
     unjson: Callable[[Any], Any]
@@ -87,6 +92,7 @@ class Dialect:
 SQLITE = Dialect(
     name="sqlite",
     time=_maybe(to_us),
+    time_in_json=_maybe(to_us),
     instant=from_us,
     json=dumps,
     unjson=_maybe(json.loads),
@@ -111,6 +117,7 @@ SQLITE = Dialect(
 POSTGRES = Dialect(
     name="postgres",
     time=_same,
+    time_in_json=_maybe(_iso),  # read back with CAST(... AS timestamptz)
     instant=_same,
     json=_same,  # the connection's jsonb codec encodes
     unjson=_same,
@@ -181,6 +188,7 @@ class Catalogue:
     lock_dependencies: str  # the tasks a submit depends on (:ids), locked, in seq order
     lock_dependents: str  # tasks to settle, locked, in seq order: {} the ids
     append_logs: str  # the lines :texts (a JSON array) stored as :first, :first + 1, ...
+    submit: str  # the tasks :rows (a JSON array of SUBMITTED arrays) inserted in one statement
 
 
 def catalogue(d: Dialect) -> Catalogue:
@@ -229,6 +237,10 @@ def catalogue(d: Dialect) -> Catalogue:
         lock_dependencies=f"SELECT id, status FROM tasks WHERE {d.among} ORDER BY seq{d.for_update}",
         lock_dependents=f"SELECT {TASK_COLUMNS} FROM tasks WHERE {{}} ORDER BY seq{d.for_update}",
         append_logs=_APPEND_LOGS[d.name],
+        submit=(
+            f"INSERT INTO tasks ({', '.join(SUBMITTED)}) {_SUBMITTED_ROWS[d.name]}"
+            f" ON CONFLICT (idempotency_key) DO NOTHING RETURNING {TASK_COLUMNS}"
+        ),
     )
 
 
@@ -249,6 +261,31 @@ _APPEND_LOGS = {
 }
 
 
+# A submit inserts its tasks in one statement whatever their number, as one JSON array of rows (a
+# row per task, a value per SUBMITTED column), so its text (and plan) is cached once. The rows go
+# in in array order, so seq follows the order of submission. The WHERE is SQLite's: ON CONFLICT
+# after a bare SELECT would be read as a join constraint.
+SUBMITTED = ("id", "work_directory", "prompt", "priority", "tags", "status", "created_at",
+             "updated_at", "max_retries", "metadata", "run_after", "idempotency_key",
+             "depends_on", "blocked_by", "require_review")  # fmt: skip
+# SQLite stores every value as given (JSON columns as their JSON text); PostgreSQL casts.
+_POSTGRES_VALUE = {
+    "id": "CAST(r ->> {} AS uuid)", "priority": "CAST(r ->> {} AS smallint)",
+    "tags": "r -> {}", "created_at": "CAST(r ->> {} AS timestamptz)",
+    "updated_at": "CAST(r ->> {} AS timestamptz)", "max_retries": "CAST(r ->> {} AS integer)",
+    "metadata": "r -> {}", "run_after": "CAST(r ->> {} AS timestamptz)",
+    "depends_on": "r -> {}", "blocked_by": "r -> {}",
+    "require_review": "CAST(r ->> {} AS smallint)",
+}  # fmt: skip
+_SUBMITTED_ROWS = {
+    SQLITE.name: "SELECT "
+    + ", ".join(f"value ->> {i}" for i in range(len(SUBMITTED)))
+    + " FROM json_each(:rows) WHERE true ORDER BY key",
+    POSTGRES.name: "SELECT "
+    + ", ".join(_POSTGRES_VALUE.get(c, "r ->> {}").format(i) for i, c in enumerate(SUBMITTED))
+    + " FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS t(r, n) ORDER BY n",
+}
+
 SQLITE_SQL = catalogue(SQLITE)
 POSTGRES_SQL = catalogue(POSTGRES)
 
@@ -260,13 +297,6 @@ SCHEMA_VERSION_NOW = "SELECT coalesce(max(version), 0) AS version FROM schema_mi
 NEXT_RUN_AFTER = (
     f"SELECT min(run_after) AS run_after FROM tasks WHERE status = '{WAITING}'"
     " AND work_directory = :work_directory AND run_after > :now"
-)
-SUBMIT = (
-    "INSERT INTO tasks (id, work_directory, prompt, priority, tags, status, created_at,"
-    " updated_at, max_retries, metadata, run_after, idempotency_key, depends_on, blocked_by,"
-    " require_review) VALUES (:id, :work_directory, :prompt, :priority, :tags, :status, :now,"
-    " :now, :max_retries, :metadata, :run_after, :idempotency_key, :depends_on, :blocked_by,"
-    f" :require_review) ON CONFLICT (idempotency_key) DO NOTHING RETURNING {TASK_COLUMNS}"
 )
 ADD_DEPENDENCY = (
     "INSERT INTO task_dependencies (task_id, depends_on) VALUES (:task_id, :depends_on)"
