@@ -382,6 +382,36 @@ async def test_submit_many_with_a_key_twice_stores_the_first_and_answers_it_twic
     assert [len(await service.history(t.id)) for t in (existing, first, plain)] == [1, 1, 1]
 
 
+async def test_complete_many_across_statements_answers_in_item_order_or_changes_nothing(
+    service: TaskService, store: TaskStore, clock: FakeClock
+) -> None:
+    count = changes.COMPLETE_CHUNK + 3
+    specs = [task_spec(work_directory="/repo", prompt=f"p{i}") for i in range(count)]
+    submitted = await service.submit_many(specs)
+    await service.claim("/repo", "w", limit=count)
+    results: list[Any] = [{"n": i, "text": "é"} for i in range(count)]
+    results[1], results[2] = None, [1, 2.5, "three"]
+    items = [Completion(t.id, r) for t, r in reversed(list(zip(submitted, results, strict=True)))]
+    (other,) = await service.submit_many([task_spec(work_directory="/other", prompt="theirs")])
+    await service.claim("/other", "someone-else")
+    # One item the worker does not hold, in the last chunk: nothing is completed.
+    with pytest.raises(Conflict):
+        await service.complete_many("w", [*items, Completion(other.id, None)])
+    assert {(await service.get(t.id)).status for t in submitted} == {TaskStatus.WORKING}
+    events_before = await store.last_event_id()
+
+    done = await service.complete_many("w", items)
+    assert [t.id for t in done] == [item.task_id for item in items]
+    for item, task in zip(items, done, strict=True):
+        assert task.result == item.result
+        assert task.status is TaskStatus.COMPLETED
+        assert task.completed_at == clock.now
+        assert await service.get(task.id) == task
+    history = [e for t in done for e in await service.history(t.id)]
+    completions = sorted((e for e in history if e.id > events_before), key=lambda e: e.id)
+    assert [e.task_id for e in completions] == [item.task_id for item in items]
+
+
 async def test_unknown_task_is_not_found(service: TaskService) -> None:
     missing = "00000000-0000-4000-8000-000000000000"
     with pytest.raises(NotFound):

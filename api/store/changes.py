@@ -193,17 +193,28 @@ def configure(
     return directory_of(c.dialect, rows[0]), []
 
 
+COMPLETE_CHUNK = 250  # items a batch completion changes in one statement
+
+
 def complete(
     c: Catalogue, items: Sequence[Completion], worker_id: str, now: datetime
 ) -> Program[list[Task]]:
+    """Complete every item held by `worker_id`, or raise NotAll (the caller rolls back)."""
     d = c.dialect
-    tasks: list[Task] = []
-    for item in items:
-        params = {"result": d.json(item.result), "now": d.time(now), "id": item.task_id}
-        rows = yield c.complete, {**params, "worker_id": worker_id}
-        if not rows:
-            raise NotAll()
-        tasks.append(task_of(d, rows[0]))
+    held = {"now": d.time(now), "worker_id": worker_id}
+    if len(items) == 1:  # the hot path: one compare-and-set statement on the primary key
+        (item,) = items
+        rows = yield c.complete, {**held, "id": item.task_id, "result": d.json(item.result)}
+    else:
+        rows = []
+        for start in range(0, len(items), COMPLETE_CHUNK):
+            chunk = [[i.task_id, d.json(i.result)] for i in items[start : start + COMPLETE_CHUNK]]
+            rows += yield c.complete_many, {**held, "items": d.json(chunk)}
+    # Every item or none: one not held (or named twice) leaves a row fewer than items.
+    if len(rows) != len(items):
+        raise NotAll()
+    by_id = {str(row["id"]): row for row in rows}
+    tasks = [task_of(d, by_id[item.task_id]) for item in items]
     pending: list[Pending] = [(t, TaskStatus.WORKING, {}, None) for t in tasks]
     # Only a task some other task depends on costs more than the one statement.
     if any(lifecycle.settles_dependents(t) for t in tasks):

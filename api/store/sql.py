@@ -185,6 +185,7 @@ class Catalogue:
     expired: str
     finished: str
     complete: str
+    complete_many: str  # the same for :items, a JSON array of [id, result as stored] pairs
     lock_dependencies: str  # the tasks a submit depends on (:ids), locked, in seq order
     lock_dependents: str  # tasks to settle, locked, in seq order: {} the ids
     append_logs: str  # the lines :texts (a JSON array) stored as :first, :first + 1, ...
@@ -226,12 +227,12 @@ def catalogue(d: Dialect) -> Catalogue:
         ),
         # A task that requires a review waits IN_REVIEW, not yet completed. The cast types :now
         # in the CASE (PostgreSQL would take it for text there).
-        complete=(
-            f"UPDATE tasks SET status = CASE WHEN require_review = 1 THEN '{IN_REVIEW}'"
-            f" ELSE '{COMPLETED}' END, result = :result, updated_at = :now, completed_at = CASE"
-            f" WHEN require_review = 1 THEN NULL ELSE CAST(:now AS {d.types['time']}) END,"
-            f" lease_expires_at = NULL, version = version + 1 WHERE {HELD}"
-            f" RETURNING {TASK_COLUMNS}"
+        complete=_COMPLETE.format(result=":result", time=d.types["time"], items="", held=HELD),
+        complete_many=_COMPLETE.format(
+            result=_COMPLETED_RESULT[d.name],
+            time=d.types["time"],
+            items=_COMPLETED_ITEMS[d.name],
+            held=_COMPLETED_HELD[d.name],
         ),
         # Locked in one order (seq) by every transaction, so two never wait on each other.
         lock_dependencies=f"SELECT id, status FROM tasks WHERE {d.among} ORDER BY seq{d.for_update}",
@@ -243,6 +244,28 @@ def catalogue(d: Dialect) -> Catalogue:
         ),
     )
 
+
+_COMPLETE = (
+    f"UPDATE tasks SET status = CASE WHEN require_review = 1 THEN '{IN_REVIEW}'"
+    f" ELSE '{COMPLETED}' END, result = {{result}}, updated_at = :now, completed_at = CASE"
+    " WHEN require_review = 1 THEN NULL ELSE CAST(:now AS {time}) END,"
+    " lease_expires_at = NULL, version = tasks.version + 1{items} WHERE {held}"
+    f" RETURNING {TASK_COLUMNS}"
+)
+# A batch completion is one statement per chunk, joined to its items. PostgreSQL stores a None
+# result as NULL, as the one-task statement does (its parameter is NULL, not JSON null).
+_COMPLETED_ITEMS = {
+    SQLITE.name: " FROM json_each(:items) AS v",
+    POSTGRES.name: " FROM jsonb_array_elements(CAST(:items AS jsonb)) AS v(r)",
+}
+# SQLite's planner would otherwise walk the status index of every WORKING task and scan the items
+# for each; `+status` keeps it to the items, each looked up by id.
+_COMPLETED_HELD = {
+    SQLITE.name: f"tasks.id = v.value ->> 0 AND +status = '{WORKING}' AND worker_id = :worker_id",
+    POSTGRES.name: f"tasks.id = CAST(v.r ->> 0 AS uuid) AND status = '{WORKING}'"
+    " AND worker_id = :worker_id",
+}
+_COMPLETED_RESULT = {SQLITE.name: "v.value ->> 1", POSTGRES.name: "NULLIF(v.r -> 1, 'null')"}
 
 # A directory whose controls a claim must look at: paused, or capped.
 RESTRICTED = (
