@@ -45,7 +45,13 @@ def to_us(value: datetime) -> int:
 
 
 def from_us(value: int | None) -> datetime | None:
-    return None if value is None else _EPOCH + timedelta(microseconds=value)
+    return None if value is None else _instant(value)
+
+
+# The rows of a batch share their instants (created, started, updated at one `now`): decoded once.
+@functools.lru_cache(maxsize=4096)
+def _instant(value: int) -> datetime:
+    return _EPOCH + timedelta(0, 0, value)
 
 
 # One encoder for every value: json.dumps with options builds a new encoder on every call, and a
