@@ -8,7 +8,7 @@ read (locked on PostgreSQL), then applied with a compare-and-set on its version.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -29,7 +29,7 @@ from api.core.lifecycle import Outcome
 from api.store import sql
 from api.store.base import BulkDecide, Decide, RefusedDependency
 from api.store.rows import NotAll, Pending, Row, applied, directory_of, task_of
-from api.store.sql import Catalogue
+from api.store.sql import Catalogue, Dialect
 
 T = TypeVar("T")
 
@@ -54,34 +54,27 @@ SUBMIT_CHUNK_CHARS = 2_000_000
 
 
 def submit(c: Catalogue, specs: Sequence[TaskSpec], now: datetime) -> Program[list[Task]]:
-    """Insert the tasks in submission order, a chunk per statement; a spec whose idempotency key
-    is stored already (or was taken by an earlier spec of this batch) gets the stored task."""
+    """Insert the tasks in submission order (one statement for one task, else a chunk of rows per
+    statement); a spec whose idempotency key is stored already (or was taken by an earlier spec
+    of this batch) gets the stored task."""
     d = c.dialect
     statuses = yield from _lock_dependencies(c, specs)
-    at = d.time_in_json(now)
-    ids: list[str] = []
-    chunk: list[list[Any]] = []
-    chars = 0
+    ids = [str(uuid.uuid4()) for _ in specs]
     inserted: dict[str, Row] = {}
-    for spec in specs:
-        status = TaskStatus.WAITING
-        blocked_by: tuple[str, ...] = ()
-        if spec.depends_on:
-            status, blocked_by = lifecycle.submitted_status(spec.depends_on, statuses)
-        task_id = str(uuid.uuid4())
-        ids.append(task_id)
-        chunk.append([  # in the order of sql.SUBMITTED
-            task_id, spec.work_directory, spec.prompt, spec.priority.rank,
-            d.json(list(spec.tags)), status.value, at, at, spec.max_retries,
-            d.json(spec.metadata), d.time_in_json(spec.run_after), spec.idempotency_key,
-            d.json(list(spec.depends_on)), d.json(list(blocked_by)), int(spec.require_review),
-        ])  # fmt: skip
-        chars += len(spec.prompt)
-        if len(chunk) == SUBMIT_CHUNK or chars >= SUBMIT_CHUNK_CHARS:
-            inserted.update((yield from _insert(c, chunk)))
-            chunk, chars = [], 0
-    if chunk:
-        inserted.update((yield from _insert(c, chunk)))
+    if len(specs) == 1:
+        values = _submitted(d, specs[0], ids[0], statuses, d.time(now), d.time)
+        inserted = yield from _inserted(c.submit_one, dict(zip(sql.SUBMITTED, values, strict=True)))
+    else:
+        at = d.time_in_json(now)
+        chunk: list[list[Any]] = []
+        chars = 0
+        for number, (spec, task_id) in enumerate(zip(specs, ids, strict=True)):
+            chunk.append(_submitted(d, spec, task_id, statuses, at, d.time_in_json))
+            chars += len(spec.prompt)
+            last = number == len(specs) - 1
+            if last or len(chunk) == SUBMIT_CHUNK or chars >= SUBMIT_CHUNK_CHARS:
+                inserted.update((yield from _inserted(c.submit, {"rows": d.json(chunk)})))
+                chunk, chars = [], 0
     tasks: list[Task] = []
     pending: list[Pending] = []
     for spec, task_id in zip(specs, ids, strict=True):
@@ -101,9 +94,32 @@ def submit(c: Catalogue, specs: Sequence[TaskSpec], now: datetime) -> Program[li
     return tasks, pending
 
 
-def _insert(c: Catalogue, chunk: list[list[Any]]) -> Generator[Query, list[Row], dict[str, Row]]:
+def _submitted(
+    d: Dialect,
+    spec: TaskSpec,
+    task_id: str,
+    statuses: dict[str, TaskStatus],
+    at: Any,
+    time: Callable[[Any], Any],
+) -> list[Any]:
+    """A new task's values, in the order of sql.SUBMITTED; `time` encodes run_after like `at`."""
+    status = TaskStatus.WAITING
+    blocked_by: tuple[str, ...] = ()
+    if spec.depends_on:
+        status, blocked_by = lifecycle.submitted_status(spec.depends_on, statuses)
+    return [
+        task_id, spec.work_directory, spec.prompt, spec.priority.rank, d.json(list(spec.tags)),
+        status.value, at, at, spec.max_retries, d.json(spec.metadata), time(spec.run_after),
+        spec.idempotency_key, d.json(list(spec.depends_on)), d.json(list(blocked_by)),
+        int(spec.require_review),
+    ]  # fmt: skip
+
+
+def _inserted(
+    statement: str, params: dict[str, Any]
+) -> Generator[Query, list[Row], dict[str, Row]]:
     """The rows stored, by task id (RETURNING gives them in no promised order)."""
-    rows = yield c.submit, {"rows": c.dialect.json(chunk)}
+    rows = yield statement, params
     return {str(row["id"]): row for row in rows}
 
 
