@@ -55,3 +55,20 @@ def test_quick_bench_writes_results_for_each_scenario(tmp_path: Path) -> None:
     assert rows[("sqlite-normal-1p", "lifecycle")]["unit"] == "tasks/s"
     assert rows[("floor", "floor-graphql")]["ratio_to_floor"] == 1.0
     assert "| sqlite-normal-1p | submit |" in finished.stdout
+
+
+def test_write_path_bench_prints_cpu_per_task_of_each_path() -> None:
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench.write_path", "--rounds", "1", "--durability", "normal"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    figures = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert set(figures) == {"batch-submit", "batch-claim-complete", "lifecycle"}
+    for row in figures.values():
+        assert row["tasks"] > 0
+        assert row["tasks_per_cpu_s"] > 0
+        assert row["cpu_us_per_task"] > 0

@@ -13,13 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from api.core import lifecycle
-from api.core.domain import Backoff, Completion, TaskFilter, TaskPriority, TaskStatus
+from api.core.domain import MAX_PROMPT, Backoff, Completion, TaskFilter, TaskPriority, TaskStatus
 from api.core.errors import Conflict, NotFound, ValidationError
 from api.core.lifecycle import HistoryReason, Outcome
 from api.core.service import TaskService
 from api.core.validation import task_changes, task_spec
 from api.settings import Settings
-from api.store import open_store
+from api.store import changes, open_store
 from api.store.base import Decide, TaskStore
 from tests.conftest import FakeClock
 
@@ -322,6 +322,94 @@ async def test_submit_many_is_all_or_nothing(service: TaskService) -> None:
     assert [t.prompt for t in tasks] == [f"p{i}" for i in range(5)]
     with pytest.raises(ValidationError):
         await service.submit_many([])
+
+
+async def test_submit_many_stores_every_field_in_submission_order_across_statements(
+    service: TaskService, clock: FakeClock
+) -> None:
+    """A batch is inserted a chunk per statement (by count, and by prompt length): every task
+    keeps its fields, seq follows the order of the batch, and each gets its history row."""
+    later = clock.now + timedelta(hours=1)
+    long = range(3, 3 + changes.SUBMIT_CHUNK_CHARS // MAX_PROMPT + 1)  # a chunk ends early
+    specs = [
+        task_spec(
+            work_directory="/repo",
+            prompt=f"{i}".ljust(MAX_PROMPT, "x") if i in long else f"p{i}",
+            priority=("HIGH", "LOW", "MEDIUM")[i % 3],
+            tags=[f"t{i}", "batch"],
+            metadata={"n": i, "nested": {"z": [1, "é"], "a": None}},
+            max_retries=i % 7,
+            run_after=later if i % 2 else None,
+            require_review=i % 5 == 0,
+        )
+        for i in range(changes.SUBMIT_CHUNK * 2 + 7)
+    ]
+    tasks = await service.submit_many(specs)
+    assert [t.seq for t in tasks] == sorted(t.seq for t in tasks)
+    for i, (spec, task) in enumerate(zip(specs, tasks, strict=True)):
+        stored = await service.get(task.id)
+        assert stored == task
+        assert (task.prompt, task.priority, task.tags) == (spec.prompt, spec.priority, spec.tags)
+        assert (task.metadata, task.max_retries) == (spec.metadata, spec.max_retries)
+        assert (task.run_after, task.require_review) == (spec.run_after, spec.require_review)
+        assert task.created_at == task.updated_at == clock.now
+        assert task.status is TaskStatus.WAITING
+        assert task.version == 1
+        (event,) = await service.history(task.id)
+        assert event.status is TaskStatus.WAITING
+        assert event.details == ({"runAfter": later.isoformat()} if i % 2 else {})
+
+
+async def test_submit_many_with_a_key_twice_stores_the_first_and_answers_it_twice(
+    service: TaskService,
+) -> None:
+    existing = await service.submit(
+        task_spec(work_directory="/repo", prompt="old", idempotency_key="k0")
+    )
+    specs = [
+        task_spec(work_directory="/repo", prompt="first", idempotency_key="k1"),
+        task_spec(work_directory="/repo", prompt="again", idempotency_key="k0"),
+        task_spec(work_directory="/repo", prompt="plain"),
+        task_spec(work_directory="/repo", prompt="second", idempotency_key="k1"),
+    ]
+    first, again, plain, second = await service.submit_many(specs)
+    assert again == existing
+    assert second == first
+    assert first.prompt == "first"
+    assert first.seq < plain.seq
+    page = await service.list_tasks(TaskFilter())
+    assert page.total == 3
+    assert [len(await service.history(t.id)) for t in (existing, first, plain)] == [1, 1, 1]
+
+
+async def test_complete_many_across_statements_answers_in_item_order_or_changes_nothing(
+    service: TaskService, store: TaskStore, clock: FakeClock
+) -> None:
+    count = changes.COMPLETE_CHUNK + 3
+    specs = [task_spec(work_directory="/repo", prompt=f"p{i}") for i in range(count)]
+    submitted = await service.submit_many(specs)
+    await service.claim("/repo", "w", limit=count)
+    results: list[Any] = [{"n": i, "text": "é"} for i in range(count)]
+    results[1], results[2] = None, [1, 2.5, "three"]
+    items = [Completion(t.id, r) for t, r in reversed(list(zip(submitted, results, strict=True)))]
+    (other,) = await service.submit_many([task_spec(work_directory="/other", prompt="theirs")])
+    await service.claim("/other", "someone-else")
+    # One item the worker does not hold, in the last chunk: nothing is completed.
+    with pytest.raises(Conflict):
+        await service.complete_many("w", [*items, Completion(other.id, None)])
+    assert {(await service.get(t.id)).status for t in submitted} == {TaskStatus.WORKING}
+    events_before = await store.last_event_id()
+
+    done = await service.complete_many("w", items)
+    assert [t.id for t in done] == [item.task_id for item in items]
+    for item, task in zip(items, done, strict=True):
+        assert task.result == item.result
+        assert task.status is TaskStatus.COMPLETED
+        assert task.completed_at == clock.now
+        assert await service.get(task.id) == task
+    history = [e for t in done for e in await service.history(t.id)]
+    completions = sorted((e for e in history if e.id > events_before), key=lambda e: e.id)
+    assert [e.task_id for e in completions] == [item.task_id for item in items]
 
 
 async def test_unknown_task_is_not_found(service: TaskService) -> None:

@@ -14,6 +14,8 @@ import httpx
 import pytest
 import websockets
 from graphql import OperationType
+from hypothesis import given
+from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection
 from websockets.typing import Subprotocol
 
@@ -25,7 +27,7 @@ from api.interfaces.gql.security import field_scope
 from api.security.auth import Gate, Principal, require_scope
 from api.security.keys import hash_key, issue_key
 from api.security.ratelimit import RateLimiter
-from api.security.redact import redact
+from api.security.redact import _PATTERNS, redact
 from api.settings import Settings
 from api.store import open_store
 from tests.conftest import ServerProcess, eventually
@@ -608,6 +610,23 @@ def test_redact_masks_keys_and_secret_looking_values() -> None:
         "note": "fine",
     }
     assert masked["items"][1] == {"token": "[REDACTED]"}
+
+
+_SECRET_FRAGMENTS = st.sampled_from(
+    ["Bearer ", "bearer\t", "tko_", "TKO_", "://", "user:", "@", "pass", "PASSWD=", "token:",
+     "Secret = ", "api_key=", "api-key: ", "APIKEY=", "authorization=", "Credentials:", "'", '"',
+     "KEY", " ", "abc123", "x.y/z", "é", ";"]
+)  # fmt: skip
+
+
+@given(st.lists(st.one_of(_SECRET_FRAGMENTS, st.text(max_size=8)), max_size=12).map("".join))
+def test_redact_leaves_only_text_no_pattern_matches_unscanned(text: str) -> None:
+    """Text is scanned once for anything a pattern needs before the patterns run: the result is
+    what running every pattern gives."""
+    expected = text
+    for pattern, replacement in _PATTERNS:
+        expected = pattern.sub(replacement, expected)
+    assert redact(text) == expected
 
 
 async def test_keys_and_secrets_stay_out_of_the_server_log(

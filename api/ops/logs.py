@@ -154,6 +154,9 @@ class AccessLog:
 
     @staticmethod
     def _log(scope: Scope, info: RequestInfo, status: int, duration: float) -> None:
+        level = logging.ERROR if status >= 500 else logging.INFO
+        if not access_log.isEnabledFor(level):  # TASKORCH_LOG_LEVEL=warning: no line to build
+            return
         client = scope.get("client")
         fields: dict[str, Any] = {
             "method": scope.get("method", "WEBSOCKET"),
@@ -165,7 +168,6 @@ class AccessLog:
         }
         if info.graphql_operation is not None:
             fields["operation"] = info.graphql_operation
-        level = logging.ERROR if status >= 500 else logging.INFO
         access_log.log(
             level,
             "%s %s %d %.1fms",

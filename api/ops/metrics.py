@@ -104,9 +104,18 @@ def operation_label(scope: Scope, info: RequestInfo) -> str:
     return f"{method} {path}"
 
 
+# Each operation's histogram child, looked up once: `labels()` takes a lock and builds a key on
+# every call. The labels are a bounded set (see operation_label), so is this.
+_RESPONSE_TIMERS: dict[str, Any] = {}
+
+
 def observe_request(scope: Scope, info: RequestInfo, status: int, duration: float) -> None:
     if scope["type"] == "http":  # a WebSocket's lifetime is not a response time
-        RESPONSE_TIME.labels(operation_label(scope, info)).observe(duration)
+        operation = operation_label(scope, info)
+        timer = _RESPONSE_TIMERS.get(operation)
+        if timer is None:
+            timer = _RESPONSE_TIMERS[operation] = RESPONSE_TIME.labels(operation)
+        timer.observe(duration)
 
 
 class OperationName(SchemaExtension):

@@ -8,7 +8,7 @@ read (locked on PostgreSQL), then applied with a compare-and-set on its version.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -29,7 +29,7 @@ from api.core.lifecycle import Outcome
 from api.store import sql
 from api.store.base import BulkDecide, Decide, RefusedDependency
 from api.store.rows import NotAll, Pending, Row, applied, directory_of, task_of
-from api.store.sql import Catalogue
+from api.store.sql import Catalogue, Dialect
 
 T = TypeVar("T")
 
@@ -47,40 +47,43 @@ class BulkChunk:
     busy: list[str]  # matched but held by another transaction at that moment (PostgreSQL)
 
 
+# Tasks inserted by one statement: enough that a batch of 1,000 takes a few statements, few enough
+# that the JSON parameter of a chunk of long prompts stays a few megabytes.
+SUBMIT_CHUNK = 250
+SUBMIT_CHUNK_CHARS = 2_000_000
+
+
 def submit(c: Catalogue, specs: Sequence[TaskSpec], now: datetime) -> Program[list[Task]]:
+    """Insert the tasks in submission order (one statement for one task, else a chunk of rows per
+    statement); a spec whose idempotency key is stored already (or was taken by an earlier spec
+    of this batch) gets the stored task."""
     d = c.dialect
+    statuses = yield from _lock_dependencies(c, specs)
+    ids = [str(uuid.uuid4()) for _ in specs]
+    inserted: dict[str, Row] = {}
+    if len(specs) == 1:
+        values = _submitted(d, specs[0], ids[0], statuses, d.time(now), d.time)
+        inserted = yield from _inserted(c.submit_one, dict(zip(sql.SUBMITTED, values, strict=True)))
+    else:
+        at = d.time_in_json(now)
+        chunk: list[list[Any]] = []
+        chars = 0
+        for number, (spec, task_id) in enumerate(zip(specs, ids, strict=True)):
+            chunk.append(_submitted(d, spec, task_id, statuses, at, d.time_in_json))
+            chars += len(spec.prompt)
+            last = number == len(specs) - 1
+            if last or len(chunk) == SUBMIT_CHUNK or chars >= SUBMIT_CHUNK_CHARS:
+                inserted.update((yield from _inserted(c.submit, {"rows": d.json(chunk)})))
+                chunk, chars = [], 0
     tasks: list[Task] = []
     pending: list[Pending] = []
-    statuses = yield from _lock_dependencies(c, specs)
-    for spec in specs:
-        status = TaskStatus.WAITING
-        blocked_by: tuple[str, ...] = ()
-        if spec.depends_on:
-            status, blocked_by = lifecycle.submitted_status(spec.depends_on, statuses)
-        rows = yield (
-            sql.SUBMIT,
-            {
-                "id": str(uuid.uuid4()),
-                "work_directory": spec.work_directory,
-                "prompt": spec.prompt,
-                "priority": spec.priority.rank,
-                "tags": d.json(list(spec.tags)),
-                "status": status.value,
-                "now": d.time(now),
-                "max_retries": spec.max_retries,
-                "metadata": d.json(spec.metadata),
-                "run_after": d.time(spec.run_after),
-                "idempotency_key": spec.idempotency_key,
-                "depends_on": d.json(list(spec.depends_on)),
-                "blocked_by": d.json(list(blocked_by)),
-                "require_review": int(spec.require_review),
-            },
-        )
-        if not rows:  # the idempotency key exists: hand back what is stored
+    for spec, task_id in zip(specs, ids, strict=True):
+        row = inserted.get(task_id)
+        if row is None:  # the idempotency key exists: hand back what is stored
             rows = yield sql.BY_IDEMPOTENCY_KEY, {"key": spec.idempotency_key}
             tasks.append(task_of(d, rows[0]))
             continue
-        task = task_of(d, rows[0])
+        task = task_of(d, row)
         if spec.depends_on:
             yield from _record_dependencies(task)
         details: dict[str, object] = {} if task.run_after is None else {"runAfter": task.run_after}
@@ -89,6 +92,35 @@ def submit(c: Catalogue, specs: Sequence[TaskSpec], now: datetime) -> Program[li
         pending.append((task, None, lifecycle.history_details(details), None))
         tasks.append(task)
     return tasks, pending
+
+
+def _submitted(
+    d: Dialect,
+    spec: TaskSpec,
+    task_id: str,
+    statuses: dict[str, TaskStatus],
+    at: Any,
+    time: Callable[[Any], Any],
+) -> list[Any]:
+    """A new task's values, in the order of sql.SUBMITTED; `time` encodes run_after like `at`."""
+    status = TaskStatus.WAITING
+    blocked_by: tuple[str, ...] = ()
+    if spec.depends_on:
+        status, blocked_by = lifecycle.submitted_status(spec.depends_on, statuses)
+    return [
+        task_id, spec.work_directory, spec.prompt, spec.priority.rank, d.json(list(spec.tags)),
+        status.value, at, at, spec.max_retries, d.json(spec.metadata), time(spec.run_after),
+        spec.idempotency_key, d.json(list(spec.depends_on)), d.json(list(blocked_by)),
+        int(spec.require_review),
+    ]  # fmt: skip
+
+
+def _inserted(
+    statement: str, params: dict[str, Any]
+) -> Generator[Query, list[Row], dict[str, Row]]:
+    """The rows stored, by task id (RETURNING gives them in no promised order)."""
+    rows = yield statement, params
+    return {str(row["id"]): row for row in rows}
 
 
 def _lock_dependencies(
@@ -177,17 +209,28 @@ def configure(
     return directory_of(c.dialect, rows[0]), []
 
 
+COMPLETE_CHUNK = 250  # items a batch completion changes in one statement
+
+
 def complete(
     c: Catalogue, items: Sequence[Completion], worker_id: str, now: datetime
 ) -> Program[list[Task]]:
+    """Complete every item held by `worker_id`, or raise NotAll (the caller rolls back)."""
     d = c.dialect
-    tasks: list[Task] = []
-    for item in items:
-        params = {"result": d.json(item.result), "now": d.time(now), "id": item.task_id}
-        rows = yield c.complete, {**params, "worker_id": worker_id}
-        if not rows:
-            raise NotAll()
-        tasks.append(task_of(d, rows[0]))
+    held = {"now": d.time(now), "worker_id": worker_id}
+    if len(items) == 1:  # the hot path: one compare-and-set statement on the primary key
+        (item,) = items
+        rows = yield c.complete, {**held, "id": item.task_id, "result": d.json(item.result)}
+    else:
+        rows = []
+        for start in range(0, len(items), COMPLETE_CHUNK):
+            chunk = [[i.task_id, d.json(i.result)] for i in items[start : start + COMPLETE_CHUNK]]
+            rows += yield c.complete_many, {**held, "items": d.json(chunk)}
+    # Every item or none: one not held (or named twice) leaves a row fewer than items.
+    if len(rows) != len(items):
+        raise NotAll()
+    by_id = {str(row["id"]): row for row in rows}
+    tasks = [task_of(d, by_id[item.task_id]) for item in items]
     pending: list[Pending] = [(t, TaskStatus.WORKING, {}, None) for t in tasks]
     # Only a task some other task depends on costs more than the one statement.
     if any(lifecycle.settles_dependents(t) for t in tasks):

@@ -45,15 +45,30 @@ def to_us(value: datetime) -> int:
 
 
 def from_us(value: int | None) -> datetime | None:
-    return None if value is None else _EPOCH + timedelta(microseconds=value)
+    return None if value is None else _instant(value)
+
+
+# The rows of a batch share their instants (created, started, updated at one `now`): decoded once.
+@functools.lru_cache(maxsize=4096)
+def _instant(value: int) -> datetime:
+    return _EPOCH + timedelta(0, 0, value)
+
+
+# One encoder for every value: json.dumps with options builds a new encoder on every call, and a
+# change encodes several values per task.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 def _same(value: Any) -> Any:
     return value
+
+
+def _iso(value: datetime) -> str:
+    return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).isoformat()
 
 
 def _maybe(encode: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -66,6 +81,7 @@ class Dialect:
 
     name: str
     time: Callable[[Any], Any]  # a datetime (or None) as stored
+    time_in_json: Callable[[Any], Any]  # ... as a value inside a JSON parameter
     instant: Callable[[Any], Any]  # ... and back
     json: Callable[[Any], Any]  # a JSON value as stored
     unjson: Callable[[Any], Any]
@@ -82,6 +98,7 @@ class Dialect:
 SQLITE = Dialect(
     name="sqlite",
     time=_maybe(to_us),
+    time_in_json=_maybe(to_us),
     instant=from_us,
     json=dumps,
     unjson=_maybe(json.loads),
@@ -106,6 +123,7 @@ SQLITE = Dialect(
 POSTGRES = Dialect(
     name="postgres",
     time=_same,
+    time_in_json=_maybe(_iso),  # read back with CAST(... AS timestamptz)
     instant=_same,
     json=_same,  # the connection's jsonb codec encodes
     unjson=_same,
@@ -173,9 +191,12 @@ class Catalogue:
     expired: str
     finished: str
     complete: str
+    complete_many: str  # the same for :items, a JSON array of [id, result as stored] pairs
     lock_dependencies: str  # the tasks a submit depends on (:ids), locked, in seq order
     lock_dependents: str  # tasks to settle, locked, in seq order: {} the ids
     append_logs: str  # the lines :texts (a JSON array) stored as :first, :first + 1, ...
+    submit: str  # the tasks :rows (a JSON array of SUBMITTED arrays) inserted in one statement
+    submit_one: str  # one task, a parameter per SUBMITTED column: cheaper for a single row
 
 
 def catalogue(d: Dialect) -> Catalogue:
@@ -217,19 +238,50 @@ def catalogue(d: Dialect) -> Catalogue:
         ),
         # A task that requires a review waits IN_REVIEW, not yet completed. The cast types :now
         # in the CASE (PostgreSQL would take it for text there).
-        complete=(
-            f"UPDATE tasks SET status = CASE WHEN require_review = 1 THEN '{IN_REVIEW}'"
-            f" ELSE '{COMPLETED}' END, result = :result, updated_at = :now, completed_at = CASE"
-            f" WHEN require_review = 1 THEN NULL ELSE CAST(:now AS {d.types['time']}) END,"
-            f" lease_expires_at = NULL, version = version + 1 WHERE {HELD}"
-            f" RETURNING {TASK_COLUMNS}"
+        complete=_COMPLETE.format(result=":result", time=d.types["time"], items="", held=HELD),
+        complete_many=_COMPLETE.format(
+            result=_COMPLETED_RESULT[d.name],
+            time=d.types["time"],
+            items=_COMPLETED_ITEMS[d.name],
+            held=_COMPLETED_HELD[d.name],
         ),
         # Locked in one order (seq) by every transaction, so two never wait on each other.
         lock_dependencies=f"SELECT id, status FROM tasks WHERE {d.among} ORDER BY seq{d.for_update}",
         lock_dependents=f"SELECT {TASK_COLUMNS} FROM tasks WHERE {{}} ORDER BY seq{d.for_update}",
         append_logs=_APPEND_LOGS[d.name],
+        submit=(
+            f"INSERT INTO tasks ({', '.join(SUBMITTED)}) {_SUBMITTED_ROWS[d.name]}"
+            f" ON CONFLICT (idempotency_key) DO NOTHING RETURNING {TASK_COLUMNS}"
+        ),
+        submit_one=(
+            f"INSERT INTO tasks ({', '.join(SUBMITTED)})"
+            f" VALUES ({', '.join(f':{column}' for column in SUBMITTED)})"
+            f" ON CONFLICT (idempotency_key) DO NOTHING RETURNING {TASK_COLUMNS}"
+        ),
     )
 
+
+_COMPLETE = (
+    f"UPDATE tasks SET status = CASE WHEN require_review = 1 THEN '{IN_REVIEW}'"
+    f" ELSE '{COMPLETED}' END, result = {{result}}, updated_at = :now, completed_at = CASE"
+    " WHEN require_review = 1 THEN NULL ELSE CAST(:now AS {time}) END,"
+    " lease_expires_at = NULL, version = tasks.version + 1{items} WHERE {held}"
+    f" RETURNING {TASK_COLUMNS}"
+)
+# A batch completion is one statement per chunk, joined to its items. PostgreSQL stores a None
+# result as NULL, as the one-task statement does (its parameter is NULL, not JSON null).
+_COMPLETED_ITEMS = {
+    SQLITE.name: " FROM json_each(:items) AS v",
+    POSTGRES.name: " FROM jsonb_array_elements(CAST(:items AS jsonb)) AS v(r)",
+}
+# SQLite's planner would otherwise walk the status index of every WORKING task and scan the items
+# for each; `+status` keeps it to the items, each looked up by id.
+_COMPLETED_HELD = {
+    SQLITE.name: f"tasks.id = v.value ->> 0 AND +status = '{WORKING}' AND worker_id = :worker_id",
+    POSTGRES.name: f"tasks.id = CAST(v.r ->> 0 AS uuid) AND status = '{WORKING}'"
+    " AND worker_id = :worker_id",
+}
+_COMPLETED_RESULT = {SQLITE.name: "v.value ->> 1", POSTGRES.name: "NULLIF(v.r -> 1, 'null')"}
 
 # A directory whose controls a claim must look at: paused, or capped.
 RESTRICTED = (
@@ -248,6 +300,31 @@ _APPEND_LOGS = {
 }
 
 
+# A submit inserts its tasks in one statement whatever their number, as one JSON array of rows (a
+# row per task, a value per SUBMITTED column), so its text (and plan) is cached once. The rows go
+# in in array order, so seq follows the order of submission. The WHERE is SQLite's: ON CONFLICT
+# after a bare SELECT would be read as a join constraint.
+SUBMITTED = ("id", "work_directory", "prompt", "priority", "tags", "status", "created_at",
+             "updated_at", "max_retries", "metadata", "run_after", "idempotency_key",
+             "depends_on", "blocked_by", "require_review")  # fmt: skip
+# SQLite stores every value as given (JSON columns as their JSON text); PostgreSQL casts.
+_POSTGRES_VALUE = {
+    "id": "CAST(r ->> {} AS uuid)", "priority": "CAST(r ->> {} AS smallint)",
+    "tags": "r -> {}", "created_at": "CAST(r ->> {} AS timestamptz)",
+    "updated_at": "CAST(r ->> {} AS timestamptz)", "max_retries": "CAST(r ->> {} AS integer)",
+    "metadata": "r -> {}", "run_after": "CAST(r ->> {} AS timestamptz)",
+    "depends_on": "r -> {}", "blocked_by": "r -> {}",
+    "require_review": "CAST(r ->> {} AS smallint)",
+}  # fmt: skip
+_SUBMITTED_ROWS = {
+    SQLITE.name: "SELECT "
+    + ", ".join(f"value ->> {i}" for i in range(len(SUBMITTED)))
+    + " FROM json_each(:rows) WHERE true ORDER BY key",
+    POSTGRES.name: "SELECT "
+    + ", ".join(_POSTGRES_VALUE.get(c, "r ->> {}").format(i) for i, c in enumerate(SUBMITTED))
+    + " FROM jsonb_array_elements(CAST(:rows AS jsonb)) WITH ORDINALITY AS t(r, n) ORDER BY n",
+}
+
 SQLITE_SQL = catalogue(SQLITE)
 POSTGRES_SQL = catalogue(POSTGRES)
 
@@ -259,13 +336,6 @@ SCHEMA_VERSION_NOW = "SELECT coalesce(max(version), 0) AS version FROM schema_mi
 NEXT_RUN_AFTER = (
     f"SELECT min(run_after) AS run_after FROM tasks WHERE status = '{WAITING}'"
     " AND work_directory = :work_directory AND run_after > :now"
-)
-SUBMIT = (
-    "INSERT INTO tasks (id, work_directory, prompt, priority, tags, status, created_at,"
-    " updated_at, max_retries, metadata, run_after, idempotency_key, depends_on, blocked_by,"
-    " require_review) VALUES (:id, :work_directory, :prompt, :priority, :tags, :status, :now,"
-    " :now, :max_retries, :metadata, :run_after, :idempotency_key, :depends_on, :blocked_by,"
-    f" :require_review) ON CONFLICT (idempotency_key) DO NOTHING RETURNING {TASK_COLUMNS}"
 )
 ADD_DEPENDENCY = (
     "INSERT INTO task_dependencies (task_id, depends_on) VALUES (:task_id, :depends_on)"
@@ -319,11 +389,14 @@ APPLY = (
     f"UPDATE tasks SET {', '.join(f'{name} = :{name}' for name in APPLIED_FIELDS)}"
     f" WHERE seq = :seq AND version = :expected_version RETURNING {TASK_COLUMNS}"
 )
+# SQLite writes a commit's history rows with this one statement (executemany), and numbers their
+# events from LAST_ROWID: no row is read back.
 RECORD = (
     "INSERT INTO task_history (task_id, work_directory, status, previous_status, worker_id, at,"
     " details) VALUES (:task_id, :work_directory, :status, :previous_status, :worker_id, :at,"
-    f" :details) RETURNING {EVENT_COLUMNS}"
+    " :details)"
 )
+LAST_ROWID = "SELECT last_insert_rowid() AS id"
 # Counted after the directory's controls are locked, in a statement of its own, so it sees every
 # claim committed before the lock was granted.
 COUNT_WORKING = (

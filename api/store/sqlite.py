@@ -13,14 +13,15 @@ import aiosqlite
 
 from api.core.domain import TaskEvent
 from api.database_url import sqlite_path
+from api.store import changes as programs
 from api.store import migrations
 from api.store.base import CommitListener
 from api.store.changes import Program, Query
 from api.store.common import SqlTaskStore
 from api.store.handle_store import SqlHandleStore
 from api.store.key_store import SqlKeyStore
-from api.store.rows import Row, event_of, history_row
-from api.store.sql import RECORD, SCHEMA_VERSION_NOW, SQLITE, SQLITE_SQL, to_us
+from api.store.rows import Pending, Row, event_of, history_row
+from api.store.sql import LAST_ROWID, RECORD, SCHEMA_VERSION_NOW, SQLITE, SQLITE_SQL, to_us
 from api.store.writer import Writer
 
 T = TypeVar("T")
@@ -28,8 +29,8 @@ T = TypeVar("T")
 READERS = 2
 
 
-def run_program(conn: sqlite3.Connection, program: Program[T]) -> tuple[T, list[TaskEvent]]:
-    """Run a change program on the writer's connection, then write the history it owes."""
+def run_program(conn: sqlite3.Connection, program: Program[T]) -> tuple[T, list[Pending]]:
+    """Run a change program on the writer's connection; the writer writes the history it owes."""
     rows: list[Row] | None = None
     try:
         while True:
@@ -37,13 +38,24 @@ def run_program(conn: sqlite3.Connection, program: Program[T]) -> tuple[T, list[
             rows = conn.execute(statement, params).fetchall()
     except StopIteration as stop:
         value, pending = stop.value
-    events = [
-        event_of(SQLITE, conn.execute(RECORD, history_row(SQLITE, p)).fetchone()) for p in pending
-    ]
-    return value, events
+    return value, pending
 
 
-def migrate(conn: sqlite3.Connection) -> tuple[None, list[TaskEvent]]:
+def record_history(conn: sqlite3.Connection, owed: Sequence[Pending]) -> list[TaskEvent]:
+    """Insert the history rows of a whole commit in one statement. The writer holds the database's
+    write lock for the transaction, so the rows take consecutive ids, in order, ending at the
+    connection's last inserted rowid."""
+    rows = [history_row(SQLITE, p) for p in owed]
+    inserted = conn.executemany(RECORD, rows).rowcount
+    if inserted != len(rows):
+        raise sqlite3.DatabaseError(f"{inserted} of {len(rows)} history rows were stored")
+    first = conn.execute(LAST_ROWID).fetchone()["id"] - len(rows) + 1
+    for number, row in enumerate(rows, first):
+        row["id"] = number
+    return [event_of(SQLITE, row) for row in rows]
+
+
+def migrate(conn: sqlite3.Connection) -> tuple[None, list[Pending]]:
     conn.execute(migrations.CREATE_VERSIONS.format(time="INTEGER"))
     current = conn.execute(SCHEMA_VERSION_NOW).fetchone()["version"]
     for version, script in migrations.pending(SQLITE, current):
@@ -62,7 +74,7 @@ class SqliteStore(SqlTaskStore):
         self.path = sqlite_path(url)
         self._synchronous = "FULL" if durability == "full" else "NORMAL"
         self._listeners: list[CommitListener] = []
-        self._writer = Writer(self._connect_writer, self._committed)
+        self._writer = Writer(self._connect_writer, record_history, self._committed)
         self._reader_count = readers
         self._readers: list[aiosqlite.Connection] = []
         self._next_reader = itertools.cycle(range(readers))
@@ -137,3 +149,8 @@ class SqliteStore(SqlTaskStore):
 
     async def _run(self, program: Program[T]) -> T:
         return await self._writer.run(lambda conn: run_program(conn, program))
+
+    async def prune(self, finished_before: datetime, limit: int) -> int:
+        # It deletes history: the rows owed by changes committed with it are written before it runs.
+        program = programs.prune(self.sql, finished_before, limit)
+        return await self._writer.run(lambda conn: run_program(conn, program), reads_history=True)

@@ -1,4 +1,5 @@
-"""The SQLite writer: one connection, one thread, every write in order, waiting writes committed together."""
+"""The SQLite writer: one connection, one thread, every write in order, waiting writes committed
+together, with the history rows they owe written in one statement per commit."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from api.core.domain import TaskEvent
+from api.store.rows import Pending
 
 log = logging.getLogger("taskorch.store")
 
 T = TypeVar("T")
 
-# A unit of work: runs on the writer thread with the connection, returns its value and the events
-# it recorded. Raising rolls back only this unit (a savepoint), never its neighbours in the batch.
-Work = Callable[[sqlite3.Connection], tuple[T, Sequence[TaskEvent]]]
+# A unit of work: runs on the writer thread with the connection, returns its value and the history
+# rows it owes. Raising rolls back only this unit (a savepoint), never its neighbours in the batch.
+Work = Callable[[sqlite3.Connection], tuple[T, Sequence[Pending]]]
+# Writes history rows, in order, and returns their events (with their ids).
+Record = Callable[[sqlite3.Connection, Sequence[Pending]], list[TaskEvent]]
 
 MAX_BATCH = 512
 
@@ -28,20 +32,25 @@ MAX_BATCH = 512
 class _Job(Generic[T]):
     work: Work[T]
     future: asyncio.Future[T]
+    reads_history: bool
 
 
 class Writer:
     """Group commit: the thread takes every job waiting in the queue, runs each in a savepoint of one
-    transaction, commits once, then resolves the callers' futures on their event loop.
+    transaction, writes the history rows the jobs owe (in job order, so event ids follow the order
+    of the changes), commits once, then resolves the callers' futures on their event loop.
 
-    One fsync then covers many writes, which is what makes durability=full affordable."""
+    One fsync then covers many writes, which is what makes durability=full affordable; one history
+    statement per commit instead of one per change is what keeps the writer thread's share small."""
 
     def __init__(
         self,
         connect: Callable[[], sqlite3.Connection],
+        record: Record,
         on_commit: Callable[[Sequence[TaskEvent]], None],
     ) -> None:
         self._connect = connect
+        self._record = record
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue[_Job[Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -66,11 +75,13 @@ class Writer:
         await asyncio.to_thread(self._thread.join)
         self._thread = None
 
-    async def run(self, work: Work[T]) -> T:
+    async def run(self, work: Work[T], *, reads_history: bool = False) -> T:
+        """Run `work` in the next commit. A job that `reads_history` (or deletes it) runs after the
+        history owed by the jobs before it in that commit is written."""
         if self._thread is None or self._loop is None:
             raise RuntimeError("the SQLite writer is not running")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._queue.put(_Job(work, future))
+        self._queue.put(_Job(work, future, reads_history))
         return await future
 
     def _run(self) -> None:
@@ -104,12 +115,16 @@ class Writer:
     def _commit(self, conn: sqlite3.Connection, batch: list[_Job[Any]]) -> None:
         outcomes: list[tuple[_Job[Any], Any, BaseException | None]] = []
         events: list[TaskEvent] = []
+        owed: list[Pending] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for job in batch:
+                if job.reads_history and owed:
+                    events.extend(self._record(conn, owed))
+                    owed = []
                 conn.execute("SAVEPOINT job")
                 try:
-                    value, recorded = job.work(conn)
+                    value, pending = job.work(conn)
                 except Exception as exc:
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
@@ -117,9 +132,11 @@ class Writer:
                 else:
                     conn.execute("RELEASE job")
                     outcomes.append((job, value, None))
-                    events.extend(recorded)
+                    owed.extend(pending)
+            if owed:
+                events.extend(self._record(conn, owed))
             conn.execute("COMMIT")
-        except Exception as exc:  # BEGIN or COMMIT failed: nothing of this batch is stored
+        except Exception as exc:  # BEGIN, history or COMMIT failed: nothing is stored
             log.error("sqlite write batch failed", exc_info=exc)
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
