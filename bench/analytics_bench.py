@@ -100,21 +100,36 @@ def _flush(
     return count
 
 
+def _migrate_postgres(url: str) -> None:
+    """The server's own schema upgrade (asyncpg runs each migration's several statements)."""
+    import asyncio
+
+    import asyncpg
+
+    from api.store.pg_schema import migrate
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
 def copy_to_postgres(path: Path, url: str, schema: str) -> str:
     """The SQLite file's tasks and history copied into a fresh PostgreSQL schema (binary COPY
     through ADBC); returns the URL that reads that schema."""
     import adbc_driver_postgresql.dbapi as pg_adbc
     import adbc_driver_sqlite.dbapi as sqlite_adbc
 
-    from api.store.migrations import POSTGRES_MIGRATIONS
-
     with pg_adbc.connect(url, autocommit=True) as conn, conn.cursor() as cur:
         cur.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         cur.execute(f"CREATE SCHEMA {schema}")
-        cur.execute(f"SET search_path = {schema}")
-        for script in POSTGRES_MIGRATIONS:
-            for statement in script:
-                cur.execute(statement)
+    schema_url = f"{url}?options=-c%20search_path%3D{schema}"
+    _migrate_postgres(schema_url)
+    with pg_adbc.connect(schema_url, autocommit=True) as conn, conn.cursor() as cur:
         with sqlite_adbc.connect(str(path)) as lite, lite.cursor() as read:
             read.execute(
                 "SELECT id, work_directory, prompt, priority, tags, status, worker_id, created_at,"
@@ -122,7 +137,7 @@ def copy_to_postgres(path: Path, url: str, schema: str) -> str:
             )
             cur.adbc_ingest("tasks_stage", read.fetch_arrow_table(), mode="create")
             read.execute(
-                "SELECT task_id, work_directory, status, ifnull(previous_status, ''),"
+                "SELECT id, task_id, work_directory, status, ifnull(previous_status, ''),"
                 " ifnull(worker_id, ''), at, details FROM task_history ORDER BY id"
             )
             cur.adbc_ingest("history_stage", read.fetch_arrow_table(), mode="create")
@@ -137,15 +152,17 @@ def copy_to_postgres(path: Path, url: str, schema: str) -> str:
             f" {time('created_at')}, {time('started_at')}, {time('completed_at')},"
             f" {time('updated_at')}, retry_count FROM tasks_stage"
         )
+        # Rows copied with their ids: on PostgreSQL a history row's id is its delivery position,
+        # which the server's stamper gives only to rows it wrote itself.
         cur.execute(
-            "INSERT INTO task_history (task_id, work_directory, status, previous_status,"
-            " worker_id, at, details) SELECT task_id::uuid, work_directory, status,"
+            "INSERT INTO task_history (id, task_id, work_directory, status, previous_status,"
+            " worker_id, at, details) SELECT id, task_id::uuid, work_directory, status,"
             " nullif(\"ifnull(previous_status, '')\", ''), nullif(\"ifnull(worker_id, '')\", ''),"
             f" {time('at')}, details::jsonb FROM history_stage"
         )
         cur.execute("DROP TABLE tasks_stage, history_stage")
         cur.execute("ANALYZE")
-    return f"{url}?options=-c%20search_path%3D{schema}"
+    return schema_url
 
 
 Timings = dict[str, tuple[float, float]]
