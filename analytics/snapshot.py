@@ -36,13 +36,14 @@ class _SqliteSession(Session):
         self._uri = uri
         self._stack = stack
         monitor = stack.enter_context(sqlite_adbc.connect(uri, autocommit=True))
-        self._monitor = stack.enter_context(monitor.cursor())
+        self._monitor: Any = stack.enter_context(monitor.cursor())
         self._version = self._data_version()
         super().__init__(self._open())
 
     def _data_version(self) -> int:
         self._monitor.execute("PRAGMA data_version")
-        return int(self._monitor.fetchone()[0])
+        (version,) = self._monitor.fetchall()[0]
+        return int(version)
 
     def _open(self) -> Any:
         import adbc_driver_sqlite.dbapi as sqlite_adbc
