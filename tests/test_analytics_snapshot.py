@@ -6,7 +6,6 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-import adbc_driver_postgresql.dbapi as pg_adbc
 import pandas as pd
 import pytest
 
@@ -89,17 +88,3 @@ def test_a_second_sqlite_connection_joins_only_an_unchanged_snapshot(tmp_path: P
         assert session.another() is None
         assert _count(session.first) == 2
     writer.close()
-
-
-def test_a_second_postgres_connection_reads_the_first_ones_snapshot(postgres_url: str) -> None:
-    with pg_adbc.connect(postgres_url, autocommit=True) as conn, conn.cursor() as writer:
-        writer.execute("CREATE TABLE rows (n INTEGER)")
-        writer.execute("INSERT INTO rows VALUES (1)")
-        with snapshot.postgres_session(postgres_url) as session:
-            assert _count(session.first) == 1
-            writer.execute("INSERT INTO rows VALUES (2)")
-            second = session.another()
-            assert second is not None
-            assert _count(second) == 1
-            assert _count(session.first) == 1
-        assert _count(writer) == 2
