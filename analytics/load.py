@@ -219,6 +219,13 @@ def _category(values: Any) -> pd.Categorical:
     return pd.Categorical.from_codes(ranks[codes], dtype=dtype)
 
 
+def _unique_categories(ids: pd.Index) -> pd.CategoricalDtype:
+    """The task ids as categories. They are unique (the table's key), and checking that again
+    costs more than the rest of the load's frames (a million ids turned into Python strings and
+    hashed): pandas' own constructor for known-valid categories skips it."""
+    return pd.CategoricalDtype._from_fastpath(ids, ordered=False)
+
+
 def _codes(values: Any, dtype: pd.CategoricalDtype) -> pd.Categorical:
     return pd.Categorical.from_codes(_ints(values), dtype=dtype)
 
@@ -268,7 +275,7 @@ def _frames(raw: Raw) -> tuple[pd.DataFrame, pd.DataFrame]:
     events = pd.DataFrame(
         {
             "id": _ints(e["id"]),
-            "task_id": pd.Categorical.from_codes(rows, categories=ids),
+            "task_id": pd.Categorical.from_codes(rows, dtype=_unique_categories(ids)),
             "work_directory": pd.Categorical.from_codes(
                 np.where(rows >= 0, directory.codes[np.maximum(rows, 0)], -1),
                 dtype=directory.dtype,

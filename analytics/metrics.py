@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from analytics import claims, groups
 from analytics.load import TimeLike, timestamp
 
 PERCENTILES = (0.5, 0.9, 0.99)
@@ -36,8 +37,7 @@ def _step(freq: str) -> pd.Timedelta:
     return step
 
 
-def _micros(times: pd.Series) -> np.ndarray:
-    return np.asarray(pd.DatetimeIndex(times).as_unit("us").asi8)
+_micros = claims.micros
 
 
 def grid(
@@ -98,15 +98,20 @@ def latency(
     "priority", "worker_id", or "tag" to count a task once under each of its tags). Columns:
     tasks, wait_p50, wait_p90, wait_p99, run_p50, run_p90, run_p99 (for the default percentiles)."""
     frame, key = _grouped(tasks, by)
+    # Only the columns used: iterating the groups of the whole frame copies every column.
+    frame = frame[[] if key is None else [key]].assign(wait_s=frame["wait_s"], run_s=frame["run_s"])
     rows = {}
     groups = [("all", frame)] if key is None else list(frame.groupby(key, observed=True))
     for name, group in groups:
         row: dict[str, float] = {"tasks": float(len(group))}
         for measure in ("wait", "run"):
-            values = group[f"{measure}_s"].dropna().to_numpy()
-            for p in percentiles:
+            values = group[f"{measure}_s"].to_numpy()
+            values = values[~np.isnan(values)]
+            # One partial sort for every percentile: the same values as one call each.
+            found = np.quantile(values, list(percentiles)) if len(values) else None
+            for i, p in enumerate(percentiles):
                 label = f"{measure}_p{round(p * 100):d}"
-                row[label] = float(np.quantile(values, p)) if len(values) else float("nan")
+                row[label] = float(found[i]) if found is not None else float("nan")
         rows[name] = row
     columns = ["tasks"] + [f"{m}_p{round(p * 100):d}" for m in ("wait", "run") for p in percentiles]
     result = pd.DataFrame.from_dict(rows, orient="index", columns=columns) if rows else None
@@ -136,25 +141,32 @@ def backlog(
     event adds one to its status and takes one from its previous status. Give the frame every event
     of the tasks (as `load` does), including those before `since`."""
     at = _micros(events["at"])
-    order = np.lexsort((events["id"].to_numpy(), at))
-    at = at[order]
-    counts = {}
-    for status in ("WAITING", "WORKING"):
-        into = (events["status"] == status).to_numpy()[order].astype("int64")
-        out_of = (events["previous_status"] == status).to_numpy()[order].astype("int64")
-        counts[status.lower()] = np.cumsum(into - out_of)
     intervals, first, step = grid(at, freq, since, until)
-    # The state at an interval's end is the one after the last event before that end.
-    ends = first + step * (np.arange(len(intervals)) + 1)
-    position = np.searchsorted(at, ends, side="left") - 1
+    # The level at an interval's end counts every event before that end, in any order: so each
+    # event goes into its interval (those before the first into the first), the intervals are
+    # summed, and the running sum is the level.
+    bucket = np.clip((at - first) // step, 0, None) if len(at) else at
+    inside = bucket < len(intervals)
     result = pd.DataFrame(index=intervals)
-    for name, level in counts.items():
-        values = (
-            level[np.clip(position, 0, None)] if len(level) else np.zeros(len(intervals), "int64")
+    for status in ("WAITING", "WORKING"):
+        into = is_value(events["status"], status) & inside
+        out_of = is_value(events["previous_status"], status) & inside
+        change = np.bincount(bucket[into], minlength=len(intervals)) - np.bincount(
+            bucket[out_of], minlength=len(intervals)
         )
-        result[name] = np.where(position >= 0, values, 0).astype("int64")
+        result[status.lower()] = np.cumsum(change[: len(intervals)]).astype("int64")
     result.index.name = "interval"
     return result
+
+
+def is_value(column: pd.Series, value: str) -> np.ndarray:
+    """`column == value` as a boolean array; a categorical column compares its integer codes."""
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        categories = column.cat.categories
+        if value not in categories:
+            return np.zeros(len(column), dtype=bool)
+        return np.asarray(column.cat.codes.to_numpy() == categories.get_loc(value))
+    return np.asarray((column == value).to_numpy(), dtype=bool)
 
 
 def attempts(events: pd.DataFrame, until: TimeLike = None) -> pd.DataFrame:
@@ -185,23 +197,6 @@ def attempts(events: pd.DataFrame, until: TimeLike = None) -> pd.DataFrame:
     )
 
 
-def _held_s(worker: pd.Series, lo: pd.Series, hi: pd.Series) -> pd.Series:
-    """Per worker, the seconds in which it held at least one task: overlapping claims count once."""
-    runs = pd.DataFrame({"worker_id": worker, "lo": lo, "hi": hi})
-    runs = runs[runs["hi"] > runs["lo"]].sort_values(["worker_id", "lo"], kind="stable")
-    if not len(runs):
-        return pd.Series(dtype="float64")
-    # A claim starts a new busy stretch when it begins after every earlier claim of its worker ended.
-    reach = runs.groupby("worker_id", observed=True)["hi"].cummax()
-    before = reach.groupby(runs["worker_id"], observed=True).shift()
-    stretch = (before.isna() | (runs["lo"] > before)).cumsum()
-    spans = runs.groupby(stretch).agg(
-        worker_id=("worker_id", "first"), lo=("lo", "min"), hi=("hi", "max")
-    )
-    seconds = (spans["hi"] - spans["lo"]).dt.total_seconds()
-    return seconds.groupby(spans["worker_id"], observed=True).sum()
-
-
 def utilisation(
     events: pd.DataFrame, since: TimeLike = None, until: TimeLike = None
 ) -> pd.DataFrame:
@@ -213,60 +208,77 @@ def utilisation(
     most N, so mean_running / N is the share of its slots in use)."""
     columns = ["attempts", "completed", "failed", "lease_expired", "busy_s", "held_s"]
     start, end = timestamp(since, "since"), timestamp(until, "until")
-    runs = attempts(events, end)
-    if start is None:
-        start = runs["started"].min() if len(runs) else None
-    if end is None:
-        end = runs["ended"].max() if len(runs) else None
-    if start is None or end is None or not len(runs):
+    runs = claims.claims(events, None if end is None else _us(end))
+    if not len(runs.started):
         empty = pd.DataFrame(columns=[*columns, "utilisation", "mean_running"])
         return empty.rename_axis("worker_id")
-    lo = runs["started"].clip(lower=start)
-    hi = runs["ended"].clip(upper=end)
-    runs["busy_s"] = (hi - lo).dt.total_seconds().clip(lower=0)
-    inside = (runs["started"] >= start) & (runs["started"] < end)
-    runs["attempts"] = inside.astype("int64")
-    finished_inside = (runs["ended"] >= start) & (runs["ended"] < end)
-    runs["completed"] = ((runs["outcome"] == "COMPLETED") & finished_inside).astype("int64")
-    expired = runs["reason"] == "lease_expired"
-    runs["lease_expired"] = (expired & finished_inside).astype("int64")
-    failed = runs["outcome"].isin(["FAILED", "WAITING"]) & ~expired & (runs["reason"] != "released")
-    runs["failed"] = (failed & finished_inside).astype("int64")
-    result = runs.groupby("worker_id", observed=True)[columns[:-1]].sum()
-    held = _held_s(runs["worker_id"], lo, hi)
-    result["held_s"] = held.reindex(result.index, fill_value=0.0).astype("float64")
-    window = (end - start).total_seconds()
+    low = _us(start) if start is not None else int(runs.started.min())
+    high = _us(end) if end is not None else int(runs.ended.max())
+    lo, hi = np.maximum(runs.started, low), np.minimum(runs.ended, high)
+    finished_inside = (runs.ended >= low) & (runs.ended < high)
+    status, reason = events["status"], events["reason"]
+    expired = runs.reason == claims.code_of(reason, "lease_expired")
+    failed = np.isin(runs.outcome, [claims.code_of(status, s) for s in ("FAILED", "WAITING")])
+    failed &= ~expired & (runs.reason != claims.code_of(reason, "released"))
+    worker_type = events["worker_id"].dtype
+    parts = pd.DataFrame(
+        {
+            "worker_id": pd.Categorical.from_codes(runs.worker, dtype=worker_type),
+            "busy_s": np.clip(claims.seconds(hi - lo), 0, None),
+            "attempts": ((runs.started >= low) & (runs.started < high)).astype("int64"),
+            "completed": (
+                (runs.outcome == claims.code_of(status, "COMPLETED")) & finished_inside
+            ).astype("int64"),
+            "lease_expired": (expired & finished_inside).astype("int64"),
+            "failed": (failed & finished_inside).astype("int64"),
+        }
+    )
+    result = parts.groupby("worker_id", observed=True)[columns[:-1]].sum()
+    stretch_worker, stretch_seconds = claims.held(runs.worker, lo, hi)
+    held = pd.Series(stretch_seconds).groupby(
+        pd.Categorical.from_codes(stretch_worker, dtype=worker_type), observed=True
+    )
+    result["held_s"] = held.sum().reindex(result.index, fill_value=0.0).astype("float64")
+    window = (pd.Timestamp(high, unit="us") - pd.Timestamp(low, unit="us")).total_seconds()
     result["utilisation"] = result["held_s"] / window
     result["mean_running"] = result["busy_s"] / window
     return result.sort_values("busy_s", ascending=False)
+
+
+def _us(stamp: pd.Timestamp) -> int:
+    """A time as whole microseconds, rounded up: `at >= stamp` and `at < stamp` for microsecond
+    times `at` hold exactly when they hold for these integers."""
+    return -(-int(stamp.value) // 1000)
 
 
 def failure_rates(tasks: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
     """Per group (or one row "all"): tasks, finished, completed, failed, cancelled, failure_rate =
     failed / (completed + failed), retried (tasks claimed more than once), retry_rate = retried /
     tasks that were claimed, retries (claims beyond the first) and lease_expiries."""
-    frame, key = _grouped(tasks, by)
-    status = frame["status"]
+    if by is not None and by not in ("tag", "tags") and by not in tasks.columns:
+        raise ValueError(f"by must be a column of tasks or 'tag', not {by!r}")
+    status, attempts = tasks["status"], tasks["attempts"].to_numpy()
     parts = pd.DataFrame(
         {
-            "tasks": 1,
-            "finished": status.isin(FINISHED).astype("int64"),
-            "completed": (status == "COMPLETED").astype("int64"),
-            "failed": (status == "FAILED").astype("int64"),
-            "cancelled": (status == "CANCELLED").astype("int64"),
-            "claimed": (frame["attempts"] > 0).astype("int64"),
-            "retried": (frame["attempts"] > 1).astype("int64"),
-            "retries": (frame["attempts"] - 1).clip(lower=0).astype("int64"),
-            "lease_expiries": frame["lease_expiries"].astype("int64"),
+            "tasks": np.ones(len(tasks), dtype="int64"),
+            "finished": np.isin(
+                claims.codes(status), [claims.code_of(status, s) for s in FINISHED]
+            ).astype("int64"),
+            "completed": is_value(status, "COMPLETED").astype("int64"),
+            "failed": is_value(status, "FAILED").astype("int64"),
+            "cancelled": is_value(status, "CANCELLED").astype("int64"),
+            "claimed": (attempts > 0).astype("int64"),
+            "retried": (attempts > 1).astype("int64"),
+            "retries": np.clip(attempts - 1, 0, None).astype("int64"),
+            "lease_expiries": tasks["lease_expiries"].to_numpy().astype("int64"),
         },
-        index=frame.index,
+        index=tasks.index,
     )
-    if key is None:
+    if by is None:
         result = parts.sum().to_frame("all").T
         result.index.name = "scope"
     else:
-        parts[key] = frame[key].to_numpy()
-        result = parts.groupby(key, observed=True).sum()
+        result = groups.sums(parts, tasks, "tag" if by in ("tag", "tags") else by)
     decided = result["completed"] + result["failed"]
     result["failure_rate"] = (result["failed"] / decided.where(decided > 0)).astype("float64")
     claimed = result.pop("claimed")
@@ -277,11 +289,20 @@ def failure_rates(tasks: pd.DataFrame, by: str | None = None) -> pd.DataFrame:
 def breakdown(tasks: pd.DataFrame, by: str = "work_directory") -> pd.DataFrame:
     """Per value of `by` ("work_directory", "tag", "priority", "worker_id", ...): tasks in each
     status, failure and retry rates, and median / p90 wait and run times in seconds."""
-    frame, key = _grouped(tasks, by)
-    assert key is not None
-    counts = pd.crosstab(frame[key], frame["status"]).reindex(
-        columns=tasks["status"].cat.categories, fill_value=0
-    )
+    key = "tag" if by in ("tag", "tags") else by
+    if key != "tag" and key not in tasks.columns:
+        raise ValueError(f"by must be a column of tasks or 'tag', not {by!r}")
+    statuses = tasks["status"].cat.categories
+    if key == "tag" or isinstance(tasks[key].dtype, pd.CategoricalDtype):
+        # Statuses counted like any other per-task sum: no crosstab over a million rows.
+        marks = claims.codes(tasks["status"])[:, None] == np.arange(len(statuses))
+        counts = groups.sums(
+            pd.DataFrame(marks.astype("int64"), columns=list(statuses), index=tasks.index),
+            tasks,
+            key,
+        )
+    else:
+        counts = pd.crosstab(tasks[key], tasks["status"]).reindex(columns=statuses, fill_value=0)
     counts.columns = [str(c).lower() for c in counts.columns]
     rates = failure_rates(tasks, by)[["tasks", "failure_rate", "retry_rate", "lease_expiries"]]
     times = latency(tasks, by, (0.5, 0.9))
@@ -296,37 +317,47 @@ def summary(
     """Headline figures over the window: tasks submitted, completed, failed, failure rate,
     retry rate, median and p90 wait and run (seconds), waiting and working at the end, and
     completions per hour."""
-    ev = _clip(events, since, until)
     start, end = timestamp(since, "since"), timestamp(until, "until")
-    finished = tasks["status"].isin(FINISHED) & tasks["completed_at"].notna()
-    if start is not None:
-        finished &= tasks["completed_at"] >= start
-    if end is not None:
-        finished &= tasks["completed_at"] < end
-    done = tasks[finished]
-    submitted = int(ev["previous_status"].isna().sum())
-    completed = int((ev["status"] == "COMPLETED").sum())
-    failed = int((ev["status"] == "FAILED").sum())
-    upto = events if end is None else events[(events["at"] < end).to_numpy()]
+    # Masks over whole columns: selecting the rows of a million-row frame copies every column.
+    at = _micros(events["at"])
+    upto = np.ones(len(at), dtype=bool) if end is None else at < _us(end)
+    inside = upto if start is None else upto & (at >= _us(start))
+    status, previous = events["status"], events["previous_status"]
+    submitted = int((claims.codes(previous)[inside] == -1).sum())
+    completed = int(is_value(status, "COMPLETED")[inside].sum())
+    failed = int(is_value(status, "FAILED")[inside].sum())
     waiting, working = (
-        int((upto["status"] == s).sum() - (upto["previous_status"] == s).sum())
+        int(is_value(status, s)[upto].sum() - is_value(previous, s)[upto].sum())
         for s in ("WAITING", "WORKING")
     )
-    start = start if start is not None else (ev["at"].min() if len(ev) else None)
-    end = end if end is not None else (ev["at"].max() if len(ev) else None)
+    done = tasks["status"].isin(FINISHED).to_numpy() & tasks["completed_at"].notna().to_numpy()
+    finished_at = _micros(tasks["completed_at"])
+    if start is not None:
+        done &= finished_at >= _us(start)
+    if end is not None:
+        done &= finished_at < _us(end)
+    attempts = tasks["attempts"].to_numpy()[done]
+    claimed = int((attempts > 0).sum())
+    retry_rate = int((attempts > 1).sum()) / claimed if claimed else float("nan")
+    wait = pd.Series(tasks["wait_s"].to_numpy()[done])
+    run = pd.Series(tasks["run_s"].to_numpy()[done])
+    if inside.any():
+        start = (
+            start if start is not None else pd.Timestamp(int(at[inside].min()), unit="us", tz="UTC")
+        )
+        end = end if end is not None else pd.Timestamp(int(at[inside].max()), unit="us", tz="UTC")
     hours = (end - start).total_seconds() / 3600 if start is not None and end is not None else 0.0
-    rates = failure_rates(done) if len(done) else None
     return pd.Series(
         {
             "submitted": submitted,
             "completed": completed,
             "failed": failed,
             "failure_rate": failed / (completed + failed) if completed + failed else float("nan"),
-            "retry_rate": float(rates["retry_rate"].iloc[0]) if rates is not None else float("nan"),
-            "wait_p50_s": float(done["wait_s"].median()),
-            "wait_p90_s": float(done["wait_s"].quantile(0.9)),
-            "run_p50_s": float(done["run_s"].median()),
-            "run_p90_s": float(done["run_s"].quantile(0.9)),
+            "retry_rate": retry_rate,
+            "wait_p50_s": float(wait.median()),
+            "wait_p90_s": float(wait.quantile(0.9)),
+            "run_p50_s": float(run.median()),
+            "run_p90_s": float(run.quantile(0.9)),
             "waiting": waiting,
             "working": working,
             "completed_per_hour": completed / hours if hours > 0 else float("nan"),

@@ -100,21 +100,56 @@ def _flush(
     return count
 
 
+def _migrate_postgres(url: str) -> None:
+    """The server's own schema upgrade (asyncpg runs each migration's several statements)."""
+    import asyncio
+
+    import asyncpg
+
+    from api.store.pg_schema import migrate
+
+    async def run() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+SCHEMA = "analytics_bench"
+
+
+def _schema_url(url: str, schema: str) -> str:
+    return f"{url}?options=-c%20search_path%3D{schema}"
+
+
+def _holds_tasks(url: str) -> bool:
+    """Whether the schema of `url` already holds a copied benchmark (its tasks table has rows)."""
+    import adbc_driver_postgresql.dbapi as pg_adbc
+
+    try:
+        with pg_adbc.connect(url, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM (SELECT 1 FROM tasks LIMIT 1) AS one")
+            (count,) = cur.fetchall()[0]
+    except pg_adbc.Error:
+        return False
+    return bool(count)
+
+
 def copy_to_postgres(path: Path, url: str, schema: str) -> str:
     """The SQLite file's tasks and history copied into a fresh PostgreSQL schema (binary COPY
     through ADBC); returns the URL that reads that schema."""
     import adbc_driver_postgresql.dbapi as pg_adbc
     import adbc_driver_sqlite.dbapi as sqlite_adbc
 
-    from api.store.migrations import POSTGRES_MIGRATIONS
-
     with pg_adbc.connect(url, autocommit=True) as conn, conn.cursor() as cur:
         cur.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         cur.execute(f"CREATE SCHEMA {schema}")
-        cur.execute(f"SET search_path = {schema}")
-        for script in POSTGRES_MIGRATIONS:
-            for statement in script:
-                cur.execute(statement)
+    schema_url = _schema_url(url, schema)
+    _migrate_postgres(schema_url)
+    with pg_adbc.connect(schema_url, autocommit=True) as conn, conn.cursor() as cur:
         with sqlite_adbc.connect(str(path)) as lite, lite.cursor() as read:
             read.execute(
                 "SELECT id, work_directory, prompt, priority, tags, status, worker_id, created_at,"
@@ -122,7 +157,7 @@ def copy_to_postgres(path: Path, url: str, schema: str) -> str:
             )
             cur.adbc_ingest("tasks_stage", read.fetch_arrow_table(), mode="create")
             read.execute(
-                "SELECT task_id, work_directory, status, ifnull(previous_status, ''),"
+                "SELECT id, task_id, work_directory, status, ifnull(previous_status, ''),"
                 " ifnull(worker_id, ''), at, details FROM task_history ORDER BY id"
             )
             cur.adbc_ingest("history_stage", read.fetch_arrow_table(), mode="create")
@@ -137,26 +172,58 @@ def copy_to_postgres(path: Path, url: str, schema: str) -> str:
             f" {time('created_at')}, {time('started_at')}, {time('completed_at')},"
             f" {time('updated_at')}, retry_count FROM tasks_stage"
         )
+        # Rows copied with their ids: on PostgreSQL a history row's id is its delivery position,
+        # which the server's stamper gives only to rows it wrote itself.
         cur.execute(
-            "INSERT INTO task_history (task_id, work_directory, status, previous_status,"
-            " worker_id, at, details) SELECT task_id::uuid, work_directory, status,"
+            "INSERT INTO task_history (id, task_id, work_directory, status, previous_status,"
+            " worker_id, at, details) SELECT id, task_id::uuid, work_directory, status,"
             " nullif(\"ifnull(previous_status, '')\", ''), nullif(\"ifnull(worker_id, '')\", ''),"
             f" {time('at')}, details::jsonb FROM history_stage"
         )
         cur.execute("DROP TABLE tasks_stage, history_stage")
         cur.execute("ANALYZE")
-    return f"{url}?options=-c%20search_path%3D{schema}"
+    return schema_url
 
 
-Timings = dict[str, tuple[float, float]]
+Timings = dict[str, tuple[float, float, float]]
+# The targets: (what, limit), checked against the figures of this run.
+LOAD_TARGET_S = 5.0
+METRICS_TARGET_S = 1.0
+SERVER_TARGET_S = 10.0
+MEMORY_TARGET_MB = 2048
 
 
 def timed(timings: Timings, name: str, step: Callable[[], Any]) -> Any:
-    # Wall time, and this process's CPU time: on a shared machine the second is the steadier.
-    began, cpu = time.perf_counter(), time.process_time()
+    # Wall time, this process's CPU time (on a shared machine the steadier of the two), and the
+    # cores that everything else on the machine kept busy meanwhile (a database server too).
+    from bench.servers import machine_busy_seconds
+
+    began, cpu, busy = time.perf_counter(), time.process_time(), machine_busy_seconds()
     value = step()
-    timings[name] = (time.perf_counter() - began, time.process_time() - cpu)
+    wall, own = time.perf_counter() - began, time.process_time() - cpu
+    others = max(0.0, machine_busy_seconds() - busy - own) / wall if wall > 0 else 0.0
+    timings[name] = (wall, own, others)
     return value
+
+
+def verdicts(timings: Timings, peak_mb: float) -> list[str]:
+    """Each target with this run's figure (wall time) and whether it is met."""
+    checks: list[tuple[str, float, float, str]] = []
+    for prefix in ("sqlite", "postgres"):
+        load = timings.get(f"{prefix} load (all)")
+        if load is not None:
+            checks.append((f"{prefix} load (all)", load[0], LOAD_TARGET_S, "s"))
+        standard = [v[0] for k, v in timings.items() if k.startswith(prefix) and "load" not in k]
+        if standard:
+            checks.append((f"{prefix} all metrics", sum(standard), METRICS_TARGET_S, "s"))
+    if "server load (all)" in timings:
+        checks.append(("server load (all)", timings["server load (all)"][0], SERVER_TARGET_S, "s"))
+    checks.append(("peak memory", peak_mb, MEMORY_TARGET_MB, "MB"))
+    return [
+        f"  {name:<34} {value:9.2f} {unit:<2} target <= {limit:g} {unit}:"
+        f" {'met' if value <= limit else f'missed by {value - limit:.2f} {unit}'}"
+        for name, value, limit, unit in checks
+    ]
 
 
 def metrics(url: str, timings: Timings, prefix: str) -> str:
@@ -218,6 +285,11 @@ def main() -> None:
         "--postgres", help="also copy the data into this PostgreSQL database and load from it"
     )
     parser.add_argument(
+        "--reuse-postgres",
+        action="store_true",
+        help="load the PostgreSQL schema an earlier run copied, instead of copying again",
+    )
+    parser.add_argument(
         "--server-tasks", type=int, default=0, help="also load this many tasks from a server"
     )
     args = parser.parse_args()
@@ -234,27 +306,31 @@ def main() -> None:
         timings: Timings = {}
         lines = [metrics(f"sqlite:///{path.resolve()}", timings, "sqlite")]
         if args.postgres:
-            began = time.perf_counter()
-            url = copy_to_postgres(path, args.postgres, "analytics_bench")
-            print(f"copied into PostgreSQL in {time.perf_counter() - began:.1f} s")
+            url = _schema_url(args.postgres, SCHEMA)
+            if not (args.reuse_postgres and _holds_tasks(url)):
+                began = time.perf_counter()
+                url = copy_to_postgres(path, args.postgres, SCHEMA)
+                print(f"copied into PostgreSQL in {time.perf_counter() - began:.1f} s")
             lines.append(metrics(url, timings, "postgres"))
         if args.server_tasks:
             lines.append(server_load(path, args.server_tasks, args.days, Path(tmp), timings))
 
         print("\n".join(lines))
-        print(f"  {'step':<34} {'wall':>7}   {'cpu':>7}")
-        for name, (wall, cpu) in timings.items():
-            print(f"  {name:<34} {wall:7.2f} s {cpu:7.2f} s")
+        print(f"  {'step':<34} {'wall':>7}   {'cpu':>7}   {'others':>6}")
+        for name, (wall, cpu, others) in timings.items():
+            print(f"  {name:<34} {wall:7.2f} s {cpu:7.2f} s {others:6.2f} cores")
         for prefix in ("sqlite", "postgres"):
             standard = [v for k, v in timings.items() if k.startswith(prefix) and "load" not in k]
             if standard:
                 print(
-                    f"  {prefix + ' all metrics':<34} {sum(w for w, _ in standard):7.2f} s"
-                    f" {sum(c for _, c in standard):7.2f} s"
+                    f"  {prefix + ' all metrics':<34} {sum(v[0] for v in standard):7.2f} s"
+                    f" {sum(v[1] for v in standard):7.2f} s"
                 )
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"  peak memory of this process: {peak_mb:,.0f} MB")
         print(f"  (load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+        print("targets (wall time):")
+        print("\n".join(verdicts(timings, peak_mb)))
 
 
 if __name__ == "__main__":
