@@ -300,8 +300,9 @@ _APPEND_LOGS = {
 }
 
 
-# A submit inserts its tasks in one statement whatever their number, as one JSON array of rows (a
-# row per task, a value per SUBMITTED column), so its text (and plan) is cached once. The rows go
+# A batch submit inserts a chunk of its tasks per statement (changes.SUBMIT_CHUNK) as one JSON
+# array of rows (a row per task, a value per SUBMITTED column), so the statement's text (and plan)
+# is the same whatever the chunk's size; a single task uses `submit_one`. The rows go
 # in in array order, so seq follows the order of submission. The WHERE is SQLite's: ON CONFLICT
 # after a bare SELECT would be read as a join constraint.
 SUBMITTED = ("id", "work_directory", "prompt", "priority", "tags", "status", "created_at",
