@@ -44,6 +44,10 @@ async def test_events_pages_through_history_in_id_order(gql: GraphQLClient) -> N
     claimed = await gql.ok('mutation { claimTask(workDirectory: "/a", workerId: "w1") { id } }')
     task = claimed["claimTask"]["id"]
     await gql.ok(f'mutation {{ completeTask(id: "{task}", workerId: "w1") {{ id }} }}')
+    # On PostgreSQL a page holds positioned events only, and an event gets its position a moment
+    # after its commit; a task's history waits for its own, and every earlier one comes before it.
+    history = await gql.ok(f'{{ task(id: "{task}") {{ history {{ id }} }} }}')
+    assert len(history["task"]["history"]) == 3
 
     events = await all_pages(gql, first=3)
     assert len(events) == 7 + 2
