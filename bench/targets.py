@@ -27,7 +27,7 @@ def _submit_vs_floor(rows: Rows) -> tuple[float, str] | None:
         return None
     ratio = submit["requests_per_s"] / floor["requests_per_s"]
     return (
-        ratio / 0.85,
+        ratio,
         f"{ratio:.0%} of the floor mutation ({submit['requests_per_s']:,.0f} req/s)",
     )
 
@@ -95,11 +95,24 @@ def _growth(rows: Rows) -> tuple[float, str] | None:
 
 
 def _memory(rows: Rows) -> tuple[float, str] | None:
-    found = [r for (c, s), r in rows.items() if s == "lifecycle"]
+    # Every scenario counts: a thousand subscribers' sockets weigh more than a lifecycle's load.
+    found = [r for r in rows.values() if r.get("server_rss_mb")]
     if not found:
         return None
     worst = max(found, key=lambda r: r["server_rss_mb"])
-    return 128 / worst["server_rss_mb"], f"{worst['server_rss_mb']:,.0f} MB ({worst['config']})"
+    figure = f"{worst['server_rss_mb']:,.0f} MB ({worst['config']}, {worst['scenario']})"
+    return 128 / worst["server_rss_mb"], figure
+
+
+def _keys(rows: Rows) -> tuple[float, str] | None:
+    keyed, anonymous = (
+        _get(rows, "sqlite-full-1p-keys", "lifecycle"),
+        _get(rows, PRIMARY, "lifecycle"),
+    )
+    if not keyed or not anonymous:
+        return None
+    ratio = keyed["throughput"] / anonymous["throughput"]
+    return ratio / 0.9, f"with keys at {ratio:.0%} of anonymous"
 
 
 def _durability(rows: Rows) -> tuple[float, str] | None:
@@ -111,7 +124,7 @@ def _durability(rows: Rows) -> tuple[float, str] | None:
 
 
 TARGETS = (
-    Target("submit vs floor", ">= 85% of the bare mutation", _submit_vs_floor),
+    Target("submit vs floor", ">= 1.0x the bare mutation", _submit_vs_floor),
     Target("lifecycle rate", ">= 1,000 tasks/s", _lifecycle_rate),
     Target("lifecycle p99", "< 100 ms", _lifecycle_p99),
     Target("batch submit", ">= 20,000 tasks/s", _rate("batch-submit", 20_000)),
@@ -122,6 +135,7 @@ TARGETS = (
     Target("growth", "claim at 1M within 2x of 1k", _growth),
     Target("memory", "peak RSS <= 128 MB", _memory),
     Target("durability", "full within 25% of normal", _durability),
+    Target("keys", "lifecycle with keys within 10% of anonymous", _keys),
 )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from api.core.domain import Completion, EventFilter, TaskHandle, TaskStatus
+from api.core.domain import Completion, EventFilter, TaskStatus
 from api.core.errors import Conflict, ValidationError
 from api.core.service import TaskService
 from api.core.validation import task_spec
@@ -452,8 +452,10 @@ async def test_a_schema_2_database_keeps_its_tasks_and_history(
         assert blocked.status is B
         assert next(e.id for e in await store.history(blocked.id)) > 5
         assert await store.schema_version() == SCHEMA_VERSION
-        handle = TaskHandle("h" * 32, task_id, "anonymous", clock())
-        await store.handles.add_handle(handle)  # the later tables exist too
+        # the later tables exist too
+        _, handle = await store.submit_with_handle(
+            task_spec(work_directory="/new", prompt="p"), clock(), "h" * 32, "anonymous"
+        )
         assert await store.handles.find_handle(handle.handle) == handle
     finally:
         await store.close()

@@ -23,7 +23,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.exceptions import MCPError
 from mcp_types import INVALID_PARAMS, MISSING_REQUIRED_CLIENT_CAPABILITY
 
-from api.core.domain import TaskStatus
+from api.core.domain import TaskFilter, TaskStatus
 from api.core.service import TaskService
 from api.interfaces.mcp import PROFILES, build_mcp
 from api.interfaces.mcp_tasks import MCP_STATUS
@@ -278,16 +278,35 @@ async def test_a_handle_goes_with_its_task_when_retention_prunes_it(
 ) -> None:
     from api.core.validation import task_spec
 
-    task = await service.submit(task_spec(work_directory="/srv/repo", prompt="p"))
-    handle = await service.give_handle(task.id, "anonymous")
-    kept = await service.give_handle(
-        (await service.submit(task_spec(work_directory="/other", prompt="q"))).id, "anonymous"
+    _, handle = await service.submit_with_handle(
+        task_spec(work_directory="/srv/repo", prompt="p"), "anonymous"
+    )
+    _, kept = await service.submit_with_handle(
+        task_spec(work_directory="/other", prompt="q"), "anonymous"
     )
     await complete_next(service, None)
     clock.advance(3600)
     assert await service.prune(timedelta(minutes=1)) == 1
     assert await service.store.handles.find_handle(handle.handle) is None
     assert await service.store.handles.find_handle(kept.handle) == kept
+
+
+async def test_a_task_is_never_stored_without_its_handle(
+    service: TaskService, clock: FakeClock
+) -> None:
+    from api.core.validation import task_spec
+
+    spec = task_spec(work_directory="/srv/repo", prompt="p")
+    task, handle = await service.store.submit_with_handle(spec, clock(), "same-handle", "anonymous")
+    assert await service.resolve_handle(handle.handle, "anonymous") == handle
+    # The second handle insert fails (the handle exists): its task goes with it.
+    with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+        await service.store.submit_with_handle(
+            task_spec(work_directory="/srv/repo", prompt="q"), clock(), "same-handle", "anonymous"
+        )
+    page = await service.list_tasks(TaskFilter(work_directory="/srv/repo"))
+    assert [t.id for t in page.tasks] == [task.id]
+    assert await service.store.handles.find_handle("same-handle") == handle
 
 
 async def test_many_concurrent_run_tasks_get_distinct_resolvable_handles(

@@ -123,16 +123,19 @@ class TaskService:
         try:
             return await self.store.submit(specs, self._clock())
         except RefusedDependency as refused:
-            field = f"{prefix.format(refused.spec)}depends_on[{refused.index}]"
-            if refused.status is None:
-                raise ValidationError(
-                    field, f"{field}: no task with id {refused.task_id}; depend on existing tasks"
-                ) from None
-            raise ValidationError(
-                field,
-                f"{field}: task {refused.task_id} is {refused.status.value}, so the new task could"
-                " never run; retry that task first, or leave it out",
-            ) from None
+            raise self._refused(refused, prefix) from None
+
+    def _refused(self, refused: RefusedDependency, prefix: str) -> ValidationError:
+        field = f"{prefix.format(refused.spec)}depends_on[{refused.index}]"
+        if refused.status is None:
+            return ValidationError(
+                field, f"{field}: no task with id {refused.task_id}; depend on existing tasks"
+            )
+        return ValidationError(
+            field,
+            f"{field}: task {refused.task_id} is {refused.status.value}, so the new task could"
+            " never run; retry that task first, or leave it out",
+        )
 
     async def update(self, task_id: str, expected_version: int, changes: TaskChanges) -> Task:
         task_id = validation.check_task_id(task_id)
@@ -507,12 +510,15 @@ class TaskService:
 
     # --- handles (MCP tasks) ---
 
-    async def give_handle(self, task_id: str, owner: str) -> TaskHandle:
-        """A new unguessable handle for `task_id`, stored before it is returned, that only
-        `owner` can resolve."""
-        handle = TaskHandle(secrets.token_urlsafe(24), task_id, owner, self._clock())
-        await self.store.handles.add_handle(handle)
-        return handle
+    async def submit_with_handle(self, spec: TaskSpec, owner: str) -> tuple[Task, TaskHandle]:
+        """Submit one task (as `submit`) with a new unguessable handle that only `owner` can
+        resolve, stored in the same transaction as the task."""
+        try:
+            return await self.store.submit_with_handle(
+                spec, self._clock(), secrets.token_urlsafe(24), owner
+            )
+        except RefusedDependency as refused:
+            raise self._refused(refused, "") from None
 
     async def resolve_handle(self, handle: str, owner: str) -> TaskHandle | None:
         """The handle, when it exists and belongs to `owner`; None otherwise, the same either

@@ -296,12 +296,13 @@ def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPSe
 
         async def submit() -> CallToolResult:
             timeout = validation.check_run_timeout(timeout_seconds)
-            task = await service().submit(spec())
             launch = launching()
             if launch is not None:  # a Tasks client: answer with a handle, not the result
-                launch.handle = await service().give_handle(task.id, launch.owner)
-                launch.task = task
-                return tool_result(task)
+                launch.task, launch.handle = await service().submit_with_handle(
+                    spec(), launch.owner
+                )
+                return tool_result(launch.task)
+            task = await service().submit(spec())
             return tool_result(await service().wait_finished(task.id, timeout), timeout)
 
         return await _call(ctx, "submit", submit, "read")  # it reads the task back

@@ -118,6 +118,12 @@ class TaskStore(Protocol):
         """Insert all or none; an existing idempotency key returns the stored task instead.
         Raises RefusedDependency (nothing stored) for a missing or failed dependency."""
 
+    async def submit_with_handle(
+        self, spec: domain.TaskSpec, now: datetime, handle: str, owner: str
+    ) -> tuple[Task, TaskHandle]:
+        """Submit one task as `submit` does and store `handle` for it, owned by `owner`, in the
+        same transaction."""
+
     async def claim(
         self, work_directory: str, worker_id: str, limit: int, lease_until: datetime, now: datetime
     ) -> list[Task]: ...
@@ -207,7 +213,5 @@ class KeyStore(Protocol):
 
 class HandleStore(Protocol):
     """Task handles: a handle names one task for one owner; handles go when their task does."""
-
-    async def add_handle(self, handle: TaskHandle) -> None: ...
 
     async def find_handle(self, handle: str) -> TaskHandle | None: ...

@@ -22,6 +22,7 @@ from api.core.domain import (
     Task,
     TaskChanges,
     TaskFilter,
+    TaskHandle,
     TaskSpec,
     TaskStatus,
 )
@@ -92,6 +93,17 @@ def submit(c: Catalogue, specs: Sequence[TaskSpec], now: datetime) -> Program[li
         pending.append((task, None, lifecycle.history_details(details), None))
         tasks.append(task)
     return tasks, pending
+
+
+def submit_with_handle(
+    c: Catalogue, spec: TaskSpec, now: datetime, handle: str, owner: str
+) -> Program[tuple[Task, TaskHandle]]:
+    """Submit one task and store a handle for it in the same transaction: a caller promised a
+    handle never leaves a task behind without one."""
+    (task,), pending = yield from submit(c, [spec], now)
+    yield sql.INSERT_HANDLE, {"handle": handle, "task_id": task.id, "owner": owner,
+                              "now": c.dialect.time(now)}  # fmt: skip
+    return (task, TaskHandle(handle, task.id, owner, now)), pending
 
 
 def _submitted(

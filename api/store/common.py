@@ -151,6 +151,11 @@ class SqlTaskStore(ABC):
     async def submit(self, specs: Sequence[domain.TaskSpec], now: datetime) -> list[Task]:
         return await self._run(programs.submit(self.sql, specs, now))
 
+    async def submit_with_handle(
+        self, spec: domain.TaskSpec, now: datetime, handle: str, owner: str
+    ) -> tuple[Task, domain.TaskHandle]:
+        return await self._run(programs.submit_with_handle(self.sql, spec, now, handle, owner))
+
     async def claim(
         self, work_directory: str, worker_id: str, limit: int, lease_until: datetime, now: datetime
     ) -> list[Task]:

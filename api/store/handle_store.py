@@ -14,11 +14,6 @@ class SqlHandleStore:
         self._read = read
         self._write = write
 
-    async def add_handle(self, handle: TaskHandle) -> None:
-        params = {"handle": handle.handle, "task_id": handle.task_id, "owner": handle.owner,
-                  "now": self._d.time(handle.created_at)}  # fmt: skip
-        await self._write((sql.INSERT_HANDLE, params))
-
     async def find_handle(self, handle: str) -> TaskHandle | None:
         rows = await self._read((sql.FIND_HANDLE, {"handle": handle}))
         if not rows:
