@@ -4,6 +4,8 @@ they owe is written in one statement at the end, numbered in the order of the ch
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
 import sqlite3
 import threading
 from collections.abc import AsyncIterator, Sequence
@@ -151,3 +153,25 @@ async def test_prune_in_the_same_commit_deletes_the_history_owed_before_it(
     assert pruned == 1
     assert await store.get(task.id) is None
     assert await store.history(task.id) == []
+
+
+async def test_a_commit_waits_its_turn_behind_another_process_writer(
+    store: SqliteStore, tmp_path: Path
+) -> None:
+    """Processes sharing the file take turns at the lock file beside it, so one process's writer
+    is handed the file as soon as the other's commit ends instead of polling SQLite's lock."""
+    turn = os.open(f"{store.path}-turn", os.O_RDWR)
+    try:
+        fcntl.flock(turn, fcntl.LOCK_EX)  # as another process's writer holds it for a commit
+        submit = asyncio.ensure_future(store.submit([spec("waits")], datetime.now(UTC)))
+        await asyncio.sleep(0.3)
+        assert not submit.done()
+        fcntl.flock(turn, fcntl.LOCK_UN)
+        async with asyncio.timeout(5):
+            (task,) = await submit
+        assert task.status is TaskStatus.WAITING
+        # The writer holds the turn only while it commits.
+        fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(turn, fcntl.LOCK_UN)
+    finally:
+        os.close(turn)

@@ -74,7 +74,9 @@ class SqliteStore(SqlTaskStore):
         self.path = sqlite_path(url)
         self._synchronous = "FULL" if durability == "full" else "NORMAL"
         self._listeners: list[CommitListener] = []
-        self._writer = Writer(self._connect_writer, record_history, self._committed)
+        self._writer = Writer(
+            self._connect_writer, record_history, self._committed, turn_path=f"{self.path}-turn"
+        )
         self._reader_count = readers
         self._readers: list[aiosqlite.Connection] = []
         self._next_reader = itertools.cycle(range(readers))
