@@ -78,7 +78,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         timeout_graceful_shutdown=settings.shutdown_timeout,
         ws_max_size=settings.max_body_bytes,  # one WebSocket message is bounded like a body
         # Events are a few hundred bytes: compressing each one for each socket took a quarter of
-        # the CPU of a fan-out, and every socket's deflate state about 50 KB of memory.
+        # the CPU of a fan-out, and every socket's deflate state about 45 KB of memory.
         ws_per_message_deflate=False,
     )
     serve(app, config, sockets)

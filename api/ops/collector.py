@@ -7,7 +7,9 @@ sockets connect, each holding the event loop for 150-550 ms on 2 cores, and a fa
 one reaches its last subscriber that much later. The server keeps the young generations as they
 are (they find most cyclic garbage, in a few milliseconds), freezes what startup built (the
 schema, the modules: never garbage, never traversed again) and makes the full pass itself, at most
-once a minute, when a young pass ran since the last one."""
+once a minute, when a young pass ran since the last one. What it costs: cyclic garbage that
+outlived two young passes waits for the next full one; after 1,000 sockets connected that was
+~7,500 objects (about 7 a socket), a few MB at most."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 
 log = logging.getLogger("taskorch.collector")
 
-FULL_PASS_INTERVAL = 60.0  # seconds; a pass that old holds cyclic garbage at most this long
+FULL_PASS_INTERVAL = 60.0  # seconds: cyclic garbage that reached the old generation waits this long
 NEVER = 2**31 - 1  # young passes before CPython would consider a full pass itself: never
 
 
