@@ -9,7 +9,7 @@ are (they find most cyclic garbage, in a few milliseconds), freezes what startup
 schema, the modules: never garbage, never traversed again) and makes the full pass itself, at most
 once a minute, when a young pass ran since the last one. What it costs: cyclic garbage that
 outlived two young passes waits for the next full one; after 1,000 sockets connected that was
-~7,500 objects (about 7 a socket), a few MB at most."""
+~7,500 objects (about 7 a socket), and collecting them left the RSS where it was (128 MB)."""
 
 from __future__ import annotations
 
