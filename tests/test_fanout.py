@@ -128,3 +128,16 @@ async def test_a_shared_subscription_refuses_what_it_cannot_run(
         assert (await subscriber.event())["workDirectory"] == "/ok"
     finally:
         await subscriber.close()
+
+
+async def test_sockets_are_not_compressed_even_when_the_client_offers_it(
+    server: ServerProcess,
+) -> None:
+    subscriber = await Subscriber.connect(server.ws_url)  # the client offers permessage-deflate
+    try:
+        response = subscriber.connection.response
+        assert response is not None
+        assert "Sec-WebSocket-Extensions" not in response.headers
+        assert subscriber.connection.protocol.extensions == []
+    finally:
+        await subscriber.close()

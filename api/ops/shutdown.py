@@ -10,6 +10,8 @@ import socket
 import uvicorn
 from starlette.applications import Starlette
 
+from api.ops.collector import Collector
+
 log = logging.getLogger("taskorch.shutdown")
 
 
@@ -17,11 +19,18 @@ class GracefulServer(uvicorn.Server):
     """uvicorn closes the listening sockets, sends WebSocket clients a 1012 close (which ends their
     subscriptions), waits up to `timeout_graceful_shutdown` for in-flight requests, then runs the
     lifespan shutdown. Before that wait, waiting claims are told to answer now: a claim waiting
-    for work would otherwise hold the drain for as long as it asked to wait."""
+    for work would otherwise hold the drain for as long as it asked to wait. While it serves, the
+    garbage collector's full passes run on the collector's clock (api/ops/collector.py)."""
 
     def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
         super().__init__(config)
         self.starlette = app
+        self.collector = Collector()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:
+            self.collector.start()  # what startup built is frozen only once it is all there
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         service = getattr(self.starlette.state, "service", None)
@@ -29,6 +38,7 @@ class GracefulServer(uvicorn.Server):
             log.info("shutting down: waiting claims answer now, in-flight requests may finish")
             service.stop_waiting()
         await super().shutdown(sockets)
+        await self.collector.stop()
 
 
 def serve(

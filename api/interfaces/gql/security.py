@@ -207,6 +207,10 @@ class SecuredTransportWS(BaseGraphQLTransportWSHandler[Context, None]):
                 return
             self.socket.state.principal = principal
         await super().handle_connection_init(message)
+        if self.connection_init_received:
+            # The base handler cancelled its init timer but keeps the task, with its exception and
+            # frames, for as long as the socket lives: ~1 KB each of 1,000 sockets.
+            self.connection_init_timeout_task = None
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
         # An unacknowledged socket or a reused id is the protocol's own business (4401, 4409).
