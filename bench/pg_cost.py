@@ -4,7 +4,8 @@ one `taskorch serve` process runs them, without HTTP and GraphQL.
 
 `python -m bench.pg_cost [--clients 32] [--seconds 5] [--code-b DIR]`. The server CPU is read
 from /proc for this run's own backends only (its pool, listener and stamper), so other users of
-the PostgreSQL server do not count; WAL writer and autovacuum work are left out. Each request of
+the PostgreSQL server do not count; WAL writer and autovacuum work are left out. Statements
+are counted on the pool's connections (the stamper's and listener's are not). Each request of
 an anonymous client also reads the number of active keys, as the server does, so that read is
 part of each change here. `--code-b` runs the same measurement on another checkout afterwards
 (say, the previous commit), in the same minutes."""

@@ -84,7 +84,7 @@ def test_pg_cost_bench_prints_server_cpu_and_statements_per_lifecycle(postgres_u
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     first, *statements = finished.stdout.strip().splitlines()
-    assert "lifecycles/s; per lifecycle PostgreSQL CPU" in first
+    assert "lifecycles/s; per lifecycle PostgreSQL CPU" in first, finished.stdout
     # Three changes and three reads of the active keys per lifecycle, at the least.
     assert float(first.split(", ")[-1].split()[0]) >= 6
     assert any("count(*) AS count FROM api_keys" in line for line in statements)
