@@ -72,3 +72,19 @@ def test_write_path_bench_prints_cpu_per_task_of_each_path() -> None:
         assert row["tasks"] > 0
         assert row["tasks_per_cpu_s"] > 0
         assert row["cpu_us_per_task"] > 0
+
+
+def test_pg_cost_bench_prints_server_cpu_and_statements_per_lifecycle(postgres_url: str) -> None:
+    finished = subprocess.run(
+        [sys.executable, "-m", "bench.pg_cost", "--clients", "4", "--seconds", "0.5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    first, *statements = finished.stdout.strip().splitlines()
+    assert "lifecycles/s; per lifecycle PostgreSQL CPU" in first, finished.stdout
+    # Three changes and three reads of the active keys per lifecycle, at the least.
+    assert float(first.split(", ")[-1].split()[0]) >= 6
+    assert any("count(*) AS count FROM api_keys" in line for line in statements)

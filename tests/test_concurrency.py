@@ -180,3 +180,39 @@ async def test_fifty_http_claimers_against_a_server_process(
     claimed = [t for r in results for t in r]
     assert len(claimed) == 500
     assert set(claimed) == ids
+
+
+async def test_fifty_one_task_lifecycles_record_each_change_once_in_order(
+    service: TaskService,
+) -> None:
+    """Fifty clients each submit one task, claim one and complete it, all at once: every task is
+    completed once, and its history holds its three changes, in order, with gap-free ids."""
+
+    async def lifecycle(number: int) -> str:
+        worker = f"w{number}"
+        await service.submit(task_spec(work_directory="/life", prompt=f"p{number}"))
+        # A claim that finds nothing yet waits for a submit, woken by its commit.
+        (task,) = await service.claim("/life", worker, wait_seconds=10)
+        done = await service.complete(task.id, worker, {"n": number})
+        assert (done.status, done.worker_id) == (TaskStatus.COMPLETED, worker)
+        return task.id
+
+    ids = await asyncio.gather(*(lifecycle(n) for n in range(50)))
+    assert len(set(ids)) == 50
+    assert (await service.statistics())[TaskStatus.COMPLETED] == 50
+    positions: list[int] = []
+    for task_id in ids:
+        history = await service.history(task_id)
+        assert [(e.previous_status, e.status) for e in history] == [
+            (None, TaskStatus.WAITING),
+            (TaskStatus.WAITING, TaskStatus.WORKING),
+            (TaskStatus.WORKING, TaskStatus.COMPLETED),
+        ]
+        submitted, claimed, completed = history
+        assert submitted.worker_id is None
+        assert claimed.worker_id is not None
+        assert completed.worker_id == claimed.worker_id
+        assert set(claimed.details) == {"leaseExpiresAt"}
+        assert submitted.id < claimed.id < completed.id
+        positions += [e.id for e in history]
+    assert sorted(positions) == list(range(min(positions), min(positions) + 150))

@@ -7,15 +7,19 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 
-from api.core.domain import EventFilter, TaskEvent, TaskStatus
+from api.core import lifecycle
+from api.core.domain import Backoff, Completion, EventFilter, TaskEvent, TaskStatus
 from api.core.service import TaskService
 from api.core.validation import task_spec
 from api.events.bus import Subscription
 from api.events.postgres import PostgresBus
 from api.store.base import SCHEMA_VERSION
+from api.store.common import SqlTaskStore
+from api.store.pg_schema import WAKE_STAMPER
 from api.store.postgres import CLAIM, PostgresStore
 from tests.conftest import eventually
 
@@ -36,6 +40,9 @@ async def replica(url: str) -> AsyncIterator[tuple[PostgresStore, PostgresBus, T
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+BACKOFF = Backoff()
 
 
 async def receive(subscription: Subscription, count: int) -> list[TaskEvent]:
@@ -234,3 +241,84 @@ async def test_the_bus_stops_even_when_a_wake_up_races_the_stop(postgres_url: st
                 await bus.stop()
     finally:
         await store.close()
+
+
+async def test_one_statement_changes_record_what_the_general_programs_record(
+    postgres_url: str,
+) -> None:
+    """Submit, claim, complete and fail run as one statement each on PostgreSQL; the history rows
+    they write are the ones the general programs (run in a transaction) write."""
+    store = PostgresStore(postgres_url, min_size=1, max_size=1)
+    await store.open()
+    sent: list[str] = []
+    async with store.pool.acquire() as conn:  # the pool's one connection, for its whole life
+        conn.add_query_logger(lambda record: sent.append(record.query))
+    try:
+
+        async def story(directory: str, run: Any) -> list[tuple[Any, ...]]:
+            later = now() + timedelta(seconds=-1)
+            (done,) = await run.submit(
+                store, [task_spec(work_directory=directory, prompt="a", run_after=later)], now()
+            )
+            await run.submit(store, [task_spec(work_directory=directory, prompt="b")], now())
+            lease = now() + timedelta(seconds=60)
+            (first,) = await run.claim(store, directory, "w", 1, lease, now())
+            assert first.id == done.id
+            (second,) = await run.claim(store, directory, "w", 1, lease, now())
+            await run.complete(store, [Completion(first.id, {"ok": True})], "w", now())
+            failed = await run.change(
+                store,
+                second.id,
+                lambda t: lifecycle.fail(t, "w", "boom", False, BACKOFF, 1.0, now()),
+            )
+            assert failed is not None
+            assert failed.status is TaskStatus.FAILED
+            sent.append("-- end of the story")
+            rows = await store.pool.fetch(
+                "SELECT status, previous_status, worker_id, details, xid IS NOT NULL AS has_xid"
+                " FROM task_history WHERE work_directory = $1 ORDER BY entry",
+                directory,
+            )
+            # Instants differ between the runs: compare which details were given, with values
+            # that do not depend on the clock.
+            return [
+                (r["status"], r["previous_status"], r["worker_id"], r["has_xid"],
+                 {k: (v if k in ("error", "reason") else type(v).__name__)
+                  for k, v in r["details"].items()})
+                for r in rows
+            ]  # fmt: skip
+
+        sent.clear()
+        fast = await story("/fast", PostgresStore)
+        # Wake-ups of the stamper aside, each change is one statement; the failure reads first.
+        story_sent = sent[: sent.index("-- end of the story")]
+        statements = [s.split(" ", 3)[:3] for s in story_sent if s != WAKE_STAMPER]
+        assert statements == [
+            ["WITH", "changed", "AS"], ["WITH", "changed", "AS"], ["WITH", "changed", "AS"],
+            ["WITH", "changed", "AS"], ["WITH", "changed", "AS"], ["SELECT", "seq,", "id,"],
+            ["WITH", "changed", "AS"],
+        ]  # fmt: skip
+        general = await story("/general", SqlTaskStore)
+        assert fast == general
+        assert [row[:2] for row in fast] == [
+            ("WAITING", None), ("WAITING", None), ("WORKING", "WAITING"), ("WORKING", "WAITING"),
+            ("COMPLETED", "WORKING"), ("FAILED", "WORKING"),
+        ]  # fmt: skip
+    finally:
+        await store.close()
+
+
+async def test_a_completion_that_settles_dependents_takes_the_general_path(
+    postgres_url: str,
+) -> None:
+    async with replica(postgres_url) as (_, _, service):
+        parent = await service.submit(task_spec(work_directory="/dep", prompt="parent"))
+        child = await service.submit(
+            task_spec(work_directory="/dep", prompt="child", depends_on=[parent.id])
+        )
+        assert child.status is TaskStatus.BLOCKED
+        (claimed,) = await service.claim("/dep", "w")
+        await service.complete(claimed.id, "w", {"ok": True})
+        assert (await service.get(child.id)).status is TaskStatus.WAITING
+        history = await service.history(child.id)
+        assert [e.status for e in history] == [TaskStatus.BLOCKED, TaskStatus.WAITING]

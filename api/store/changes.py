@@ -39,6 +39,22 @@ Program = Generator[Query, list[Row], tuple[T, list[Pending]]]
 
 
 @dataclass(frozen=True, slots=True)
+class Recorded:
+    """A change made by one statement that returns the tasks it changed, each of which owes one
+    history row naming the same previous status and details (and worker, when given; else the
+    task's own). SQLite runs the statement in its writer's transaction and writes the rows after
+    it; PostgreSQL can write them in the same statement (`pg_schema.with_history`)."""
+
+    query: Query
+    previous: TaskStatus | None
+    details: dict[str, Any]
+    worker_id: str | None = None
+
+    def owed(self, tasks: Sequence[Task]) -> list[Pending]:
+        return [(task, self.previous, self.details, self.worker_id) for task in tasks]
+
+
+@dataclass(frozen=True, slots=True)
 class BulkChunk:
     """What one chunk of a bulk change saw and did."""
 
@@ -87,10 +103,7 @@ def submit(c: Catalogue, specs: Sequence[TaskSpec], now: datetime) -> Program[li
         task = task_of(d, row)
         if spec.depends_on:
             yield from _record_dependencies(task)
-        details: dict[str, object] = {} if task.run_after is None else {"runAfter": task.run_after}
-        if task.blocked_by:
-            details["blockedBy"] = list(task.blocked_by)
-        pending.append((task, None, lifecycle.history_details(details), None))
+        pending.append((task, None, submitted_details(task.run_after, task.blocked_by), None))
         tasks.append(task)
     return tasks, pending
 
@@ -104,6 +117,23 @@ def submit_with_handle(
     yield sql.INSERT_HANDLE, {"handle": handle, "task_id": task.id, "owner": owner,
                               "now": c.dialect.time(now)}  # fmt: skip
     return (task, TaskHandle(handle, task.id, owner, now)), pending
+
+
+def submitted_details(run_after: datetime | None, blocked_by: Sequence[str]) -> dict[str, Any]:
+    """The details of a new task's first history row."""
+    details: dict[str, object] = {} if run_after is None else {"runAfter": run_after}
+    if blocked_by:
+        details["blockedBy"] = list(blocked_by)
+    return lifecycle.history_details(details)
+
+
+def submit_alone(c: Catalogue, spec: TaskSpec, now: datetime) -> Recorded:
+    """One task without dependencies as one statement; it returns no row when the idempotency
+    key is stored already (the `submit` program then hands back the stored task)."""
+    d = c.dialect
+    values = _submitted(d, spec, str(uuid.uuid4()), {}, d.time(now), d.time)
+    params = dict(zip(sql.SUBMITTED, values, strict=True))
+    return Recorded((c.submit_one, params), None, submitted_details(spec.run_after, ()))
 
 
 def _submitted(
@@ -165,6 +195,22 @@ def claim(
     c: Catalogue, work_directory: str, worker_id: str, limit: int, lease_until: datetime,
     now: datetime,
 ) -> Program[list[Task]]:  # fmt: skip
+    free = free_claim(c, work_directory, worker_id, limit, lease_until, now)
+    rows = yield free.query
+    if rows:
+        tasks = claim_order([task_of(c.dialect, r) for r in rows])
+        return tasks, free.owed(tasks)
+    # Nothing claimable, or the directory has controls: they decide.
+    found = yield c.directory_for_claim, {"work_directory": work_directory}
+    return (yield from controlled_claim(c, free, found))
+
+
+def free_claim(
+    c: Catalogue, work_directory: str, worker_id: str, limit: int, lease_until: datetime,
+    now: datetime,
+) -> Recorded:  # fmt: skip
+    """The claim of a directory without controls, one statement; a directory with controls
+    gets nothing from it (`controlled_claim` decides those)."""
     d = c.dialect
     params = {
         "worker_id": worker_id,
@@ -173,26 +219,27 @@ def claim(
         "work_directory": work_directory,
         "limit": limit,
     }
-    rows = yield c.claim, params
-    if not rows:  # nothing claimable, or the directory has controls: they decide
-        rows = yield from _controlled_claim(c, params)
-    tasks = sorted((task_of(c.dialect, r) for r in rows), key=lambda t: (-t.priority.rank, t.seq))
     details = {"leaseExpiresAt": lease_until.isoformat()}
-    return tasks, [(t, TaskStatus.WAITING, details, None) for t in tasks]
+    return Recorded((c.claim, params), TaskStatus.WAITING, details)
 
 
-def _controlled_claim(
-    c: Catalogue, params: dict[str, Any]
-) -> Generator[Query, list[Row], list[Row]]:
-    """Claim under the directory's controls. On PostgreSQL claims of a controlled directory take
-    turns (an advisory lock held until commit), and each counts the WORKING tasks in a statement
-    that starts after the previous claim committed: the cap holds across replicas. SQLite's
-    single writer serialises them anyway."""
-    wd = {"work_directory": params["work_directory"]}
-    found = yield c.directory_for_claim, wd
+def claim_order(tasks: list[Task]) -> list[Task]:
+    """Claimed tasks as the claim hands them out (and records them): by priority, then seq."""
+    return sorted(tasks, key=lambda t: (-t.priority.rank, t.seq))
+
+
+def controlled_claim(c: Catalogue, free: Recorded, found: list[Row]) -> Program[list[Task]]:
+    """The claim `free` under the directory's controls, `found` (its row, read before any lock;
+    no row: none). A directory they do not restrict had nothing claimable, and this yields no
+    statement. On PostgreSQL claims of a controlled directory take turns (an advisory lock held
+    until commit), and each counts the WORKING tasks in a statement that starts after the
+    previous claim committed: the cap holds across replicas. SQLite's single writer serialises
+    them anyway."""
     settings = directory_of(c.dialect, found[0]) if found else None
     if settings is None or not settings.restricts:
-        return []  # the first claim was not held back: nothing is claimable
+        return [], []
+    params = free.query[1]
+    wd = {"work_directory": params["work_directory"]}
     working = 0
     if settings.max_working is not None and not settings.paused:
         if c.dialect.claim_turn:
@@ -201,8 +248,10 @@ def _controlled_claim(
         working = int(counted[0]["n"])
     allowed = lifecycle.claim_allowance(settings, working, params["limit"])
     if allowed <= 0:
-        return []
-    return (yield c.claim_controlled, {**params, "limit": allowed})
+        return [], []
+    rows = yield c.claim_controlled, {**params, "limit": allowed}
+    tasks = claim_order([task_of(c.dialect, r) for r in rows])
+    return tasks, free.owed(tasks)
 
 
 def configure(
@@ -243,11 +292,23 @@ def complete(
         raise NotAll()
     by_id = {str(row["id"]): row for row in rows}
     tasks = [task_of(d, by_id[item.task_id]) for item in items]
-    pending: list[Pending] = [(t, TaskStatus.WORKING, {}, None) for t in tasks]
+    pending: list[Pending] = [(t, COMPLETED_FROM, {}, None) for t in tasks]
     # Only a task some other task depends on costs more than the one statement.
     if any(lifecycle.settles_dependents(t) for t in tasks):
         pending.extend((yield from settle(c, tasks)))
     return tasks, pending
+
+
+COMPLETED_FROM = TaskStatus.WORKING  # the previous status a completion's history row names
+
+
+def complete_alone(c: Catalogue, item: Completion, worker_id: str, now: datetime) -> Recorded:
+    """The completion of one held task that no task depends on, one statement; nothing is
+    changed (and the `complete` program decides) when it is not held or others depend on it."""
+    d = c.dialect
+    params = {"now": d.time(now), "worker_id": worker_id, "id": item.task_id,
+              "result": d.json(item.result)}  # fmt: skip
+    return Recorded((c.complete_independent, params), COMPLETED_FROM, {})
 
 
 def heartbeat(
@@ -316,14 +377,21 @@ def update(
     }
 
 
+def applying(c: Catalogue, outcome: Outcome) -> Recorded:
+    """A decided outcome as one compare-and-set statement on the version it was decided on."""
+    params = applied(c.dialect, outcome.task, outcome.expected_version)
+    details = lifecycle.history_details(outcome.details)
+    return Recorded((sql.APPLY, params), outcome.previous, details, outcome.worker_id)
+
+
 def apply(c: Catalogue, outcome: Outcome) -> Program[Task | None]:
     """Write a decided outcome if the task is still at the version it was decided on."""
-    rows = yield sql.APPLY, applied(c.dialect, outcome.task, outcome.expected_version)
+    change = applying(c, outcome)
+    rows = yield change.query
     if not rows:
         return None, []
     task = task_of(c.dialect, rows[0])
-    details = lifecycle.history_details(outcome.details)
-    owed: list[Pending] = [(task, outcome.previous, details, outcome.worker_id)]
+    owed = change.owed([task])
     if lifecycle.settles_dependents(task):
         owed.extend((yield from settle(c, [task])))
     return task, owed

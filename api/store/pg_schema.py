@@ -4,6 +4,7 @@ are safe, and history rows written without a lock, then given delivery positions
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -73,6 +74,25 @@ async def insert_history(conn: asyncpg.Connection, pending: Sequence[Pending]) -
     columns = [[row[name] for row in rows] for name in _HISTORY_FIELDS]
     records = await conn.fetch(RECORD, *columns)
     return [event_of(POSTGRES, r) for r in records]
+
+
+@functools.lru_cache(maxsize=64)
+def with_history(statement: str) -> str:
+    """`statement` (one that changes tasks, RETURNING their columns) and the history rows it owes,
+    as one statement run on its own: no BEGIN, history insert and COMMIT round trips. The rows
+    are what rows.history_row makes of each changed task, with :history_previous,
+    :history_details and :history_worker (NULL: the task's own worker); they are inserted in
+    claim order, as the general path writes them, and their xid column default names the
+    statement's own transaction, so ordering is as for any change."""
+    return (
+        f"WITH changed AS ({statement}),"
+        " recorded AS (INSERT INTO task_history (task_id, work_directory, status,"
+        " previous_status, worker_id, at, details)"
+        " SELECT id, work_directory, status, CAST(:history_previous AS text),"
+        " coalesce(CAST(:history_worker AS text), worker_id), updated_at,"
+        " CAST(:history_details AS jsonb) FROM changed ORDER BY priority DESC, seq)"
+        " SELECT * FROM changed"
+    )
 
 
 # Wakes the stamper after a commit; a transaction of its own with no xid, so it writes no WAL

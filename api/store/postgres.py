@@ -8,19 +8,22 @@ import contextlib
 import json
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 from typing import TypeVar
 
 import asyncpg
 
-from api.core.domain import TaskEvent
+from api.core import lifecycle
+from api.core.domain import Completion, Task, TaskEvent, TaskSpec
+from api.store import changes as programs
 from api.store import sql
-from api.store.base import CommitListener
-from api.store.changes import Program, Query
+from api.store.base import CommitListener, Decide
+from api.store.changes import Program, Query, Recorded
 from api.store.common import SqlTaskStore
 from api.store.handle_store import SqlHandleStore
 from api.store.key_store import SqlKeyStore
-from api.store.pg_schema import WAKE_STAMPER, insert_history, migrate
-from api.store.rows import Row, event_of
+from api.store.pg_schema import WAKE_STAMPER, insert_history, migrate, with_history
+from api.store.rows import Row, event_of, pending_event, task_of
 from api.store.sql import POSTGRES, POSTGRES_SQL, dumps, numbered, positional
 from api.store.stamper import Stamper
 
@@ -40,6 +43,14 @@ CLAIM = numbered(POSTGRES_SQL.claim)[0]
 
 async def init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """What the pool does to a connection given back, once asyncpg has rolled back a transaction
+    left open: nothing more. The store leaves no session state on a pooled connection (its
+    advisory locks are transaction-scoped; it never LISTENs, SETs or DECLAREs there), so the
+    default reset (unlock all, CLOSE ALL, UNLISTEN *, RESET ALL) would cost every acquire one
+    more round trip and four statements for nothing."""
 
 
 CLOSE_SECONDS = 10.0
@@ -76,6 +87,7 @@ class PostgresStore(SqlTaskStore):
             min_size=self._min_size,
             max_size=self._max_size,
             init=init_connection,
+            reset=keep_session,
             # A generic plan cached while the table was small keeps scanning the whole table after
             # it grew; custom plans see the table's current size. Planning these costs ~0.1 ms.
             server_settings={"plan_cache_mode": "force_custom_plan"},
@@ -177,18 +189,23 @@ class PostgresStore(SqlTaskStore):
 
     async def _run(self, program: Program[T]) -> T:
         """Run `program` in one transaction and write the history rows it owes; after the commit,
-        wake the stamper and tell listeners."""
+        wake the stamper and tell listeners. A program that decides without a statement takes
+        no connection."""
+        try:
+            query = next(program)
+        except StopIteration as stop:
+            value: T = stop.value[0]
+            return value
         async with self.pool.acquire() as conn:
             tx = conn.transaction()
             await tx.start()
             try:
-                rows: list[Row] | None = None
                 try:
                     while True:
-                        text, args = positional(*program.send(rows))  # type: ignore[arg-type]
-                        rows = await conn.fetch(text, *args)
+                        text, args = positional(*query)
+                        query = program.send(await conn.fetch(text, *args))
                 except StopIteration as stop:
-                    value: T = stop.value[0]
+                    value = stop.value[0]
                     pending = stop.value[1]
                 if not pending:
                     await tx.commit()
@@ -203,3 +220,69 @@ class PostgresStore(SqlTaskStore):
                     with contextlib.suppress(Exception):  # the pool resets the connection anyway
                         await tx.rollback()
                 raise
+
+    async def _record(self, change: Recorded) -> list[Task]:
+        """Run a one-statement change with its history rows in the same statement, committed on
+        its own (pg_schema.with_history); the tasks changed, in claim order (none: nothing was)."""
+        statement, params = change.query
+        text, args = positional(
+            with_history(statement),
+            {
+                **params,
+                "history_previous": None if change.previous is None else change.previous.value,
+                "history_worker": change.worker_id,
+                "history_details": change.details,
+            },
+        )
+        rows = await self.pool.fetch(text, *args)
+        if not rows:
+            return []
+        tasks = programs.claim_order([task_of(POSTGRES, row) for row in rows])
+        self._wake_stamper()
+        self._committed([pending_event(POSTGRES, p) for p in change.owed(tasks)])
+        return tasks
+
+    # --- the hot changes: one statement each where it is the whole change; else the program ---
+
+    async def submit(self, specs: Sequence[TaskSpec], now: datetime) -> list[Task]:
+        if len(specs) == 1 and not specs[0].depends_on:
+            tasks = await self._record(programs.submit_alone(self.sql, specs[0], now))
+            if tasks:
+                return tasks
+            # The idempotency key is stored already: the program hands back the stored task.
+        return await super().submit(specs, now)
+
+    async def claim(
+        self, work_directory: str, worker_id: str, limit: int, lease_until: datetime, now: datetime
+    ) -> list[Task]:
+        free = programs.free_claim(self.sql, work_directory, worker_id, limit, lease_until, now)
+        tasks = await self._record(free)
+        if tasks:
+            return tasks
+        # Nothing claimable, or the directory has controls. They are read outside the claim's
+        # transaction: inside it they would be read unlocked too, in a snapshot of their own
+        # (READ COMMITTED), so a directory without controls costs no transaction.
+        found = await self._read((self.sql.directory_for_claim, {"work_directory": work_directory}))
+        return await self._run(programs.controlled_claim(self.sql, free, found))
+
+    async def complete(
+        self, items: Sequence[Completion], worker_id: str, now: datetime
+    ) -> list[Task] | None:
+        if len(items) == 1:
+            tasks = await self._record(programs.complete_alone(self.sql, items[0], worker_id, now))
+            if tasks:
+                return tasks
+            # Not held (the program says why), or its end settles other tasks: the program does.
+        return await super().complete(items, worker_id, now)
+
+    async def change(self, task_id: str, decide: Decide) -> Task | None:
+        """Decide on the task as last committed and apply it with a compare-and-set on that
+        version, in one statement; the program, which locks the row first, decides when that
+        does not apply: no outcome, a version that moved meanwhile, or dependents to settle."""
+        rows = await self._read((sql.GET, {"id": task_id}))
+        outcome = decide(task_of(POSTGRES, rows[0])) if rows else None
+        if outcome is not None and not lifecycle.settles_dependents(outcome.task):
+            changed = await self._record(programs.applying(self.sql, outcome))
+            if changed:
+                return changed[0]
+        return await super().change(task_id, decide)

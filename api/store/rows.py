@@ -91,6 +91,11 @@ def event_of(d: Dialect, row: Row) -> TaskEvent:
     )
 
 
+def pending_event(d: Dialect, pending: Pending) -> TaskEvent:
+    """The event a history row written for `pending` carries, before it has a position (id 0)."""
+    return event_of(d, {"id": 0, **history_row(d, pending)})
+
+
 def directory_of(d: Dialect, row: Row) -> DirectorySettings:
     return DirectorySettings(
         work_directory=row["work_directory"],

@@ -191,6 +191,7 @@ class Catalogue:
     expired: str
     finished: str
     complete: str
+    complete_independent: str  # the same, for a task no task depends on (settling nothing)
     complete_many: str  # the same for :items, a JSON array of [id, result as stored] pairs
     lock_dependencies: str  # the tasks a submit depends on (:ids), locked, in seq order
     lock_dependents: str  # tasks to settle, locked, in seq order: {} the ids
@@ -239,6 +240,9 @@ def catalogue(d: Dialect) -> Catalogue:
         # A task that requires a review waits IN_REVIEW, not yet completed. The cast types :now
         # in the CASE (PostgreSQL would take it for text there).
         complete=_COMPLETE.format(result=":result", time=d.types["time"], items="", held=HELD),
+        complete_independent=_COMPLETE.format(
+            result=":result", time=d.types["time"], items="", held=f"{HELD} AND has_dependents = 0"
+        ),
         complete_many=_COMPLETE.format(
             result=_COMPLETED_RESULT[d.name],
             time=d.types["time"],
