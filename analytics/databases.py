@@ -58,15 +58,10 @@ def _table(cursor: Any, sql: str, params: list[Any]) -> pa.Table:
     return cursor.fetch_arrow_table()
 
 
-def _column(table: pa.Table, i: int) -> Any:
-    """Column `i`: numbers and times as one Arrow array; text and ids stay in their chunks, since
-    joining them copies every byte and whatever reads them next takes chunks as they are."""
-    column = table.column(i)
-    return column.combine_chunks() if pa.types.is_primitive(column.type) else column
-
-
 def _columns(table: pa.Table, names: tuple[str, ...]) -> list[Any]:
-    return [_column(table, i) for i in range(len(names))]
+    # The columns in the driver's batches, as they are: joining the chunks would copy every
+    # value once more, and whatever reads them next (numpy, the hash kernels) takes chunks.
+    return table.columns[: len(names)]
 
 
 # An event's status and previous status as one integer, status * 8 + previous + 1 (codes from -1,
@@ -79,7 +74,7 @@ STATUS_PAIR = (
 
 def _event_columns(table: pa.Table) -> list[Any]:
     """The EVENT_FIELDS columns of an events query that read the status pair as one column."""
-    columns = [_column(table, i) for i in range(table.num_columns)]
+    columns = table.columns
     pair = np.asarray(columns[2].cast(pa.int64()).to_numpy(zero_copy_only=False))
     status, previous = pa.array(pair >> 3), pa.array((pair & 7) - 1)
     return [*columns[:2], status, previous, *columns[3:]]

@@ -176,13 +176,10 @@ def _objects(values: Any) -> np.ndarray:
 
 def _text(values: Any) -> Any:
     """A text column: Arrow strings become pandas' Arrow-backed `str` without a Python object per
-    row (a round trip through objects costs about a second per million rows), in one chunk
-    whatever the reader's batches were."""
+    row (a round trip through objects costs about a second per million rows)."""
     if _arrow(values):
         if not pa.types.is_string(values.type):  # no rows to infer a type from
             values = values.cast(pa.string())
-        if isinstance(values, pa.ChunkedArray):
-            values = values.combine_chunks()
         return values.to_pandas()
     return np.asarray(values, dtype=object)
 
@@ -213,26 +210,24 @@ def _binary(values: Any) -> Any:
 
 
 _UUID_BYTES = pa.binary(16)
-# Hex digit (either case) -> its value; the 32 digits of a uuid sit at these of its 36 characters.
-_NIBBLE = np.zeros(256, dtype=np.uint8)
-for _digit in range(16):
-    _NIBBLE[ord(f"{_digit:x}")] = _NIBBLE[ord(f"{_digit:X}")] = _digit
-_DIGITS = np.array([i for i in range(36) if i not in (8, 13, 18, 23)])
+# Where the 32 hex digits of a uuid's 36 characters are: five runs between the dashes.
+_DIGIT_RUNS = ((0, 8), (9, 13), (14, 18), (19, 23), (24, 36))
 
 
 def uuid_bytes(ids: Any) -> pa.Array:
-    """Text uuids (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx) as their 16 bytes, all at once in numpy;
-    an id of another form (that no uuid column holds) gets 16 bytes no uuid has."""
+    """Text uuids (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx, either case) as their 16 bytes, all at
+    once in numpy; an id of another form (no uuid column holds one) gets 16 bytes no uuid has."""
     text = pc.cast(ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids, pa.string())
     count = len(text)
     offsets = np.frombuffer(text.buffers()[1], dtype=np.int32, count=count + 1, offset=text.offset * 4)
     if not count or text.null_count or not np.array_equal(np.diff(offsets), np.full(count, 36)):
-        # Rare: ids not all uuid-shaped. Each one's uuid, or 16 bytes of 0xff for the others
-        # (the one uuid form that is never generated, so it matches no event).
         return pa.array([_uuid_of(value) for value in text.to_pylist()], _UUID_BYTES)
     chars = np.frombuffer(text.buffers()[2], dtype=np.uint8, count=36 * count, offset=int(offsets[0]))
-    nibbles = _NIBBLE[chars.reshape(count, 36)[:, _DIGITS]]
-    packed = np.ascontiguousarray((nibbles[:, 0::2] << 4) | nibbles[:, 1::2])
+    rows = chars.reshape(count, 36)
+    digits = np.concatenate([rows[:, a:b] for a, b in _DIGIT_RUNS], axis=1) | 0x20  # lower case
+    values = digits - ord("0")  # '0'..'9' -> 0..9, 'a'..'f' -> 49..54
+    values -= (values > 9).astype(np.uint8) * (ord("a") - ord("0") - 10)
+    packed = np.ascontiguousarray((values[:, 0::2] << 4) | values[:, 1::2])
     return pa.FixedSizeBinaryArray.from_buffers(_UUID_BYTES, count, [None, pa.py_buffer(packed)])
 
 
