@@ -61,7 +61,7 @@ def _table(cursor: Any, sql: str, params: list[Any]) -> pa.Table:
 def _columns(table: pa.Table, names: tuple[str, ...]) -> list[Any]:
     # The columns in the driver's batches, as they are: joining the chunks would copy every
     # value once more, and whatever reads them next (numpy, the hash kernels) takes chunks.
-    return table.columns[: len(names)]
+    return list(table.columns[: len(names)])
 
 
 # An event's status and previous status as one integer, status * 8 + previous + 1 (codes from -1,

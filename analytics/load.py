@@ -199,7 +199,7 @@ def _rows(ids: Any, task_ids: Any, index: pd.Index) -> np.ndarray:
 
 def _is_uuid(kind: pa.DataType) -> bool:
     storage = kind.storage_type if isinstance(kind, pa.BaseExtensionType) else kind
-    return pa.types.is_fixed_size_binary(storage) and storage.byte_width == 16
+    return bool(pa.types.is_fixed_size_binary(storage) and storage.byte_width == 16)
 
 
 def _binary(values: Any) -> Any:
@@ -219,10 +219,14 @@ def uuid_bytes(ids: Any) -> pa.Array:
     once in numpy; an id of another form (no uuid column holds one) gets 16 bytes no uuid has."""
     text = pc.cast(ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids, pa.string())
     count = len(text)
-    offsets = np.frombuffer(text.buffers()[1], dtype=np.int32, count=count + 1, offset=text.offset * 4)
+    offsets = np.frombuffer(
+        text.buffers()[1], dtype=np.int32, count=count + 1, offset=text.offset * 4
+    )
     if not count or text.null_count or not np.array_equal(np.diff(offsets), np.full(count, 36)):
         return pa.array([_uuid_of(value) for value in text.to_pylist()], _UUID_BYTES)
-    chars = np.frombuffer(text.buffers()[2], dtype=np.uint8, count=36 * count, offset=int(offsets[0]))
+    chars = np.frombuffer(
+        text.buffers()[2], dtype=np.uint8, count=36 * count, offset=int(offsets[0])
+    )
     rows = chars.reshape(count, 36)
     digits = np.concatenate([rows[:, a:b] for a, b in _DIGIT_RUNS], axis=1) | 0x20  # lower case
     values = digits - ord("0")  # '0'..'9' -> 0..9, 'a'..'f' -> 49..54

@@ -8,7 +8,6 @@ integer codes.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Sequence
@@ -113,10 +112,6 @@ def window_sql(table: str, since: Any, until: Any, mark: Any) -> tuple[str, list
     return " AND ".join(clauses), params
 
 
-def columns(rows: Sequence[Sequence[Any]], width: int) -> list[Sequence[Any]]:
-    return list(zip(*rows, strict=True)) if rows else [() for _ in range(width)]
-
-
 # --- GraphQL over HTTP ---
 
 TASKS_QUERY = """
@@ -138,14 +133,6 @@ query AnalyticsEvents($first: Int!, $after: ID) {
   }
 }
 """
-
-
-def iso_micros(value: str | None) -> int:
-    if value is None:
-        return NO_TIME
-    stamp = micros(datetime.fromisoformat(value.replace("Z", "+00:00")))
-    assert stamp is not None
-    return stamp
 
 
 def graphql_endpoint(url: str) -> str:
@@ -234,8 +221,8 @@ def read_graphql(
         finally:
             tasks_read.set()
         events = history.result()
-    tasks = _task_columns(nodes, micros(since), micros(until))
-    return Raw(tasks, _event_columns(events, tasks[TASK_FIELDS.index("id")], micros(until)))
+    tasks = task_columns(nodes, micros(since), micros(until))
+    return Raw(tasks, event_columns(events, tasks[TASK_FIELDS.index("id")], micros(until)))
 
 
 _STATUS_CODES: dict[str | None, int] = {None: -1, **{s: i for i, s in enumerate(STATUSES)}}
@@ -253,7 +240,7 @@ def _texts(values: list[str | None]) -> pa.Array:
     return pa.array(values, pa.string())
 
 
-def _task_columns(nodes: list[dict[str, Any]], lo: int | None, hi: int | None) -> list[Any]:
+def task_columns(nodes: list[dict[str, Any]], lo: int | None, hi: int | None) -> list[Any]:
     """The TASK_FIELDS columns of the tasks that overlap [lo, hi), numbered in page order."""
     created = _instants([n["createdAt"] for n in nodes])
     completed = _instants([n["completedAt"] for n in nodes])
@@ -289,7 +276,7 @@ def _task_columns(nodes: list[dict[str, Any]], lo: int | None, hi: int | None) -
     return kept
 
 
-def _event_columns(events: list[dict[str, Any]], task_ids: pa.Array, hi: int | None) -> list[Any]:
+def event_columns(events: list[dict[str, Any]], task_ids: pa.Array, hi: int | None) -> list[Any]:
     """The EVENT_FIELDS columns of the events of the tasks read, before `hi`: events of tasks
     submitted after the task pages were read are left out, like those tasks."""
     at = _instants([e["at"] for e in events])
@@ -311,28 +298,3 @@ def _event_columns(events: list[dict[str, Any]], task_ids: pa.Array, hi: int | N
 def _reason(details: Any) -> str | None:
     reason = details.get("reason") if isinstance(details, dict) else None
     return reason if isinstance(reason, str) else None
-
-
-def _status_code(value: str | None) -> int:
-    return -1 if value is None else STATUSES.index(value)
-
-
-def graphql_task(node: dict[str, Any], seq: int, created: int, completed: int) -> tuple[Any, ...]:
-    prompt = node["prompt"][:PROMPT_CHARS]
-    error = node["errorMessage"]
-    return (
-        seq, node["id"], node["workDirectory"], prompt, PRIORITIES.index(node["priority"]),
-        json.dumps(node["tags"]), _status_code(node["status"]), node["workerId"], created,
-        iso_micros(node["startedAt"]), completed, iso_micros(node["updatedAt"]), node["retryCount"],
-        node["maxRetries"], None if error is None else error[:ERROR_CHARS],
-    )  # fmt: skip
-
-
-def graphql_event(event: dict[str, Any], at: int) -> tuple[Any, ...]:
-    """One `TaskEvent` as the GraphQL API serves it, as a raw events row."""
-    details = event["details"] or {}
-    reason = details.get("reason") if isinstance(details, dict) else None
-    return (
-        int(event["id"]), event["taskId"], _status_code(event["status"]),
-        _status_code(event["previousStatus"]), event["workerId"], at, reason,
-    )  # fmt: skip

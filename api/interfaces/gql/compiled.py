@@ -23,6 +23,7 @@ import operator
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from graphql import (
@@ -351,14 +352,16 @@ def _leaf(type_: Any) -> Serialize:
     return serialize
 
 
-def _enum_names(type_: Any) -> tuple[type, dict[Any, str]] | None:
+def _enum_names(type_: Any) -> tuple[type[Enum], dict[Any, str]] | None:
     """(the Python enum, member -> GraphQL name) of a Strawberry enum: the name its coercion
     finds by comparing the member's value with each of the enum's values in turn."""
     wrapped = getattr(type_, "wrapped_cls", None)
-    if not isinstance(type_, GraphQLEnumType) or not isinstance(wrapped, type):
+    if not isinstance(type_, GraphQLEnumType) or not (
+        isinstance(wrapped, type) and issubclass(wrapped, Enum)
+    ):
         return None
     names: dict[Any, str] = {}
-    for member in wrapped:  # type: ignore[var-annotated]
+    for member in wrapped:
         for name, value in type_.values.items():
             if member.value == value.value:
                 names[member] = name
