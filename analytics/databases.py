@@ -4,8 +4,9 @@ and task_history from SQLite or PostgreSQL, with the time window applied in SQL.
 The drivers ship inside their wheels (adbc-driver-sqlite, adbc-driver-postgresql), so nothing is
 downloaded at run time. Columns come back as Arrow arrays in the `Raw` shape of `analytics.sources`.
 
-A large history is read by two connections at once, on one snapshot (see `analytics.snapshot`):
-the drivers release the GIL while they step through rows, so the two run on two cores.
+Two connections read at once, on one snapshot (see `analytics.snapshot`): on SQLite the history
+in two id ranges, on PostgreSQL the tasks on one and the history on the other. The drivers
+release the GIL while they step through rows, so the two run on two cores.
 """
 
 from __future__ import annotations
