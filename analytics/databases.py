@@ -4,8 +4,9 @@ and task_history from SQLite or PostgreSQL, with the time window applied in SQL.
 The drivers ship inside their wheels (adbc-driver-sqlite, adbc-driver-postgresql), so nothing is
 downloaded at run time. Columns come back as Arrow arrays in the `Raw` shape of `analytics.sources`.
 
-A large history is read by two connections at once, on one snapshot (see `analytics.snapshot`):
-the drivers release the GIL while they step through rows, so the two run on two cores.
+Two connections read at once, on one snapshot (see `analytics.snapshot`): on SQLite the history
+in two id ranges, on PostgreSQL the tasks on one and the history on the other. The drivers
+release the GIL while they step through rows, so the two run on two cores.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +41,8 @@ from analytics.sources import (
     window_sql,
 )
 
+T = TypeVar("T")
+
 TIMES = ("created_at", "started_at", "completed_at", "updated_at")
 # SQLite's driver infers each column's type from its first rows, so a column that starts with
 # NULLs would be typed wrong: nullable text arrives with this stand-in and is turned back to null.
@@ -57,7 +60,9 @@ def _table(cursor: Any, sql: str, params: list[Any]) -> pa.Table:
 
 
 def _columns(table: pa.Table, names: tuple[str, ...]) -> list[Any]:
-    return [table.column(i).combine_chunks() for i in range(len(names))]
+    # The columns in the driver's batches, as they are: joining the chunks would copy every
+    # value once more, and whatever reads them next (numpy, the hash kernels) takes chunks.
+    return list(table.columns[: len(names)])
 
 
 # An event's status and previous status as one integer, status * 8 + previous + 1 (codes from -1,
@@ -70,7 +75,7 @@ STATUS_PAIR = (
 
 def _event_columns(table: pa.Table) -> list[Any]:
     """The EVENT_FIELDS columns of an events query that read the status pair as one column."""
-    columns = [table.column(i).combine_chunks() for i in range(table.num_columns)]
+    columns = table.columns
     pair = np.asarray(columns[2].cast(pa.int64()).to_numpy(zero_copy_only=False))
     status, previous = pa.array(pair >> 3), pa.array((pair & 7) - 1)
     return [*columns[:2], status, previous, *columns[3:]]
@@ -297,7 +302,7 @@ def _epoch_us(column: pa.Array) -> pa.Array:
     return pc.fill_null(column.cast(pa.int64()), NO_TIME)
 
 
-def _pg_mark(n: int) -> str:
+def postgres_mark(n: int) -> str:
     return f"${n}"
 
 
@@ -305,44 +310,60 @@ def _same(value: Any) -> Any:
     return value
 
 
+postgres_instant = _same  # the driver binds datetimes as they are
+
+
 def read_postgres(url: str, since: datetime | None, until: datetime | None) -> Raw:
-    return read_postgres_rows(url, window(since, until, _pg_mark, _same))
+    return read_postgres_rows(url, window(since, until, postgres_mark, postgres_instant))
 
 
 def read_postgres_after(url: str, event_id: int) -> Raw:
-    return read_postgres_rows(url, after(event_id, _pg_mark))
+    return read_postgres_rows(url, after(event_id, postgres_mark))
 
 
 def read_postgres_rows(url: str, rows: Selection) -> Raw:
+    tasks, events = read_postgres_prepared(url, rows, _same)
+    return Raw(tasks, events)
+
+
+def read_postgres_prepared(
+    url: str, rows: Selection, prepare: Callable[[list[Any]], T]
+) -> tuple[T, list[Any]]:
+    """`prepare` of the task columns, and the history's columns, from one snapshot. The history
+    streams on a second connection (on the first one's exported snapshot) while the first reads
+    the tasks and `prepare` runs on them: the driver decodes rows without the GIL, so reading the
+    history, reading the tasks and building from them share both cores."""
     tasks_sql = (
         f"SELECT seq, id::text, work_directory, left(prompt, {PROMPT_CHARS}), priority,"
         f" tags::text, {code_sql('status', STATUSES)}, worker_id, {', '.join(TIMES)},"
         f" retry_count::bigint, max_retries::bigint, left(error_message, {ERROR_CHARS})"
         f" FROM tasks t WHERE {rows.tasks} ORDER BY seq"
     )
-
-    def events_sql(part: str) -> str:
-        return (
-            f"SELECT h.id, h.task_id::text, {STATUS_PAIR}, h.worker_id, h.at,"
-            f" h.details->>'reason' FROM task_history h WHERE {rows.events}{part} ORDER BY h.id"
-        )
-
-    reads = Reads(
-        tasks_sql,
-        rows.tasks_params,
-        events_sql,
-        rows.events_params,
-        _pg_mark,
-        "SELECT (SELECT min(id) FROM task_history), (SELECT max(id) FROM task_history),"
-        " (SELECT max(seq) - min(seq) + 1 FROM tasks)",
+    events_sql = (
+        # Task ids as 16-byte uuids, not text: half the bytes to send, and matched to the tasks
+        # by the same 16 bytes, which hash in less than half the time of their text.
+        f"SELECT h.id, h.task_id, {STATUS_PAIR}, h.worker_id, h.at,"
+        f" h.details->>'reason' FROM task_history h WHERE {rows.events} ORDER BY h.id"
     )
+
+    def tasks_part(cursor: Any) -> T:
+        columns = _columns(_table(cursor, tasks_sql, rows.tasks_params), TASK_FIELDS)
+        for name in TIMES:
+            i = TASK_FIELDS.index(name)
+            columns[i] = _epoch_us(columns[i])
+        return prepare(columns)
+
     with _postgres(url) as session:
-        tasks, events = read_tables(session, reads)
-    task_columns = _columns(tasks, TASK_FIELDS)
-    for name in TIMES:
-        i = TASK_FIELDS.index(name)
-        task_columns[i] = _epoch_us(task_columns[i])
+        second = session.another()
+        if second is None:
+            prepared = tasks_part(session.first)
+            events = _table(session.first, events_sql, rows.events_params)
+        else:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="analytics-read") as pool:
+                history = pool.submit(_table, second, events_sql, rows.events_params)
+                prepared = tasks_part(session.first)
+                events = history.result()
     event_columns = _event_columns(events)
     at = EVENT_FIELDS.index("at")
     event_columns[at] = _epoch_us(event_columns[at])
-    return Raw(task_columns, event_columns)
+    return prepared, event_columns

@@ -16,17 +16,14 @@ import pandas as pd
 from analytics import databases
 from analytics.load import TaskData, derive, frames
 from analytics.sources import (
-    EVENT_FIELDS,
     TASK_FIELDS,
     Raw,
     SourceError,
     api_key_of,
-    columns,
+    event_columns,
     graphql_endpoint,
-    graphql_event,
-    graphql_task,
-    iso_micros,
     source_kind,
+    task_columns,
 )
 
 TASK_SELECTION = (
@@ -157,17 +154,11 @@ class Follower:
                 flush_at = loop.time() + self.interval
 
     def _hand_over(self, events: list[dict[str, Any]]) -> None:
-        tasks: dict[str, tuple[Any, ...]] = {}
-        rows = []
-        for event in events:
-            node = event["task"]
-            created, completed = iso_micros(node["createdAt"]), iso_micros(node["completedAt"])
-            tasks[node["id"]] = graphql_task(node, 0, created, completed)  # the latest state
-            rows.append(graphql_event(event, iso_micros(event["at"])))
-        self.last_id = int(rows[-1][0])
-        self._on_batch(
-            Raw(columns(list(tasks.values()), len(TASK_FIELDS)), columns(rows, len(EVENT_FIELDS)))
-        )
+        # Decoded as a load decodes its pages, so the batch's frames have the loaded dtypes.
+        nodes = {event["task"]["id"]: event["task"] for event in events}  # each one's latest
+        tasks = task_columns(list(nodes.values()), None, None)
+        self.last_id = int(events[-1]["id"])
+        self._on_batch(Raw(tasks, event_columns(events, tasks[TASK_FIELDS.index("id")], None)))
 
 
 # --- merging a batch into loaded frames ---

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -107,20 +108,24 @@ def load(
     lo = None if start is None else start.to_pydatetime()
     hi = None if end is None else end.to_pydatetime()
     with _gc_paused():
-        raw = _read(source, lo, hi, api_key)
-        tasks, events = _frames(raw)
+        tasks, events = _read(source, lo, hi, api_key)
     return TaskData(tasks, events, start, end, loaded_at)
 
 
-def _read(source: str, lo: datetime | None, hi: datetime | None, api_key: str | None) -> Raw:
+def _read(
+    source: str, lo: datetime | None, hi: datetime | None, api_key: str | None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not isinstance(source, str):
         raise SourceError("source must be a URL string such as sqlite:///taskorch.db")
     kind = source_kind(source)
     if kind == "sqlite":
-        return databases.read_sqlite(source, lo, hi)
+        return _frames(databases.read_sqlite(source, lo, hi))
     if kind == "postgres":
-        return databases.read_postgres(source, lo, hi)
-    return read_graphql(source, api_key, lo, hi)
+        # The tasks frame is built while the history still streams in.
+        rows = databases.window(lo, hi, databases.postgres_mark, databases.postgres_instant)
+        loaded, events = databases.read_postgres_prepared(source, rows, _task_frame)
+        return _event_frame(loaded, events)
+    return _frames(read_graphql(source, api_key, lo, hi))
 
 
 def load_tasks(
@@ -182,12 +187,59 @@ def _text(values: Any) -> Any:
 def _rows(ids: Any, task_ids: Any, index: pd.Index) -> np.ndarray:
     """The task row of each event (-1 when its task was not loaded)."""
     if _arrow(ids) and _arrow(task_ids):
-        if not pa.types.is_string(ids.type):
+        if _is_uuid(task_ids.type):
+            task_ids, ids = _binary(task_ids), uuid_bytes(ids)
+        elif not pa.types.is_string(ids.type):
             ids, task_ids = ids.cast(pa.string()), task_ids.cast(pa.string())
         found = pc.index_in(task_ids, value_set=ids)
         return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype="int64")
     codes, distinct = _encoded(task_ids)
     return index.get_indexer(distinct)[codes] if len(codes) else np.empty(0, dtype="int64")
+
+
+def _is_uuid(kind: pa.DataType) -> bool:
+    storage = kind.storage_type if isinstance(kind, pa.BaseExtensionType) else kind
+    return bool(pa.types.is_fixed_size_binary(storage) and storage.byte_width == 16)
+
+
+def _binary(values: Any) -> Any:
+    """A uuid column as its plain 16-byte storage (the hash kernels take no extension type)."""
+    if isinstance(values, pa.ChunkedArray):
+        return pa.chunked_array([_binary(chunk) for chunk in values.chunks], _UUID_BYTES)
+    return values.storage if isinstance(values, pa.ExtensionArray) else values
+
+
+_UUID_BYTES = pa.binary(16)
+# Where the 32 hex digits of a uuid's 36 characters are: five runs between the dashes.
+_DIGIT_RUNS = ((0, 8), (9, 13), (14, 18), (19, 23), (24, 36))
+
+
+def uuid_bytes(ids: Any) -> pa.Array:
+    """Text uuids (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx, either case) as their 16 bytes, all at
+    once in numpy; an id of another form (no uuid column holds one) gets 16 bytes no uuid has."""
+    text = pc.cast(ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids, pa.string())
+    count = len(text)
+    offsets = np.frombuffer(
+        text.buffers()[1], dtype=np.int32, count=count + 1, offset=text.offset * 4
+    )
+    if not count or text.null_count or not np.array_equal(np.diff(offsets), np.full(count, 36)):
+        return pa.array([_uuid_of(value) for value in text.to_pylist()], _UUID_BYTES)
+    chars = np.frombuffer(
+        text.buffers()[2], dtype=np.uint8, count=36 * count, offset=int(offsets[0])
+    )
+    rows = chars.reshape(count, 36)
+    digits = np.concatenate([rows[:, a:b] for a, b in _DIGIT_RUNS], axis=1) | 0x20  # lower case
+    values = digits - ord("0")  # '0'..'9' -> 0..9, 'a'..'f' -> 49..54
+    values -= (values > 9).astype(np.uint8) * (ord("a") - ord("0") - 10)
+    packed = np.ascontiguousarray((values[:, 0::2] << 4) | values[:, 1::2])
+    return pa.FixedSizeBinaryArray.from_buffers(_UUID_BYTES, count, [None, pa.py_buffer(packed)])
+
+
+def _uuid_of(value: str | None) -> bytes:
+    try:
+        return uuid.UUID(value).bytes if value is not None else b"\xff" * 16
+    except ValueError:
+        return b"\xff" * 16
 
 
 def _times(values: Any) -> pd.DatetimeIndex:
@@ -246,12 +298,22 @@ def frames(raw: Raw) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _frames(raw: Raw) -> tuple[pd.DataFrame, pd.DataFrame]:
-    t = dict(zip(TASK_FIELDS, raw.tasks, strict=True))
-    e = dict(zip(EVENT_FIELDS, raw.events, strict=True))
-    seqs = _ints(t["seq"])
+    return _event_frame(_task_frame(raw.tasks), raw.events)
+
+
+@dataclass(frozen=True)
+class _Tasks:
+    """The tasks frame, with the raw id column the events are matched against."""
+
+    frame: pd.DataFrame
+    ids: Any
+
+
+def _task_frame(columns: list[Any]) -> _Tasks:
+    t = dict(zip(TASK_FIELDS, columns, strict=True))
     tasks = pd.DataFrame(
         {
-            "seq": seqs,
+            "seq": _ints(t["seq"]),
             "id": _text(t["id"]),
             "work_directory": _category(t["work_directory"]),
             "prompt": _text(t["prompt"]),
@@ -268,9 +330,15 @@ def _frames(raw: Raw) -> tuple[pd.DataFrame, pd.DataFrame]:
             "error_message": _text(t["error_message"]),
         }
     )
+    return _Tasks(tasks, t["id"])
+
+
+def _event_frame(loaded: _Tasks, columns: list[Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    tasks = loaded.frame
+    e = dict(zip(EVENT_FIELDS, columns, strict=True))
     # One hash table over the task ids maps each event to its task's row.
     ids = pd.Index(tasks["id"]).rename(None)
-    rows = _rows(t["id"], e["task_id"], ids)
+    rows = _rows(loaded.ids, e["task_id"], ids)
     directory = tasks["work_directory"].array
     events = pd.DataFrame(
         {

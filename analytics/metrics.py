@@ -294,13 +294,12 @@ def breakdown(tasks: pd.DataFrame, by: str = "work_directory") -> pd.DataFrame:
         raise ValueError(f"by must be a column of tasks or 'tag', not {by!r}")
     statuses = tasks["status"].cat.categories
     if key == "tag" or isinstance(tasks[key].dtype, pd.CategoricalDtype):
-        # Statuses counted like any other per-task sum: no crosstab over a million rows.
+        # Statuses counted like any other per-task sum: no crosstab over a million rows. The
+        # marks stay booleans (an eighth of the memory of integers); sums of them are counts.
         marks = claims.codes(tasks["status"])[:, None] == np.arange(len(statuses))
         counts = groups.sums(
-            pd.DataFrame(marks.astype("int64"), columns=list(statuses), index=tasks.index),
-            tasks,
-            key,
-        )
+            pd.DataFrame(marks, columns=list(statuses), index=tasks.index), tasks, key
+        ).astype("int64")
     else:
         counts = pd.crosstab(tasks[key], tasks["status"]).reindex(columns=statuses, fill_value=0)
     counts.columns = [str(c).lower() for c in counts.columns]

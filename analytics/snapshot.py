@@ -3,10 +3,14 @@ snapshot, so a large table can be read in parts at once and still give one consi
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
+
+# What pg_export_snapshot() returns, e.g. 00000003-0000001B-1; checked before it is put in SQL.
+_SNAPSHOT_ID = re.compile(r"[0-9A-F]+(-[0-9A-F]+)+")
 
 
 class Session(ABC):
@@ -61,20 +65,45 @@ class _SqliteSession(Session):
 
 
 class _PostgresSession(Session):
+    # The first transaction exports its snapshot; another connection adopts it with SET
+    # TRANSACTION SNAPSHOT as its transaction's first statement, and then sees exactly what the
+    # first one sees, whatever commits in between.
     def __init__(self, url: str, stack: ExitStack) -> None:
+        self._url = url
+        self._stack = stack
+        first = self._open()
+        self._exported = self._export(first)
+        super().__init__(first)
+
+    def _open(self, exported: str | None = None) -> Any:
         import adbc_driver_postgresql.dbapi as pg_adbc
 
-        conn = stack.enter_context(pg_adbc.connect(url, autocommit=True))
-        cur = stack.enter_context(conn.cursor())
+        conn = self._stack.enter_context(pg_adbc.connect(self._url, autocommit=True))
+        cur = self._stack.enter_context(conn.cursor())
         cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        stack.callback(cur.execute, "ROLLBACK")
-        super().__init__(cur)
+        self._stack.callback(cur.execute, "ROLLBACK")
+        if exported is not None:
+            cur.execute(f"SET TRANSACTION SNAPSHOT '{exported}'")
+        return cur
+
+    @staticmethod
+    def _export(cur: Any) -> str | None:
+        """The snapshot's id for other sessions, taken as the transaction's first statement; None
+        when the server cannot export one (a standby): the transaction then starts again, and
+        everything is read on this one connection."""
+        import adbc_driver_postgresql.dbapi as pg_adbc
+
+        try:
+            cur.execute("SELECT pg_export_snapshot()")
+            exported = str(cur.fetchall()[0][0])
+        except pg_adbc.Error:
+            cur.execute("ROLLBACK")
+            cur.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            return None
+        return exported if _SNAPSHOT_ID.fullmatch(exported) else None
 
     def another(self) -> Any | None:
-        # One connection: the server's own process already scans and sends the rows while this
-        # one decodes them, and a second connection (on an exported snapshot) measured no faster
-        # on two cores while holding half as much memory again.
-        return None
+        return None if self._exported is None else self._open(self._exported)
 
 
 @contextmanager

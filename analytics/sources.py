@@ -8,15 +8,19 @@ integer codes.
 
 from __future__ import annotations
 
-import json
 import os
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from api import database_url
 from api.database_url import DatabaseUrlError, backend_of
@@ -108,10 +112,6 @@ def window_sql(table: str, since: Any, until: Any, mark: Any) -> tuple[str, list
     return " AND ".join(clauses), params
 
 
-def columns(rows: Sequence[Sequence[Any]], width: int) -> list[Sequence[Any]]:
-    return list(zip(*rows, strict=True)) if rows else [() for _ in range(width)]
-
-
 # --- GraphQL over HTTP ---
 
 TASKS_QUERY = """
@@ -133,14 +133,6 @@ query AnalyticsEvents($first: Int!, $after: ID) {
   }
 }
 """
-
-
-def iso_micros(value: str | None) -> int:
-    if value is None:
-        return NO_TIME
-    stamp = micros(datetime.fromisoformat(value.replace("Z", "+00:00")))
-    assert stamp is not None
-    return stamp
 
 
 def graphql_endpoint(url: str) -> str:
@@ -179,67 +171,130 @@ def _post(http: Any, endpoint: str, query: str, variables: dict[str, Any]) -> di
 def read_graphql(
     url: str, api_key: str | None, since: datetime | None, until: datetime | None
 ) -> Raw:
-    """Page through `tasks`, then through `events` (1,000 a request each); the API has no time
-    filter, so the window is applied here, after reading."""
+    """Page through `tasks` and through `events` (1,000 a request each) at once, on two
+    connections, so the server answers one stream's page while this process decodes the other's;
+    the API has no time filter, so the window is applied here, after reading."""
     import httpx
 
     endpoint = graphql_endpoint(url)
     key = api_key_of(api_key)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
-    lo, hi = micros(since), micros(until)
-    tasks: list[tuple[Any, ...]] = []
-    events: list[tuple[Any, ...]] = []
-    with httpx.Client(headers=headers, timeout=60) as http:
+    tasks_read, failed = threading.Event(), threading.Event()
+
+    def read_tasks(http: Any) -> list[dict[str, Any]]:
+        nodes: list[dict[str, Any]] = []
         after: str | None = None
         while True:
             page = _post(http, endpoint, TASKS_QUERY, {"first": PAGE, "after": after})["tasks"]
-            for edge in page["edges"]:
-                node = edge["node"]
-                created, completed = iso_micros(node["createdAt"]), iso_micros(node["completedAt"])
-                if (hi is not None and created >= hi) or (
-                    lo is not None and completed != NO_TIME and completed < lo
-                ):
-                    continue
-                tasks.append(graphql_task(node, len(tasks) + 1, created, completed))
+            nodes.extend(edge["node"] for edge in page["edges"])
             if not page["pageInfo"]["hasNextPage"]:
-                break
+                return nodes
             after = page["pageInfo"]["endCursor"]
-        # Events of tasks submitted after the task pages were read are left out, like the tasks.
-        known = {t[1] for t in tasks}
+
+    def read_events(http: Any) -> list[dict[str, Any]]:
+        # Every event up to a page asked for after the last task page was read: so each task's
+        # history reaches at least the state its row was read in.
+        events: list[dict[str, Any]] = []
         last: str | None = None
-        while True:
-            variables = {"first": PAGE, "after": last}
-            chunk = _post(http, endpoint, EVENTS_QUERY, variables)["events"]
-            for event in chunk["events"]:
-                at = iso_micros(event["at"])
-                if event["taskId"] in known and (hi is None or at < hi):
-                    events.append(graphql_event(event, at))
-            if not chunk["hasNextPage"]:
-                break
+        while not failed.is_set():
+            settled = tasks_read.is_set()
+            chunk = _post(http, endpoint, EVENTS_QUERY, {"first": PAGE, "after": last})["events"]
+            events.extend(chunk["events"])
             last = chunk["lastId"]
-    return Raw(columns(tasks, len(TASK_FIELDS)), columns(events, len(EVENT_FIELDS)))
+            if not chunk["hasNextPage"]:
+                if settled:
+                    break
+                tasks_read.wait()
+        return events
+
+    with (
+        httpx.Client(headers=headers, timeout=60) as tasks_http,
+        httpx.Client(headers=headers, timeout=60) as events_http,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="analytics-events") as pool,
+    ):
+        history = pool.submit(read_events, events_http)
+        try:
+            nodes = read_tasks(tasks_http)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            tasks_read.set()
+        events = history.result()
+    tasks = task_columns(nodes, micros(since), micros(until))
+    return Raw(tasks, event_columns(events, tasks[TASK_FIELDS.index("id")], micros(until)))
 
 
-def _status_code(value: str | None) -> int:
-    return -1 if value is None else STATUSES.index(value)
+_STATUS_CODES: dict[str | None, int] = {None: -1, **{s: i for i, s in enumerate(STATUSES)}}
+_PRIORITY_CODES = {p: i for i, p in enumerate(PRIORITIES)}
 
 
-def graphql_task(node: dict[str, Any], seq: int, created: int, completed: int) -> tuple[Any, ...]:
-    prompt = node["prompt"][:PROMPT_CHARS]
-    error = node["errorMessage"]
-    return (
-        seq, node["id"], node["workDirectory"], prompt, PRIORITIES.index(node["priority"]),
-        json.dumps(node["tags"]), _status_code(node["status"]), node["workerId"], created,
-        iso_micros(node["startedAt"]), completed, iso_micros(node["updatedAt"]), node["retryCount"],
-        node["maxRetries"], None if error is None else error[:ERROR_CHARS],
-    )  # fmt: skip
+def _instants(values: list[str | None]) -> pa.Array:
+    """ISO 8601 times (as the API writes them) as microseconds since the epoch, NO_TIME for none:
+    parsed by Arrow at once."""
+    stamps = pc.cast(pa.array(values, pa.string()), pa.timestamp("us", tz="UTC"))
+    return pc.fill_null(stamps.cast(pa.int64()), NO_TIME)
 
 
-def graphql_event(event: dict[str, Any], at: int) -> tuple[Any, ...]:
-    """One `TaskEvent` as the GraphQL API serves it, as a raw events row."""
-    details = event["details"] or {}
+def _texts(values: list[str | None]) -> pa.Array:
+    return pa.array(values, pa.string())
+
+
+def task_columns(nodes: list[dict[str, Any]], lo: int | None, hi: int | None) -> list[Any]:
+    """The TASK_FIELDS columns of the tasks that overlap [lo, hi), numbered in page order."""
+    created = _instants([n["createdAt"] for n in nodes])
+    completed = _instants([n["completedAt"] for n in nodes])
+    keep = np.ones(len(nodes), dtype=bool)
+    if hi is not None:
+        keep &= created.to_numpy() < hi
+    if lo is not None:
+        done = completed.to_numpy()
+        keep &= (done == NO_TIME) | (done >= lo)
+    columns = [
+        pa.array(np.arange(1, len(nodes) + 1)),  # renumbered below, among the kept
+        _texts([n["id"] for n in nodes]),
+        _texts([n["workDirectory"] for n in nodes]),
+        _texts([n["prompt"][:PROMPT_CHARS] for n in nodes]),
+        pa.array([_PRIORITY_CODES[n["priority"]] for n in nodes], pa.int64()),
+        # JSON text, as the databases hold it; orjson writes it several times faster
+        pa.array([orjson.dumps(n["tags"]) for n in nodes], pa.binary()),
+        pa.array([_STATUS_CODES[n["status"]] for n in nodes], pa.int64()),
+        _texts([n["workerId"] for n in nodes]),
+        created,
+        _instants([n["startedAt"] for n in nodes]),
+        completed,
+        _instants([n["updatedAt"] for n in nodes]),
+        pa.array([n["retryCount"] for n in nodes], pa.int64()),
+        pa.array([n["maxRetries"] for n in nodes], pa.int64()),
+        _texts([None if (e := n["errorMessage"]) is None else e[:ERROR_CHARS] for n in nodes]),
+    ]
+    if keep.all():
+        return columns
+    mask = pa.array(keep)
+    kept = [column.filter(mask) for column in columns]
+    kept[0] = pa.array(np.arange(1, int(keep.sum()) + 1))
+    return kept
+
+
+def event_columns(events: list[dict[str, Any]], task_ids: pa.Array, hi: int | None) -> list[Any]:
+    """The EVENT_FIELDS columns of the events of the tasks read, before `hi`: events of tasks
+    submitted after the task pages were read are left out, like those tasks."""
+    at = _instants([e["at"] for e in events])
+    columns = [
+        pc.cast(_texts([e["id"] for e in events]), pa.int64()),
+        _texts([e["taskId"] for e in events]),
+        pa.array([_STATUS_CODES[e["status"]] for e in events], pa.int64()),
+        pa.array([_STATUS_CODES[e["previousStatus"]] for e in events], pa.int64()),
+        _texts([e["workerId"] for e in events]),
+        at,
+        _texts([_reason(e["details"]) for e in events]),
+    ]
+    keep = pc.is_in(columns[1], value_set=task_ids)
+    if hi is not None:
+        keep = pc.and_(keep, pc.less(at, hi))
+    return columns if pc.all(keep).as_py() else [column.filter(keep) for column in columns]
+
+
+def _reason(details: Any) -> str | None:
     reason = details.get("reason") if isinstance(details, dict) else None
-    return (
-        int(event["id"]), event["taskId"], _status_code(event["status"]),
-        _status_code(event["previousStatus"]), event["workerId"], at, reason,
-    )  # fmt: skip
+    return reason if isinstance(reason, str) else None

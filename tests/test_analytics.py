@@ -452,6 +452,10 @@ async def test_load_from_a_live_server_pages_through_graphql(
     assert done["attempts"] == 1
     assert done["tags"] == ["t"]
     assert data.tasks["created_at"].dt.tz is not None
+    # The pages (read at once, decoded in columns) give the databases' columns and dtypes.
+    assert dtypes(data.tasks) == TASK_DTYPES
+    assert dtypes(data.events) == EVENT_DTYPES
+    assert set(data.events["task_id"].astype(str)) == set(data.tasks["id"])
 
 
 # --- dashboard ---

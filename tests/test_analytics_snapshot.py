@@ -3,10 +3,17 @@ one connection would read."""
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import sqlite3
+import threading
+import uuid
 from pathlib import Path
+from typing import Any
 
+import adbc_driver_postgresql.dbapi as pg_adbc
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 import analytics
@@ -14,6 +21,9 @@ from analytics import databases, snapshot
 from api.core.service import TaskService
 from api.core.validation import task_spec
 from tests.conftest import FakeClock
+
+# the module (the package's `load` attribute is the function)
+load_module = importlib.import_module("analytics.load")
 
 
 async def fill(service: TaskService, clock: FakeClock, count: int) -> None:
@@ -88,3 +98,73 @@ def test_a_second_sqlite_connection_joins_only_an_unchanged_snapshot(tmp_path: P
         assert session.another() is None
         assert _count(session.first) == 2
     writer.close()
+
+
+def test_a_second_postgres_connection_reads_the_first_ones_snapshot(postgres_url: str) -> None:
+    with pg_adbc.connect(postgres_url, autocommit=True) as conn, conn.cursor() as writer:
+        writer.execute("CREATE TABLE rows (n INTEGER)")
+        writer.execute("INSERT INTO rows VALUES (1)")
+        with snapshot.postgres_session(postgres_url) as session:
+            assert _count(session.first) == 1
+            writer.execute("INSERT INTO rows VALUES (2)")
+            second = session.another()
+            assert second is not None
+            assert _count(second) == 1
+            writer.execute("INSERT INTO rows VALUES (3)")
+            assert _count(session.first) == _count(second) == 1
+        assert _count(writer) == 3
+
+
+async def test_postgres_tasks_and_history_read_at_once_see_one_snapshot(
+    database_url: str, service: TaskService, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not database_url.startswith("postgres"):
+        pytest.skip("exported snapshots are PostgreSQL's; SQLite has its own test above")
+    await fill(service, clock, 5)
+    loop = asyncio.get_running_loop()
+    written = threading.Event()
+    late: list[str] = []
+
+    async def write() -> None:
+        task = await service.submit(task_spec(work_directory="/late", prompt="late"))
+        assert len(await service.history(task.id)) == 1  # positioned: readable from now on
+        late.append(task.id)
+
+    task_frame = load_module._task_frame
+
+    def write_after_the_tasks(columns: list[Any]) -> Any:
+        # The tasks are read; a task and its event are committed before the history is read.
+        asyncio.run_coroutine_threadsafe(write(), loop).result(30)
+        written.set()
+        return task_frame(columns)
+
+    table = databases._table
+
+    def history_after_the_write(cursor: Any, sql: str, params: list[Any]) -> Any:
+        if "FROM task_history h" in sql:
+            assert written.wait(30)
+        return table(cursor, sql, params)
+
+    monkeypatch.setattr(load_module, "_task_frame", write_after_the_tasks)
+    monkeypatch.setattr(databases, "_table", history_after_the_write)
+    data = await asyncio.to_thread(analytics.load, database_url)
+    assert late
+    assert len(data.tasks) == 5
+    assert len(data.events) == 5 * 3  # not the late task's submission
+    assert (data.events["task_id"].cat.codes >= 0).all()
+    monkeypatch.undo()
+    after = await asyncio.to_thread(analytics.load, database_url)
+    assert late[0] in set(after.tasks["id"])
+    assert len(after.events) == 5 * 3 + 1
+
+
+def test_text_uuids_become_their_sixteen_bytes_in_either_case() -> None:
+    ids = [uuid.uuid4() for _ in range(5)]
+    text = pa.chunked_array(
+        [pa.array([str(i) for i in ids[:2]]), pa.array([str(i).upper() for i in ids[2:]])]
+    )
+    assert load_module.uuid_bytes(text).to_pylist() == [i.bytes for i in ids]
+    assert load_module.uuid_bytes(text[1:4]).to_pylist() == [i.bytes for i in ids[1:4]]
+    # An id of another shape matches no uuid; the others still convert.
+    odd = load_module.uuid_bytes(pa.array([str(ids[0]), "not-a-uuid", None]))
+    assert odd.to_pylist() == [ids[0].bytes, b"\xff" * 16, b"\xff" * 16]

@@ -358,9 +358,9 @@ def test_the_comparison_notices_a_wrong_serializer(
     """A serializer that spells enum values in lower case (status, priority) must be caught."""
     original = compiled._leaf
 
-    def lower_case_enums(coerce: Any) -> Any:
-        serialize = original(coerce)
-        if not isinstance(getattr(coerce, "__self__", None), graphql.GraphQLEnumType):
+    def lower_case_enums(type_: Any) -> Any:
+        serialize = original(type_)
+        if not isinstance(type_, graphql.GraphQLEnumType):
             return serialize
         return lambda value: None if value is None else serialize(value).lower()
 

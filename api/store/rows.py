@@ -87,13 +87,18 @@ def event_of(d: Dialect, row: Row) -> TaskEvent:
         previous_status=None if previous is None else _STATUS[previous],
         worker_id=row["worker_id"],
         at=d.instant(row["at"]),
-        details=d.unjson(row["details"]),
+        details=_details(d, row["details"]),
     )
 
 
 def pending_event(d: Dialect, pending: Pending) -> TaskEvent:
     """The event a history row written for `pending` carries, before it has a position (id 0)."""
     return event_of(d, {"id": 0, **history_row(d, pending)})
+
+
+def _details(d: Dialect, value: Any) -> Any:
+    # Most history rows carry no details: skip decoding the empty object on every row read.
+    return {} if value == "{}" else d.unjson(value)
 
 
 def directory_of(d: Dialect, row: Row) -> DirectorySettings:

@@ -23,16 +23,22 @@ import operator
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 from graphql import (
     DocumentNode,
     ExecutionResult,
     FragmentDefinitionNode,
+    GraphQLBoolean,
+    GraphQLEnumType,
     GraphQLError,
     GraphQLField,
+    GraphQLID,
+    GraphQLInt,
     GraphQLObjectType,
     GraphQLOutputType,
+    GraphQLString,
     OperationDefinitionNode,
     OperationType,
     Undefined,
@@ -281,7 +287,7 @@ class _Serializers:
         if is_list_type(type_):
             return _list(self.of(type_.of_type, details))
         if is_leaf_type(type_):
-            return _leaf(type_.coerce_output_value)
+            return _leaf(type_)
         if not isinstance(type_, GraphQLObjectType) or type_.is_type_of is not None:
             raise Unsupported("abstract types")
         return self._object(type_, details)
@@ -313,16 +319,54 @@ class _Serializers:
         return serialize
 
 
-def _leaf(coerce: Callable[[Any], Any]) -> Serialize:
+# Built-in scalars give these values back as they are (a str for String and ID, a bool for
+# Boolean, an int in 32 bits for Int): checked by exact type, they skip the coercion call.
+_INT_RANGE = range(-(2**31), 2**31)
+_UNCHANGED: dict[Any, Callable[[Any], bool]] = {
+    GraphQLString: lambda value: type(value) is str,
+    GraphQLID: lambda value: type(value) is str,
+    GraphQLBoolean: lambda value: type(value) is bool,
+    GraphQLInt: lambda value: type(value) is int and value in _INT_RANGE,
+}
+
+
+def _leaf(type_: Any) -> Serialize:
+    coerce = type_.coerce_output_value
+    unchanged = _UNCHANGED.get(type_)
+    names = _enum_names(type_)
+
     def serialize(value: Any) -> Any:
         if value is None:
             return None
+        if unchanged is not None and unchanged(value):
+            return value
+        if names is not None and type(value) is names[0]:
+            name = names[1].get(value)
+            if name is not None:
+                return name
         coerced = coerce(value)
         if coerced is None or coerced is Undefined:
             raise _Unexpected(value)
         return coerced
 
     return serialize
+
+
+def _enum_names(type_: Any) -> tuple[type[Enum], dict[Any, str]] | None:
+    """(the Python enum, member -> GraphQL name) of a Strawberry enum: the name its coercion
+    finds by comparing the member's value with each of the enum's values in turn."""
+    wrapped = getattr(type_, "wrapped_cls", None)
+    if not isinstance(type_, GraphQLEnumType) or not (
+        isinstance(wrapped, type) and issubclass(wrapped, Enum)
+    ):
+        return None
+    names: dict[Any, str] = {}
+    for member in wrapped:
+        for name, value in type_.values.items():
+            if member.value == value.value:
+                names[member] = name
+                break
+    return wrapped, names
 
 
 def _non_null(inner: Serialize) -> Serialize:
