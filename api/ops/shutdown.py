@@ -20,7 +20,7 @@ class GracefulServer(uvicorn.Server):
     subscriptions), waits up to `timeout_graceful_shutdown` for in-flight requests, then runs the
     lifespan shutdown. Before that wait, waiting claims are told to answer now: a claim waiting
     for work would otherwise hold the drain for as long as it asked to wait. While it serves, the
-    garbage collector's full passes run on the collector's clock (api/ops/collector.py)."""
+    objects startup built are left out of the garbage collector's passes (api/ops/collector.py)."""
 
     def __init__(self, config: uvicorn.Config, app: Starlette) -> None:
         super().__init__(config)
@@ -38,7 +38,7 @@ class GracefulServer(uvicorn.Server):
             log.info("shutting down: waiting claims answer now, in-flight requests may finish")
             service.stop_waiting()
         await super().shutdown(sockets)
-        await self.collector.stop()
+        self.collector.stop()
 
 
 def serve(
