@@ -10,27 +10,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_quick_bench_writes_results_for_each_scenario(tmp_path: Path) -> None:
-    output = tmp_path / "latest.json"
+def run_bench(module: str, *args: str) -> str:
+    """`python -m module args` from the project's root; its standard output, once it succeeded."""
     finished = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--quick",
-            "--scenarios",
-            "floor,submit,lifecycle",
-            "--configs",
-            "sqlite-normal-1p",
-            "--output",
-            str(output),
-        ],
+        [sys.executable, "-m", module, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=180,
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
+    return finished.stdout
+
+
+def test_quick_bench_writes_results_for_each_scenario(tmp_path: Path) -> None:
+    output = tmp_path / "latest.json"
+    stdout = run_bench(
+        "bench", "--quick", "--scenarios", "floor,submit,lifecycle",
+        "--configs", "sqlite-normal-1p", "--output", str(output),
+    )  # fmt: skip
     doc = json.loads(output.read_text())
     assert {"machine", "settings", "generator", "results", "runs"} <= doc.keys()
     assert doc["settings"]["quick"] is True
@@ -54,19 +52,12 @@ def test_quick_bench_writes_results_for_each_scenario(tmp_path: Path) -> None:
         assert row["throughput"] > 0
     assert rows[("sqlite-normal-1p", "lifecycle")]["unit"] == "tasks/s"
     assert rows[("floor", "floor-graphql")]["ratio_to_floor"] == 1.0
-    assert "| sqlite-normal-1p | submit |" in finished.stdout
+    assert "| sqlite-normal-1p | submit |" in stdout
 
 
 def test_write_path_bench_prints_cpu_per_task_of_each_path() -> None:
-    finished = subprocess.run(
-        [sys.executable, "-m", "bench.write_path", "--rounds", "1", "--durability", "normal"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    figures = json.loads(finished.stdout.strip().splitlines()[-1])
+    stdout = run_bench("bench.write_path", "--rounds", "1", "--durability", "normal")
+    figures = json.loads(stdout.strip().splitlines()[-1])
     assert set(figures) == {"batch-submit", "batch-claim-complete", "lifecycle"}
     for row in figures.values():
         assert row["tasks"] > 0
@@ -75,16 +66,20 @@ def test_write_path_bench_prints_cpu_per_task_of_each_path() -> None:
 
 
 def test_pg_cost_bench_prints_server_cpu_and_statements_per_lifecycle(postgres_url: str) -> None:
-    finished = subprocess.run(
-        [sys.executable, "-m", "bench.pg_cost", "--clients", "4", "--seconds", "0.5"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    first, *statements = finished.stdout.strip().splitlines()
-    assert "lifecycles/s; per lifecycle PostgreSQL CPU" in first, finished.stdout
+    stdout = run_bench("bench.pg_cost", "--clients", "4", "--seconds", "0.5")
+    first, *statements = stdout.strip().splitlines()
+    assert "lifecycles/s; per lifecycle PostgreSQL CPU" in first, stdout
     # Three changes and three reads of the active keys per lifecycle, at the least.
     assert float(first.split(", ")[-1].split()[0]) >= 6
     assert any("count(*) AS count FROM api_keys" in line for line in statements)
+
+
+def test_sqlite_processes_bench_prints_throughput_and_each_process_latency() -> None:
+    stdout = run_bench("bench.sqlite_processes", "--processes", "2", "--clients", "4",
+                       "--seconds", "0.5")  # fmt: skip
+    lines = stdout.strip().splitlines()
+    completed = lines[1].split()[0].replace(",", "")
+    assert lines[1].endswith("tasks/s completed"), stdout
+    assert float(completed) > 0, stdout
+    assert [line.split(":")[0].strip() for line in lines[2:]] == ["process 1", "process 2"]
+    assert all(" p99 " in line for line in lines[2:])
