@@ -170,8 +170,16 @@ async def test_a_commit_waits_its_turn_behind_another_process_writer(
         async with asyncio.timeout(5):
             (task,) = await submit
         assert task.status is TaskStatus.WAITING
-        # The writer holds the turn only while it commits.
+        # The writer holds the turn only while it commits: it is given back before callers hear.
         fcntl.flock(turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
         fcntl.flock(turn, fcntl.LOCK_UN)
     finally:
         os.close(turn)
+
+
+async def test_a_turn_file_that_cannot_be_opened_fails_the_open(tmp_path: Path) -> None:
+    path = tmp_path / "writer.db"
+    os.mkdir(f"{path}-turn")  # a directory where the turn file belongs
+    store = SqliteStore(f"sqlite:///{path}")
+    with pytest.raises(IsADirectoryError):
+        await store.open()

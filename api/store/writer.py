@@ -43,6 +43,10 @@ class _Job(Generic[T]):
     reads_history: bool
 
 
+# A job, and its value or the exception it raised.
+_Outcome = tuple[_Job[Any], Any, BaseException | None]
+
+
 class Writer:
     """Group commit: the thread takes every job waiting in the queue, runs each in a savepoint of one
     transaction, writes the history rows the jobs owe (in job order, so event ids follow the order
@@ -94,14 +98,25 @@ class Writer:
         self._queue.put(_Job(work, future, reads_history))
         return await future
 
+    def _open(self) -> tuple[sqlite3.Connection, int | None]:
+        """The writer's connection and its turn file (None: no turns to take)."""
+        conn = self._connect()
+        try:
+            turn = (
+                os.open(self._turn_path, os.O_RDWR | os.O_CREAT, 0o644) if self._turn_path else None
+            )
+        except BaseException:
+            conn.close()
+            raise
+        return conn, turn
+
     def _run(self) -> None:
         try:
-            conn = self._connect()
+            conn, turn = self._open()
         except BaseException as exc:  # reported to start()
             self._error = exc
             self._ready.set()
             return
-        turn = os.open(self._turn_path, os.O_RDWR | os.O_CREAT, 0o644) if self._turn_path else None
         self._ready.set()
         try:
             stopping = False
@@ -120,14 +135,20 @@ class Writer:
                         break
                     batch.append(job)
                 with _turn(turn):
-                    self._commit(conn, batch)
+                    outcomes, events = self._commit(conn, batch)
+                # Delivered once the turn is given back: the other processes need not wait on it.
+                assert self._loop is not None
+                self._loop.call_soon_threadsafe(self._deliver, outcomes, events)
         finally:
             conn.close()
             if turn is not None:
                 os.close(turn)
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Job[Any]]) -> None:
-        outcomes: list[tuple[_Job[Any], Any, BaseException | None]] = []
+    def _commit(
+        self, conn: sqlite3.Connection, batch: list[_Job[Any]]
+    ) -> tuple[list[_Outcome], list[TaskEvent]]:
+        """Run the batch in one transaction: each job's outcome, and the events committed."""
+        outcomes: list[_Outcome] = []
         events: list[TaskEvent] = []
         owed: list[Pending] = []
         try:
@@ -156,12 +177,9 @@ class Writer:
                 conn.execute("ROLLBACK")
             outcomes = [(job, None, exc) for job in batch]
             events = []
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._deliver, outcomes, events)
+        return outcomes, events
 
-    def _deliver(
-        self, outcomes: list[tuple[_Job[Any], Any, BaseException | None]], events: list[TaskEvent]
-    ) -> None:
+    def _deliver(self, outcomes: list[_Outcome], events: list[TaskEvent]) -> None:
         # Publish before waking callers, so a subscriber sees a change no later than its author.
         if events:
             try:
