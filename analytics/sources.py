@@ -181,31 +181,33 @@ def read_graphql(
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     tasks_read, failed = threading.Event(), threading.Event()
 
-    def read_tasks(http: Any) -> list[dict[str, Any]]:
-        nodes: list[dict[str, Any]] = []
+    # Each page is decoded into columns by the thread that read it, while the server answers
+    # the other stream: decoding all of them after the last page would leave the server idle.
+    def read_tasks(http: Any) -> list[list[Any]]:
+        pages: list[list[Any]] = []
         after: str | None = None
         while True:
             page = _post(http, endpoint, TASKS_QUERY, {"first": PAGE, "after": after})["tasks"]
-            nodes.extend(edge["node"] for edge in page["edges"])
+            pages.append(task_page([edge["node"] for edge in page["edges"]]))
             if not page["pageInfo"]["hasNextPage"]:
-                return nodes
+                return pages
             after = page["pageInfo"]["endCursor"]
 
-    def read_events(http: Any) -> list[dict[str, Any]]:
+    def read_events(http: Any) -> list[list[Any]]:
         # Every event up to a page asked for after the last task page was read: so each task's
         # history reaches at least the state its row was read in.
-        events: list[dict[str, Any]] = []
+        pages: list[list[Any]] = []
         last: str | None = None
         while not failed.is_set():
             settled = tasks_read.is_set()
             chunk = _post(http, endpoint, EVENTS_QUERY, {"first": PAGE, "after": last})["events"]
-            events.extend(chunk["events"])
+            pages.append(event_page(chunk["events"]))
             last = chunk["lastId"]
             if not chunk["hasNextPage"]:
                 if settled:
                     break
                 tasks_read.wait()
-        return events
+        return pages
 
     with (
         httpx.Client(headers=headers, timeout=60) as tasks_http,
@@ -214,15 +216,16 @@ def read_graphql(
     ):
         history = pool.submit(read_events, events_http)
         try:
-            nodes = read_tasks(tasks_http)
+            task_pages = read_tasks(tasks_http)
         except BaseException:
             failed.set()
             raise
         finally:
             tasks_read.set()
-        events = history.result()
-    tasks = task_columns(nodes, micros(since), micros(until))
-    return Raw(tasks, event_columns(events, tasks[TASK_FIELDS.index("id")], micros(until)))
+        event_pages = history.result()
+    tasks = tasks_of_pages(task_pages, micros(since), micros(until))
+    ids = tasks[TASK_FIELDS.index("id")]
+    return Raw(tasks, events_of_pages(event_pages, ids, micros(until)))
 
 
 _STATUS_CODES: dict[str | None, int] = {None: -1, **{s: i for i, s in enumerate(STATUSES)}}
@@ -242,16 +245,12 @@ def _texts(values: list[str | None]) -> pa.Array:
 
 def task_columns(nodes: list[dict[str, Any]], lo: int | None, hi: int | None) -> list[Any]:
     """The TASK_FIELDS columns of the tasks that overlap [lo, hi), numbered in page order."""
-    created = _instants([n["createdAt"] for n in nodes])
-    completed = _instants([n["completedAt"] for n in nodes])
-    keep = np.ones(len(nodes), dtype=bool)
-    if hi is not None:
-        keep &= created.to_numpy() < hi
-    if lo is not None:
-        done = completed.to_numpy()
-        keep &= (done == NO_TIME) | (done >= lo)
-    columns = [
-        pa.array(np.arange(1, len(nodes) + 1)),  # renumbered below, among the kept
+    return tasks_of_pages([task_page(nodes)], lo, hi)
+
+
+def task_page(nodes: list[dict[str, Any]]) -> list[Any]:
+    """The TASK_FIELDS columns of one page of task nodes, but `seq`."""
+    return [
         _texts([n["id"] for n in nodes]),
         _texts([n["workDirectory"] for n in nodes]),
         _texts([n["prompt"][:PROMPT_CHARS] for n in nodes]),
@@ -260,38 +259,57 @@ def task_columns(nodes: list[dict[str, Any]], lo: int | None, hi: int | None) ->
         pa.array([orjson.dumps(n["tags"]) for n in nodes], pa.binary()),
         pa.array([_STATUS_CODES[n["status"]] for n in nodes], pa.int64()),
         _texts([n["workerId"] for n in nodes]),
-        created,
+        _instants([n["createdAt"] for n in nodes]),
         _instants([n["startedAt"] for n in nodes]),
-        completed,
+        _instants([n["completedAt"] for n in nodes]),
         _instants([n["updatedAt"] for n in nodes]),
         pa.array([n["retryCount"] for n in nodes], pa.int64()),
         pa.array([n["maxRetries"] for n in nodes], pa.int64()),
         _texts([None if (e := n["errorMessage"]) is None else e[:ERROR_CHARS] for n in nodes]),
     ]
-    if keep.all():
-        return columns
-    mask = pa.array(keep)
-    kept = [column.filter(mask) for column in columns]
-    kept[0] = pa.array(np.arange(1, int(keep.sum()) + 1))
-    return kept
+
+
+def tasks_of_pages(pages: list[list[Any]], lo: int | None, hi: int | None) -> list[Any]:
+    """The pages' tasks that overlap [lo, hi), numbered in page order."""
+    joined = [pa.concat_arrays(list(column)) for column in zip(*pages, strict=True)]
+    created = joined[TASK_FIELDS.index("created_at") - 1].to_numpy()
+    keep = np.ones(len(created), dtype=bool)
+    if hi is not None:
+        keep &= created < hi
+    if lo is not None:
+        done = joined[TASK_FIELDS.index("completed_at") - 1].to_numpy()
+        keep &= (done == NO_TIME) | (done >= lo)
+    if not keep.all():
+        mask = pa.array(keep)
+        joined = [column.filter(mask) for column in joined]
+    return [pa.array(np.arange(1, len(joined[0]) + 1)), *joined]
 
 
 def event_columns(events: list[dict[str, Any]], task_ids: pa.Array, hi: int | None) -> list[Any]:
     """The EVENT_FIELDS columns of the events of the tasks read, before `hi`: events of tasks
     submitted after the task pages were read are left out, like those tasks."""
-    at = _instants([e["at"] for e in events])
-    columns = [
+    return events_of_pages([event_page(events)], task_ids, hi)
+
+
+def event_page(events: list[dict[str, Any]]) -> list[Any]:
+    """The EVENT_FIELDS columns of one page of events."""
+    return [
         pc.cast(_texts([e["id"] for e in events]), pa.int64()),
         _texts([e["taskId"] for e in events]),
         pa.array([_STATUS_CODES[e["status"]] for e in events], pa.int64()),
         pa.array([_STATUS_CODES[e["previousStatus"]] for e in events], pa.int64()),
         _texts([e["workerId"] for e in events]),
-        at,
+        _instants([e["at"] for e in events]),
         _texts([_reason(e["details"]) for e in events]),
     ]
+
+
+def events_of_pages(pages: list[list[Any]], task_ids: pa.Array, hi: int | None) -> list[Any]:
+    """The pages' events of the tasks read, before `hi`."""
+    columns = [pa.concat_arrays(list(column)) for column in zip(*pages, strict=True)]
     keep = pc.is_in(columns[1], value_set=task_ids)
     if hi is not None:
-        keep = pc.and_(keep, pc.less(at, hi))
+        keep = pc.and_(keep, pc.less(columns[EVENT_FIELDS.index("at")], hi))
     return columns if pc.all(keep).as_py() else [column.filter(keep) for column in columns]
 
 

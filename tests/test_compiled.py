@@ -6,23 +6,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import graphql
 import httpx
+import orjson
 import pytest
+import strawberry
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
+from strawberry.scalars import JSON
 
 from api.app import create_app
-from api.interfaces.gql import compiled
+from api.interfaces.gql import compiled, serializers
 from api.security.keys import issue_key
 from api.settings import Settings
 from tests.conftest import ServerProcess
@@ -356,15 +360,16 @@ def test_the_comparison_notices_a_wrong_serializer(
     pair: Pair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A serializer that spells enum values in lower case (status, priority) must be caught."""
-    original = compiled._leaf
+    original = serializers._enum_names
 
     def lower_case_enums(type_: Any) -> Any:
-        serialize = original(type_)
-        if not isinstance(type_, graphql.GraphQLEnumType):
-            return serialize
-        return lambda value: None if value is None else serialize(value).lower()
+        names = original(type_)
+        if names is None:
+            return None
+        cls, by_member = names
+        return cls, {member: name.lower() for member, name in by_member.items()}
 
-    monkeypatch.setattr(compiled, "_leaf", lower_case_enums)
+    monkeypatch.setattr(serializers, "_enum_names", lower_case_enums)
     fields = " ".join(TASK_FIELDS)
     query = f"mutation($i: SubmitTaskInput!) {{ submitTask(input: $i) {{ {fields} }} }}"
     with pytest.raises(AssertionError, match="'waiting'"):
@@ -477,3 +482,90 @@ def test_a_waiting_claim_answered_by_its_plan_ends_when_its_client_goes_away(
         assert "graphql_compiled_executions_total 2.0" in metrics  # the ghost's and alive's
     finally:
         server.stop()
+
+
+# -- serializers, off their inline paths -----------------------------------------------------
+
+
+@strawberry.enum
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+@strawberry.type
+class Item:
+    ident: strawberry.ID
+    text: str | None
+    count: int
+    flag: bool
+    colour: Colour | None
+    at: datetime | None
+    words: list[str]
+    data: JSON | None
+    blob: JSON
+
+
+class Holder:
+    """What `Item` fields read, any Python value at all."""
+
+    def __init__(self, **values: Any) -> None:
+        self.__dict__.update(values)
+
+
+HELD: dict[str, Any] = {}
+
+
+@strawberry.type
+class ItemQuery:
+    @strawberry.field
+    def item(self) -> Item:
+        return cast(Item, Holder(**HELD))
+
+
+ITEM_QUERY = "{ item { ident text count flag colour at words data blob __typename } }"
+PLAIN = {
+    "ident": "a", "text": "t", "count": 1, "flag": True, "colour": Colour.RED,
+    "at": datetime(2030, 1, 2, 3, 4, 5, 6, tzinfo=UTC), "words": ["w"], "data": {"a": [1]},
+    "blob": {},
+}  # fmt: skip
+
+
+class StrSub(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"text": None, "colour": None, "at": None, "data": None},
+        {"data": [1, "x"], "blob": 0},
+        {"ident": 7, "text": StrSub("s"), "count": True, "flag": 0, "words": ("x", 3)},
+        {"count": 2.0, "colour": "blue", "at": datetime(2030, 1, 2)},
+        {"count": 2**31},  # out of Int's range: an error
+        {"count": None},  # a null for a non-null field: an error
+        {"colour": "green"},  # no such value: an error
+        {"at": "2030-01-02"},  # not a datetime: an error
+        {"words": "ab"},  # a string is not a list here
+        {"blob": None},  # a null for a non-null JSON: an error
+    ],
+)
+def test_a_serializer_answers_as_graphql_core_or_leaves_it_to_graphql_core(
+    changes: dict[str, Any],
+) -> None:
+    """Each value takes the inline path or the field's own serializer: either gives what
+    graphql-core completes, or it raises and the plan lets graphql-core complete the result."""
+    schema = strawberry.Schema(query=ItemQuery)
+    plan = compiled.build_plan(schema, graphql.parse(ITEM_QUERY), None)
+    HELD.clear()
+    HELD.update({**PLAIN, **changes})
+    general = schema.execute_sync(ITEM_QUERY)
+    try:
+        serialized = plan.serialize(ItemQuery().item())
+    except Exception:
+        assert general.errors, "the serializer refused what graphql-core completes"
+        return
+    assert not general.errors, general.errors
+    # as JSON: True and 1 are equal in Python, not in a response
+    assert orjson.dumps({"item": serialized}) == orjson.dumps(general.data)

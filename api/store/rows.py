@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Protocol
 
 from api.core.domain import (
@@ -13,7 +14,7 @@ from api.core.domain import (
     TaskPriority,
     TaskStatus,
 )
-from api.store.sql import Dialect
+from api.store.sql import Dialect, loads
 
 
 class Row(Protocol):
@@ -44,7 +45,7 @@ def task_of(d: Dialect, row: Row) -> Task:
         work_directory=row["work_directory"],
         prompt=row["prompt"],
         priority=TaskPriority.from_rank(row["priority"]),
-        tags=tuple(d.unjson(row["tags"])),
+        tags=_tags(d, row["tags"]),
         status=_STATUS[row["status"]],
         worker_id=row["worker_id"],
         created_at=instant(row["created_at"]),
@@ -55,7 +56,7 @@ def task_of(d: Dialect, row: Row) -> Task:
         error_message=row["error_message"],
         retry_count=row["retry_count"],
         max_retries=row["max_retries"],
-        metadata=d.unjson(row["metadata"]),
+        metadata=_json_object(d, row["metadata"]),
         version=row["version"],
         lease_expires_at=instant(row["lease_expires_at"]),
         run_after=instant(row["run_after"]),
@@ -70,6 +71,16 @@ def task_of(d: Dialect, row: Row) -> Task:
         progress_message=row["progress_message"],
         log_line_count=row["log_line_count"],
     )
+
+
+def _tags(d: Dialect, value: Any) -> tuple[str, ...]:
+    # Tasks share a few tag lists: each stored text is decoded once (PostgreSQL's are decoded).
+    return _decoded_tags(value) if type(value) is str else tuple(d.unjson(value))
+
+
+@functools.lru_cache(maxsize=4096)
+def _decoded_tags(text: str) -> tuple[str, ...]:
+    return tuple(loads(text))
 
 
 def _ids(d: Dialect, value: Any) -> tuple[str, ...]:
@@ -87,7 +98,7 @@ def event_of(d: Dialect, row: Row) -> TaskEvent:
         previous_status=None if previous is None else _STATUS[previous],
         worker_id=row["worker_id"],
         at=d.instant(row["at"]),
-        details=_details(d, row["details"]),
+        details=_json_object(d, row["details"]),
     )
 
 
@@ -96,8 +107,9 @@ def pending_event(d: Dialect, pending: Pending) -> TaskEvent:
     return event_of(d, {"id": 0, **history_row(d, pending)})
 
 
-def _details(d: Dialect, value: Any) -> Any:
-    # Most history rows carry no details: skip decoding the empty object on every row read.
+def _json_object(d: Dialect, value: Any) -> Any:
+    # Most tasks carry no metadata and most history rows no details: skip decoding the empty
+    # object on every row read.
     return {} if value == "{}" else d.unjson(value)
 
 

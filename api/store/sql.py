@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
+
 from api.core import domain
 from api.core.domain import EventFilter, TaskFilter, TaskStatus
 
@@ -63,6 +65,15 @@ def dumps(value: Any) -> str:
     return _ENCODER.encode(value)
 
 
+def loads(text: str) -> Any:
+    """What `json.loads` gives, several times faster: orjson reads whatever it can (it gives the
+    same values), the standard parser the rest (NaN, integers beyond 64 bits, lone surrogates)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def _same(value: Any) -> Any:
     return value
 
@@ -101,7 +112,7 @@ SQLITE = Dialect(
     time_in_json=_maybe(to_us),
     instant=from_us,
     json=dumps,
-    unjson=_maybe(json.loads),
+    unjson=_maybe(loads),
     skip_locked="",  # the writer holds the database for the whole transaction
     for_update="",
     claim_turn="",  # the writer holds the database for the whole transaction

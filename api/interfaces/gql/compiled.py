@@ -19,45 +19,26 @@ and introspection."""
 
 from __future__ import annotations
 
-import operator
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 from graphql import (
     DocumentNode,
     ExecutionResult,
     FragmentDefinitionNode,
-    GraphQLBoolean,
-    GraphQLEnumType,
     GraphQLError,
     GraphQLField,
-    GraphQLID,
-    GraphQLInt,
     GraphQLObjectType,
-    GraphQLOutputType,
-    GraphQLString,
-    OperationDefinitionNode,
     OperationType,
-    Undefined,
     Visitor,
     get_operation_ast,
-    is_leaf_type,
-    is_list_type,
-    is_non_null_type,
     parse,
     visit,
 )
-from graphql.execution.collect_fields import (
-    FieldDetailsList,
-    FragmentDetails,
-    collect_fields,
-    collect_subfields,
-)
+from graphql.execution.collect_fields import FieldDetailsList, FragmentDetails, collect_fields
 from graphql.execution.executor import Executor
-from graphql.execution.values import VariableValues, get_argument_values
+from graphql.execution.values import get_argument_values
 from graphql.pyutils import Path
 from strawberry.execution import optimized_is_awaitable
 from strawberry.types.field import StrawberryField
@@ -66,24 +47,16 @@ from strawberry.utils.await_maybe import await_maybe
 from api.interfaces.gql.context import Context
 from api.interfaces.gql.conversion import CallArguments, call_arguments
 from api.interfaces.gql.security import refusal, refused, root_fields
+from api.interfaces.gql.serializers import (
+    NO_VARIABLES,
+    Serialize,
+    Serializers,
+    Unsupported,
+    strawberry_field,
+)
 from api.ops.logs import request_info
 from api.ops.metrics import COMPILED_EXECUTIONS, root_label
 from api.security.auth import principal_of
-
-# Plain data for orjson, from one value of the resolver's result; raises on anything unexpected.
-Serialize = Callable[[Any], Any]
-
-# Fragments have no directives here (a plan is refused with any), so collecting fields at build
-# time needs no variable values.
-_NO_VARIABLES = VariableValues({}, {})
-
-
-class Unsupported(Exception):
-    """The document has a shape plans do not take; the general executor keeps running it."""
-
-
-class _Unexpected(Exception):
-    """A value the serializer does not serve as it is; graphql-core completes the result."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,16 +141,16 @@ def build_plan(schema: Any, document: DocumentNode, operation_name: str | None) 
             fragments[definition.name.value] = FragmentDetails(definition)
     root_type = graphql_schema.get_root_type(operation.operation)
     grouped = collect_fields(
-        graphql_schema, fragments, _NO_VARIABLES, root_type, operation
+        graphql_schema, fragments, NO_VARIABLES, root_type, operation
     ).grouped_field_set
     if len(grouped) != 1:
         raise Unsupported("one root field")
     [(key, details)] = grouped.items()
     field = root_type.fields.get(details[0].node.name.value)
-    resolver = _strawberry_field(field)
+    resolver = strawberry_field(field)
     if resolver is None or resolver.base_resolver is None or resolver.extensions:
         raise Unsupported("a root field served by its own resolver")
-    serializers = _Serializers(graphql_schema, fragments, operation)
+    serializers = Serializers(graphql_schema, fragments, operation)
     assert field is not None  # a Strawberry field is a schema field
     return Plan(
         document=document,
@@ -250,11 +223,6 @@ async def _complete(executor: Executor[Any], plan: Plan, info: Any, path: Path, 
     return completed
 
 
-def _strawberry_field(field: GraphQLField | None) -> StrawberryField | None:
-    found = None if field is None else field.extensions.get("strawberry-definition")
-    return found if isinstance(found, StrawberryField) else None
-
-
 def _has_directives(document: DocumentNode) -> bool:
     class Finder(Visitor):
         found = False
@@ -266,133 +234,3 @@ def _has_directives(document: DocumentNode) -> bool:
     finder = Finder()
     visit(document, finder)
     return finder.found
-
-
-class _Serializers:
-    """Builds the serializer of a type and the sub-selection its field nodes make."""
-
-    def __init__(
-        self,
-        schema: Any,
-        fragments: dict[str, FragmentDetails],
-        operation: OperationDefinitionNode,
-    ) -> None:
-        self.schema = schema
-        self.fragments = fragments
-        self.operation = operation
-
-    def of(self, type_: GraphQLOutputType, details: FieldDetailsList) -> Serialize:
-        if is_non_null_type(type_):
-            return _non_null(self.of(type_.of_type, details))
-        if is_list_type(type_):
-            return _list(self.of(type_.of_type, details))
-        if is_leaf_type(type_):
-            return _leaf(type_)
-        if not isinstance(type_, GraphQLObjectType) or type_.is_type_of is not None:
-            raise Unsupported("abstract types")
-        return self._object(type_, details)
-
-    def _object(self, type_: GraphQLObjectType, details: FieldDetailsList) -> Serialize:
-        # graphql-core's own collection: the same response keys, order and merged nodes.
-        grouped = collect_subfields(
-            self.schema, self.fragments, _NO_VARIABLES, self.operation, type_, details
-        ).grouped_field_set
-        fields: list[tuple[str, Callable[[Any], Any], Serialize]] = []
-        for key, sub_details in grouped.items():
-            name = sub_details[0].node.name.value
-            if name == "__typename":
-                fields.append((key, _constant(type_.name), _same))
-                continue
-            field = type_.fields[name]
-            definition = _strawberry_field(field)
-            if definition is None or not definition.is_basic_field:
-                raise Unsupported(f"{type_.name}.{name} has its own resolver")
-            # Strawberry serves a field without a resolver by getattr on its Python name.
-            read = operator.attrgetter(definition.python_name)
-            fields.append((key, read, self.of(field.type, sub_details)))
-
-        def serialize(value: Any) -> Any:
-            if value is None:
-                return None
-            return {key: serialize_field(read(value)) for key, read, serialize_field in fields}
-
-        return serialize
-
-
-# Built-in scalars give these values back as they are (a str for String and ID, a bool for
-# Boolean, an int in 32 bits for Int): checked by exact type, they skip the coercion call.
-_INT_RANGE = range(-(2**31), 2**31)
-_UNCHANGED: dict[Any, Callable[[Any], bool]] = {
-    GraphQLString: lambda value: type(value) is str,
-    GraphQLID: lambda value: type(value) is str,
-    GraphQLBoolean: lambda value: type(value) is bool,
-    GraphQLInt: lambda value: type(value) is int and value in _INT_RANGE,
-}
-
-
-def _leaf(type_: Any) -> Serialize:
-    coerce = type_.coerce_output_value
-    unchanged = _UNCHANGED.get(type_)
-    names = _enum_names(type_)
-
-    def serialize(value: Any) -> Any:
-        if value is None:
-            return None
-        if unchanged is not None and unchanged(value):
-            return value
-        if names is not None and type(value) is names[0]:
-            name = names[1].get(value)
-            if name is not None:
-                return name
-        coerced = coerce(value)
-        if coerced is None or coerced is Undefined:
-            raise _Unexpected(value)
-        return coerced
-
-    return serialize
-
-
-def _enum_names(type_: Any) -> tuple[type[Enum], dict[Any, str]] | None:
-    """(the Python enum, member -> GraphQL name) of a Strawberry enum: the name its coercion
-    finds by comparing the member's value with each of the enum's values in turn."""
-    wrapped = getattr(type_, "wrapped_cls", None)
-    if not isinstance(type_, GraphQLEnumType) or not (
-        isinstance(wrapped, type) and issubclass(wrapped, Enum)
-    ):
-        return None
-    names: dict[Any, str] = {}
-    for member in wrapped:
-        for name, value in type_.values.items():
-            if member.value == value.value:
-                names[member] = name
-                break
-    return wrapped, names
-
-
-def _non_null(inner: Serialize) -> Serialize:
-    def serialize(value: Any) -> Any:
-        serialized = inner(value)
-        if serialized is None:
-            raise _Unexpected("null for a non-null field")
-        return serialized
-
-    return serialize
-
-
-def _list(inner: Serialize) -> Serialize:
-    def serialize(value: Any) -> Any:
-        if value is None:
-            return None
-        if not isinstance(value, list | tuple):  # graphql-core takes any iterable; it decides
-            raise _Unexpected(value)
-        return [inner(item) for item in value]
-
-    return serialize
-
-
-def _constant(value: str) -> Callable[[Any], str]:
-    return lambda _: value
-
-
-def _same(value: Any) -> Any:
-    return value
