@@ -8,6 +8,7 @@ import os
 import random
 import resource
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -292,6 +293,12 @@ def main() -> None:
     parser.add_argument(
         "--server-tasks", type=int, default=0, help="also load this many tasks from a server"
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run every step this many times and report each step's median (by wall time)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -303,22 +310,31 @@ def main() -> None:
                 f"built {args.tasks:,} tasks, {events:,} events"
                 f" in {time.perf_counter() - began:.1f} s"
             )
-        timings: Timings = {}
-        lines = [metrics(f"sqlite:///{path.resolve()}", timings, "sqlite")]
+        url = None
         if args.postgres:
             url = _schema_url(args.postgres, SCHEMA)
             if not (args.reuse_postgres and _holds_tasks(url)):
                 began = time.perf_counter()
                 url = copy_to_postgres(path, args.postgres, SCHEMA)
                 print(f"copied into PostgreSQL in {time.perf_counter() - began:.1f} s")
-            lines.append(metrics(url, timings, "postgres"))
-        if args.server_tasks:
-            lines.append(server_load(path, args.server_tasks, args.days, Path(tmp), timings))
+        runs: list[Timings] = []
+        for _ in range(max(1, args.repeat)):
+            timings: Timings = {}
+            lines = [metrics(f"sqlite:///{path.resolve()}", timings, "sqlite")]
+            if url is not None:
+                lines.append(metrics(url, timings, "postgres"))
+            if args.server_tasks:
+                lines.append(server_load(path, args.server_tasks, args.days, Path(tmp), timings))
+            runs.append(timings)
+        timings = {name: statistics.median_low([run[name] for run in runs]) for name in runs[0]}
 
         print("\n".join(lines))
-        print(f"  {'step':<34} {'wall':>7}   {'cpu':>7}   {'others':>6}")
+        if len(runs) > 1:
+            print(f"medians of {len(runs)} runs (by wall time):")
+        print(f"  {'step':<34} {'wall':>7}   {'cpu':>7}   {'others':>6}        walls of every run")
         for name, (wall, cpu, others) in timings.items():
-            print(f"  {name:<34} {wall:7.2f} s {cpu:7.2f} s {others:6.2f} cores")
+            walls = ", ".join(f"{run[name][0]:.2f}" for run in runs) if len(runs) > 1 else ""
+            print(f"  {name:<34} {wall:7.2f} s {cpu:7.2f} s {others:6.2f} cores  {walls}")
         for prefix in ("sqlite", "postgres"):
             standard = [v for k, v in timings.items() if k.startswith(prefix) and "load" not in k]
             if standard:

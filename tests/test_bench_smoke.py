@@ -83,3 +83,18 @@ def test_sqlite_processes_bench_prints_throughput_and_each_process_latency() -> 
     assert float(completed) > 0, stdout
     assert [line.split(":")[0].strip() for line in lines[2:]] == ["process 1", "process 2"]
     assert all(" p99 " in line for line in lines[2:])
+
+
+def test_analytics_bench_prints_each_step_and_each_target(tmp_path: Path) -> None:
+    stdout = run_bench("bench.analytics_bench", "--tasks", "2000", "--server-tasks", "300",
+                       "--database", str(tmp_path / "bench.db"), "--repeat", "3")  # fmt: skip
+    assert "sqlite: 2,000 tasks" in stdout, stdout
+    assert "server: 300 tasks" in stdout, stdout
+    assert "medians of 3 runs" in stdout, stdout
+    steps = {line.split("  ")[1].strip(): line for line in stdout.splitlines() if " cores" in line}
+    # every run's wall time after the median's columns: three of them
+    assert len(steps["sqlite load (all)"].split("cores")[1].split(",")) == 3, stdout
+    targets = stdout.split("targets (wall time):")[1].strip().splitlines()
+    assert [t.strip().split("  ")[0] for t in targets] == [
+        "sqlite load (all)", "sqlite all metrics", "server load (all)", "peak memory",
+    ], stdout  # fmt: skip
