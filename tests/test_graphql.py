@@ -213,6 +213,26 @@ async def test_error_codes_for_missing_and_conflicting(gql: GraphQLClient) -> No
     assert (await gql.ok("query($id: ID!) { task(id: $id) { id } }", id=missing))["task"] is None
 
 
+async def test_total_count_is_given_however_it_is_selected(gql: GraphQLClient) -> None:
+    for _ in range(3):
+        await submit(gql)
+    fragments = {
+        "{ tasks(first: 1) { totalCount } }": "totalCount",
+        "{ tasks(first: 1) { all: totalCount } }": "all",
+        "{ tasks(first: 1) { ...Counted } } fragment Counted on TaskConnection { totalCount }": (
+            "totalCount"
+        ),
+        "{ tasks(first: 1) { ... on TaskConnection { n: totalCount } } }": "n",
+    }
+    for query, key in fragments.items():
+        assert (await gql.ok(query))["tasks"][key] == 3, query
+    # not selected: the page alone, and it is the same page
+    without = await gql.ok("{ tasks(first: 2) { edges { node { id } } } }")
+    counted = await gql.ok("{ tasks(first: 2) { totalCount edges { node { id } } } }")
+    assert without["tasks"]["edges"] == counted["tasks"]["edges"]
+    assert len(without["tasks"]["edges"]) == 2
+
+
 async def test_stale_version_update_is_a_conflict(gql: GraphQLClient) -> None:
     task = await submit(gql)
     query = """mutation($id: ID!, $v: Int!) {

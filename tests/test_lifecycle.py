@@ -588,3 +588,15 @@ def test_every_change_on_the_store_gives_the_domains_answer(database_url: str) -
             agrees()
         finally:
             runner.run(store.close())
+
+
+async def test_a_task_page_is_counted_unless_the_caller_leaves_the_total_out(
+    service: TaskService, submit_task: Submit
+) -> None:
+    for _ in range(3):
+        await submit_task()
+    counted = await service.list_tasks(TaskFilter(), first=2)
+    uncounted = await service.list_tasks(TaskFilter(), first=2, count=False)
+    assert (counted.total, uncounted.total) == (3, None)
+    assert [t.id for t in uncounted.tasks] == [t.id for t in counted.tasks]
+    assert (uncounted.has_next, counted.has_next) == (True, True)

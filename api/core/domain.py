@@ -342,11 +342,11 @@ class Backoff:
 
 @dataclass(frozen=True, slots=True)
 class TaskPage:
-    """One page of a task listing, with the total the filter matches."""
+    """One page of a task listing, with the total the filter matches (None: not counted)."""
 
     tasks: list[Task]
     has_next: bool
-    total: int
+    total: int | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -591,14 +591,17 @@ class TaskService:
         return task
 
     async def list_tasks(
-        self, where: TaskFilter, first: int = 50, after: str | None = None
+        self, where: TaskFilter, first: int = 50, after: str | None = None, count: bool = True
     ) -> TaskPage:
+        """A page of tasks after the cursor `after`; `count=False` leaves the total out (None),
+        for a caller that does not show it: counting reads every task the filter matches."""
         first = validation.check_page_size(first)
         after_seq = None if after is None else decode_cursor(after)
-        return await self.store.list_tasks(where, first, after_seq)
+        return await self.store.list_tasks(where, first, after_seq, count=count)
 
     async def list_page(self, where: TaskFilter, limit: int = 50, offset: int = 0) -> TaskPage:
-        """Tasks by position (`offset`) instead of cursor, for clients that page that way."""
+        """Tasks by position (`offset`) instead of cursor, for clients that page that way; always
+        with the total."""
         limit = validation.check_page_size(limit, "limit")
         if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= MAX_OFFSET:
             raise ValidationError("offset", f"offset must be from 0 to {MAX_OFFSET:,}")

@@ -396,7 +396,11 @@ def build_mcp(service: Callable[[], TaskService], profile: str = "all") -> MCPSe
             found = await service().list_page(where, limit, offset)
             tasks = [TaskOut.of(t) for t in found.tasks]
             return TaskList(
-                tasks=tasks, total=found.total, limit=limit, offset=offset, has_more=found.has_next
+                tasks=tasks,
+                total=found.total or 0,
+                limit=limit,
+                offset=offset,
+                has_more=found.has_next,
             )
 
         return await _call(ctx, "read", page)

@@ -218,7 +218,7 @@ async def list_tasks(request: Request) -> tuple[Any, int]:
     page = await _service(request).list_page(where, limit, offset)
     tasks = [TaskOut.of(t) for t in page.tasks]
     return TaskList(
-        tasks=tasks, total=page.total, limit=limit, offset=offset, has_more=page.has_next
+        tasks=tasks, total=page.total or 0, limit=limit, offset=offset, has_more=page.has_next
     ), 200
 
 

@@ -76,10 +76,15 @@ class TaskStore(Protocol):
     async def get(self, task_id: str) -> Task | None: ...
 
     async def list_tasks(
-        self, where: domain.TaskFilter, first: int, after_seq: int | None, offset: int = 0
+        self,
+        where: domain.TaskFilter,
+        first: int,
+        after_seq: int | None,
+        offset: int = 0,
+        count: bool = True,
     ) -> TaskPage:
         """Up to `first` tasks in submission order, after the cursor `after_seq`, skipping
-        `offset` more."""
+        `offset` more; with the number of tasks `where` matches, unless `count` is false."""
 
     async def count_by_status(self, work_directory: str | None) -> dict[TaskStatus, int]: ...
 

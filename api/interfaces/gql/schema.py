@@ -6,7 +6,7 @@ from collections.abc import AsyncGenerator, Awaitable, Iterable
 from typing import Any, TypeVar
 
 import strawberry
-from graphql import GraphQLError
+from graphql import FieldNode, FragmentSpreadNode, GraphQLError
 from starlette.requests import Request
 from strawberry.extensions import ParserCache, ValidationCache
 from strawberry.scalars import JSON
@@ -75,14 +75,16 @@ class Query:
             )
         else:
             where = filter.to_filter()
-        page = await info.context.service.list_tasks(where, first, after)
+        page = await info.context.service.list_tasks(
+            where, first, after, count=_selects(info, "totalCount")
+        )
         edges = [TaskEdge(node=as_task(t), cursor=encode_cursor(t.seq)) for t in page.tasks]
         return TaskConnection(
             edges=edges,
             page_info=PageInfo(
                 has_next_page=page.has_next, end_cursor=edges[-1].cursor if edges else None
             ),
-            total_count=page.total,
+            total_count=0 if page.total is None else page.total,  # None: not selected
         )
 
     @strawberry.field(
@@ -368,6 +370,29 @@ def _event_filter(
         if work_directory is None
         else validation.check_work_directory(work_directory),
         statuses=tuple(statuses or ()),
+    )
+
+
+def _selects(info: Info, name: str) -> bool:
+    """Whether the field being resolved selects the field `name` of its type, directly or through
+    fragments. Directives are not evaluated: a field that @skip may leave out counts as selected."""
+    raw = info._raw_info
+
+    def found(selections: Iterable[Any]) -> bool:
+        for node in selections:
+            if isinstance(node, FieldNode):
+                if node.name.value == name:
+                    return True
+                continue
+            if isinstance(node, FragmentSpreadNode):  # the document validated: it is defined
+                node = raw.fragments[node.name.value]
+            if node.selection_set is not None and found(node.selection_set.selections):
+                return True
+        return False
+
+    return any(
+        field.selection_set is not None and found(field.selection_set.selections)
+        for field in raw.field_nodes
     )
 
 
