@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import itertools
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -27,6 +27,22 @@ from api.store.writer import Writer
 T = TypeVar("T")
 
 READERS = 2
+
+
+def dict_rows() -> Callable[[sqlite3.Cursor, tuple[Any, ...]], dict[str, Any]]:
+    """A row factory giving each row as a dict. sqlite3.Row finds a column by comparing its name
+    with each column's in turn, case-insensitively: for the 29 columns of a task that was about
+    half the cost of reading one. The column names are taken once per statement (a cursor keeps
+    one description for all the rows of one execute); one factory per connection."""
+    last: list[Any] = [None, ()]
+
+    def factory(cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> dict[str, Any]:
+        description = cursor.description
+        if description is not last[0]:
+            last[0], last[1] = description, tuple(column[0] for column in description)
+        return dict(zip(last[1], values))  # noqa: B905  # one length: the same description
+
+    return factory
 
 
 def run_program(conn: sqlite3.Connection, program: Program[T]) -> tuple[T, list[Pending]]:
@@ -91,7 +107,7 @@ class SqliteStore(SqlTaskStore):
     def _connect_writer(self) -> sqlite3.Connection:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
+        conn.row_factory = dict_rows()
         conn.execute("PRAGMA busy_timeout = 10000")  # other server processes on the same file
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {self._synchronous}")
@@ -103,12 +119,12 @@ class SqliteStore(SqlTaskStore):
         await self._writer.run(migrate)
         for _ in range(self._reader_count):
             reader = await aiosqlite.connect(self.path, isolation_level=None)
-            reader.row_factory = sqlite3.Row
+            reader.row_factory = dict_rows()  # type: ignore[assignment]  # any callable works
             await reader.execute("PRAGMA busy_timeout = 10000")
             await reader.execute("PRAGMA query_only = 1")
             self._readers.append(reader)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
+        conn.row_factory = dict_rows()
         conn.execute("PRAGMA busy_timeout = 0")  # never block the loop; fall back instead
         conn.execute("PRAGMA query_only = 1")
         self._loop_reader = conn
