@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -24,7 +23,7 @@ from api.store.handle_store import SqlHandleStore
 from api.store.key_store import SqlKeyStore
 from api.store.pg_schema import WAKE_STAMPER, insert_history, migrate, with_history
 from api.store.rows import Row, event_of, pending_event, task_of
-from api.store.sql import POSTGRES, POSTGRES_SQL, dumps, numbered, positional
+from api.store.sql import POSTGRES, POSTGRES_SQL, dumps, loads, numbered, positional
 from api.store.stamper import Stamper
 
 T = TypeVar("T")
@@ -42,7 +41,7 @@ CLAIM = numbered(POSTGRES_SQL.claim)[0]
 
 
 async def init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=dumps, decoder=loads, schema="pg_catalog")
 
 
 async def keep_session(conn: asyncpg.Connection) -> None:

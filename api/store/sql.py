@@ -56,13 +56,18 @@ def _instant(value: int) -> datetime:
     return _EPOCH + timedelta(0, 0, value)
 
 
-# One encoder for every value: json.dumps with options builds a new encoder on every call, and a
-# change encodes several values per task.
+# One encoder for every value: json.dumps with options builds a new encoder on every call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def dumps(value: Any) -> str:
-    return _ENCODER.encode(value)
+    """Compact JSON text, as `json.dumps` writes it with these separators, several times faster:
+    orjson writes whatever it can, the standard encoder the rest (integers beyond 64 bits). A
+    change encodes several values per task, a batch a thousand tasks' at once."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return _ENCODER.encode(value)
 
 
 def loads(text: str) -> Any:
