@@ -61,9 +61,10 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON text, as `json.dumps` writes it with these separators, several times faster:
-    orjson writes whatever it can, the standard encoder the rest (integers beyond 64 bits). A
-    change encodes several values per task, a batch a thousand tasks' at once."""
+    """Compact JSON text of the values `json.dumps` would write (a number may be spelled another
+    way: 0.00001 for 1e-05), several times faster: orjson writes whatever it can, the standard
+    encoder the rest (integers beyond 64 bits). A change encodes several values per task, a
+    batch a thousand tasks' at once."""
     try:
         return orjson.dumps(value).decode()
     except TypeError:
