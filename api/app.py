@@ -32,6 +32,7 @@ from api.interfaces.gql.ide import graphiql_assets, graphiql_page, is_ide_reques
 from api.interfaces.gql.schema import build_schema
 from api.interfaces.gql.security import SecuredTransportWS, guard_extensions
 from api.interfaces.mcp import PROFILES, build_mcp, http_routes, http_sessions
+from api.jsontext import loads
 from api.ops.health import QueueCounts, health
 from api.ops.logs import AccessLog
 from api.ops.metrics import metrics, observe_commit, observe_request
@@ -72,9 +73,9 @@ class GraphQLView(GraphQL[Context, None]):
         ):
             return None
         try:
-            body = orjson.loads(await request.body())
-        except orjson.JSONDecodeError:
-            return None  # the general path gives its own answer (or accepts what orjson does not)
+            body = loads(await request.body())  # integers beyond 64 bits stay exact, as there
+        except ValueError:
+            return None  # the general path gives its own answer
         if not isinstance(body, dict):
             return None  # a batch
         query, name = body.get("query"), body.get("operationName")

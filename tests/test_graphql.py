@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from tests.conftest import GraphQLClient
 
@@ -211,6 +212,28 @@ async def test_error_codes_for_missing_and_conflicting(gql: GraphQLClient) -> No
     assert error["extensions"]["code"] == "CONFLICT"
     assert "WAITING" in error["message"]
     assert (await gql.ok("query($id: ID!) { task(id: $id) { id } }", id=missing))["task"] is None
+
+
+BIG = 123456789012345678901234567890
+
+
+async def test_integers_beyond_64_bits_stay_exact(gql: GraphQLClient) -> None:
+    """JSON allows any integer: stored and answered exactly, whether the general executor or a
+    compiled plan (from the second request of the same document on) reads the request."""
+    metadata = {"big": BIG, "negative": -BIG, "u64": 2**64 - 1, "past": 2**64, "text": "9" * 30}
+    query = "mutation($input: SubmitTaskInput!) { submitTask(input: $input) { id metadata } }"
+    fields = {"workDirectory": "/repo", "prompt": "p", "metadata": metadata}
+    before = REGISTRY.get_sample_value("graphql_compiled_executions_total") or 0.0
+    answers = [(await gql.ok(query, input=fields))["submitTask"] for _ in range(3)]
+    assert (REGISTRY.get_sample_value("graphql_compiled_executions_total") or 0.0) > before
+    for task in answers:
+        assert task["metadata"] == metadata
+        assert type(task["metadata"]["big"]) is int
+    claimed = (await gql.ok(CLAIM, dir="/repo", worker="w1"))["claimTask"]
+    done = await gql.ok(COMPLETE, id=claimed["id"], worker="w1", result=[BIG, 0.00001])
+    assert done["completeTask"]["result"] == [BIG, 0.00001]
+    read = await gql.ok("query($id: ID!) { task(id: $id) { metadata result } }", id=claimed["id"])
+    assert read["task"] == {"metadata": metadata, "result": [BIG, 0.00001]}
 
 
 async def test_total_count_is_given_however_it_is_selected(gql: GraphQLClient) -> None:

@@ -14,6 +14,7 @@ import asyncpg
 
 from api.core import lifecycle
 from api.core.domain import Completion, Task, TaskEvent, TaskSpec
+from api.jsontext import dumps, loads
 from api.store import changes as programs
 from api.store import sql
 from api.store.base import CommitListener, Decide
@@ -23,7 +24,7 @@ from api.store.handle_store import SqlHandleStore
 from api.store.key_store import SqlKeyStore
 from api.store.pg_schema import WAKE_STAMPER, insert_history, migrate, with_history
 from api.store.rows import Row, event_of, pending_event, task_of
-from api.store.sql import POSTGRES, POSTGRES_SQL, dumps, loads, numbered, positional
+from api.store.sql import POSTGRES, POSTGRES_SQL, numbered, positional
 from api.store.stamper import Stamper
 
 T = TypeVar("T")

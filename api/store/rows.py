@@ -14,7 +14,8 @@ from api.core.domain import (
     TaskPriority,
     TaskStatus,
 )
-from api.store.sql import Dialect, loads
+from api.jsontext import loads
+from api.store.sql import Dialect
 
 
 class Row(Protocol):

@@ -4,17 +4,15 @@ the small table of what differs between SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import functools
-import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
-
 from api.core import domain
 from api.core.domain import EventFilter, TaskFilter, TaskStatus
+from api.jsontext import dumps, loads
 
 TASK_FIELDS = (
     "seq", "id", "work_directory", "prompt", "priority", "tags", "status", "worker_id",
@@ -54,30 +52,6 @@ def from_us(value: int | None) -> datetime | None:
 @functools.lru_cache(maxsize=4096)
 def _instant(value: int) -> datetime:
     return _EPOCH + timedelta(0, 0, value)
-
-
-# One encoder for every value: json.dumps with options builds a new encoder on every call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
-def dumps(value: Any) -> str:
-    """Compact JSON text of the values `json.dumps` would write (a number may be spelled another
-    way: 0.00001 for 1e-05), several times faster: orjson writes whatever it can, the standard
-    encoder the rest (integers beyond 64 bits). A change encodes several values per task, a
-    batch a thousand tasks' at once."""
-    try:
-        return orjson.dumps(value).decode()
-    except TypeError:
-        return _ENCODER.encode(value)
-
-
-def loads(text: str) -> Any:
-    """What `json.loads` gives, several times faster: orjson reads whatever it can (it gives the
-    same values), the standard parser the rest (NaN, integers beyond 64 bits, lone surrogates)."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
 
 
 def _same(value: Any) -> Any:
