@@ -248,8 +248,12 @@ def task_columns(nodes: list[dict[str, Any]], lo: int | None, hi: int | None) ->
     return tasks_of_pages([task_page(nodes)], lo, hi)
 
 
+# The columns of a page of tasks: all but `seq`, which numbers the tasks once pages are joined.
+PAGE_FIELDS = TASK_FIELDS[1:]
+
+
 def task_page(nodes: list[dict[str, Any]]) -> list[Any]:
-    """The TASK_FIELDS columns of one page of task nodes, but `seq`."""
+    """The PAGE_FIELDS columns of one page of task nodes."""
     return [
         _texts([n["id"] for n in nodes]),
         _texts([n["workDirectory"] for n in nodes]),
@@ -272,12 +276,12 @@ def task_page(nodes: list[dict[str, Any]]) -> list[Any]:
 def tasks_of_pages(pages: list[list[Any]], lo: int | None, hi: int | None) -> list[Any]:
     """The pages' tasks that overlap [lo, hi), numbered in page order."""
     joined = [pa.concat_arrays(list(column)) for column in zip(*pages, strict=True)]
-    created = joined[TASK_FIELDS.index("created_at") - 1].to_numpy()
+    created = joined[PAGE_FIELDS.index("created_at")].to_numpy()
     keep = np.ones(len(created), dtype=bool)
     if hi is not None:
         keep &= created < hi
     if lo is not None:
-        done = joined[TASK_FIELDS.index("completed_at") - 1].to_numpy()
+        done = joined[PAGE_FIELDS.index("completed_at")].to_numpy()
         keep &= (done == NO_TIME) | (done >= lo)
     if not keep.all():
         mask = pa.array(keep)

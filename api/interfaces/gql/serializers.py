@@ -128,8 +128,8 @@ class _Source:
         """An expression serializing `value` of `type_`: inline for a common leaf value of the
         exact type graphql-core would pass or convert, else a call of `serialize`."""
         call = f"{self.name(serialize)}({value})"
-        non_null = isinstance(type_, GraphQLNonNull)
         named = type_.of_type if isinstance(type_, GraphQLNonNull) else type_
+        non_null = named is not type_
         fast = self._fast(named, value) if is_leaf_type(named) else []
         if not fast:
             return call
